@@ -1,0 +1,70 @@
+"""Every exception tierflow raises on purpose.
+
+    TierflowError                 root; catch this to catch ours
+    ├── UserError                 you configured it wrong: exit code 2, no run starts
+    │   └── SpecError             a file or input failed validation (FILE:LINE: field: message)
+    └── RunError                  a run started and failed: exit code 1
+        ├── StepFailed            a step exhausted its tier ladder
+        └── ModelError            one model call failed; the scheduler escalates on it
+            ├── ModelUnavailable  no credentials, or the server is unreachable (tier skipped)
+            ├── ModelTimeout      the call took longer than its timeout
+            └── ModelCallError    the backend answered with an error
+
+Every class pickles with its message and fields, so it survives a Celery hop.
+"""
+
+from __future__ import annotations
+
+
+class TierflowError(Exception):
+    """Root of all tierflow errors. ``str(err)`` is a complete one-line message."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (self.__class__, self.args)
+
+
+class UserError(TierflowError):
+    """Configuration, workflow or input is wrong. The CLI exits with code 2."""
+
+
+class SpecError(UserError):
+    """A file failed validation; ``problems`` holds each ``FILE:LINE: field: message``."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__(*problems)
+        self.problems = list(problems)
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+class RunError(TierflowError):
+    """A run started and failed. The CLI exits with code 1."""
+
+
+class StepFailed(RunError):
+    """A step found no tier that could give a valid answer."""
+
+
+class ModelError(RunError):
+    """One model call failed. ``reason`` is short and safe to store in the ledger."""
+
+    outcome = "error"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ModelUnavailable(ModelError):
+    """The model cannot be asked at all: missing credentials or an unreachable server."""
+
+    outcome = "unavailable"
+
+
+class ModelTimeout(ModelError):
+    outcome = "timeout"
+
+
+class ModelCallError(ModelError):
+    outcome = "error"

@@ -1,0 +1,80 @@
+"""What one model call cost, and the records a step leaves in the ledger.
+
+``Call`` is one provider request (one ledger row); ``StepRecord`` is a step's
+result with every call it made, written together in one transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from orchestrator.settings import Settings
+
+OUTCOMES = ("ok", "error", "timeout", "invalid_output", "low_confidence", "budget_blocked", "unavailable")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One model call: what was asked where, what it used, and what it cost."""
+
+    attempt: int
+    item_index: int | None
+    tier_asked: str
+    tier_used: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: Decimal
+    reference_cost_usd: Decimal | None
+    latency_ms: float
+    outcome: str
+    error: str | None
+    escalation_reason: str | None
+    created_at: datetime
+
+
+@dataclass
+class StepRecord:
+    """A finished step (succeeded, failed or skipped) and every call it made."""
+
+    step_id: str
+    agent: str
+    status: str
+    output: Any
+    error: str | None
+    tier_asked: str
+    started_at: datetime
+    finished_at: datetime
+    calls: list[Call] = field(default_factory=list)
+
+    @property
+    def answer(self) -> Call | None:
+        """The last call that succeeded, if any."""
+        return next((call for call in reversed(self.calls) if call.outcome == "ok"), None)
+
+    @property
+    def cost_usd(self) -> Decimal:
+        return sum((call.cost_usd for call in self.calls), Decimal(0))
+
+    @property
+    def tokens(self) -> int:
+        return sum(call.prompt_tokens + call.completion_tokens for call in self.calls)
+
+
+class Pricer:
+    """Cost of a call on its own model and on the reference (all-frontier) model."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._reference = settings.reference_price()
+        self._cache: dict[str, Any] = {}
+
+    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> tuple[Decimal, Decimal | None]:
+        price = self._cache.get(model)
+        if price is None:
+            price = self._cache[model] = self._settings.price_of(model)
+        reference = self._reference.cost(prompt_tokens, completion_tokens) if self._reference else None
+        return price.cost(prompt_tokens, completion_tokens), reference

@@ -1,0 +1,206 @@
+"""Read a YAML file safely and turn validation errors into ``FILE:LINE: field: message``.
+
+Files load in three layers, as pydantic-ai's specs do: ``read_yaml`` (size cap,
+safe loader, must be a mapping) → ``validate`` (pydantic, unknown keys refused) →
+cross-file checks in ``spec``. Lines come from the same parse that builds the data.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from orchestrator.errors import SpecError
+
+MAX_FILE_BYTES = 1024 * 1024
+
+Loc = tuple[str | int, ...]
+M = TypeVar("M", bound=BaseModel)
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 booleans: ``on``/``yes``/``no`` stay strings.
+
+    Under YAML 1.1, ``escalation: {on: [...]}`` would load the key as ``True``.
+    """
+
+
+_SafeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
+@dataclass(frozen=True)
+class YamlDoc:
+    """A parsed YAML mapping and the line (1-based) where each key path starts."""
+
+    path: Path
+    data: dict[str, Any]
+    lines: dict[Loc, int] = field(default_factory=dict)
+
+    def line_of(self, loc: Iterable[str | int]) -> int:
+        """Line of the deepest known prefix of ``loc``; 1 when nothing matches."""
+        loc = tuple(loc)
+        for end in range(len(loc), -1, -1):
+            if loc[:end] in self.lines:
+                return self.lines[loc[:end]]
+        return 1
+
+    def problem(self, loc: Iterable[str | int], message: str) -> str:
+        loc = tuple(loc)
+        return f"{self.path}:{self.line_of(loc)}: {format_loc(loc) or '(file)'}: {message}"
+
+
+def format_loc(loc: Iterable[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def suggest(name: object, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or ``""``."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def read_yaml(path: Path | str) -> YamlDoc:
+    """Parse ``path`` with the safe loader; it must hold a mapping of at most 1 MiB."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"{path}:0: (file): cannot read: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_FILE_BYTES:
+        raise SpecError(f"{path}:1: (file): {len(raw)} bytes is over the 1 MiB limit")
+    return parse_yaml(raw.decode("utf-8", errors="replace"), path=path)
+
+
+def parse_yaml(text: str, *, path: Path) -> YamlDoc:
+    loader = _SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise SpecError(f"{path}:1: (file): the file is empty; expected a mapping")
+        lines: dict[Loc, int] = {}
+        _record_lines(node, (), lines, set(), path)
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise SpecError(f"{path}:{line}: (file): invalid YAML: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}:1: (file): invalid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise SpecError(f"{path}:1: (file): expected a mapping at the top, found {kind}")
+    return YamlDoc(path=path, data=data, lines=lines)
+
+
+def _record_lines(
+    node: yaml.Node, loc: Loc, lines: dict[Loc, int], seen: set[int], path: Path
+) -> None:
+    # An alias is the same node object reached twice. Refusing them keeps a
+    # 1 MiB file from expanding into a billion-laughs document.
+    if id(node) in seen:
+        line = node.start_mark.line + 1
+        raise SpecError(f"{path}:{line}: {format_loc(loc)}: YAML anchors and aliases are not allowed")
+    seen.add(id(node))
+    lines.setdefault(loc, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
+            lines[(*loc, key)] = key_node.start_mark.line + 1
+            _record_lines(value_node, (*loc, key), lines, seen, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _record_lines(item, (*loc, index), lines, seen, path)
+
+
+def validate(model: type[M], doc: YamlDoc, *, data: Any = None) -> M:
+    """``model.model_validate`` with every error turned into a ``FILE:LINE`` problem."""
+    try:
+        return model.model_validate(doc.data if data is None else data)
+    except ValidationError as exc:
+        source = doc.data if data is None else data
+        raise SpecError(*(_problem(model, doc, err, source) for err in exc.errors())) from None
+
+
+def _problem(model: type[BaseModel], doc: YamlDoc, err: Any, data: Any) -> str:
+    loc = _clean_loc(err["loc"], data)
+    if err["type"] == "extra_forbidden":
+        allowed = _fields_at(model, loc[:-1])
+        hint = suggest(loc[-1], allowed) if allowed else ""
+        return doc.problem(loc, f"unknown key{hint}")
+    message = err["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return doc.problem(loc, message)
+
+
+def _clean_loc(loc: Iterable[Any], data: Any) -> Loc:
+    """Keep the parts of a pydantic location that exist in the data.
+
+    pydantic puts union member names (``str``, ``ModelEntry``) into locations;
+    walking the data drops them without guessing at their spelling.
+    """
+    loc = tuple(loc)
+    out: list[str | int] = []
+    for index, part in enumerate(loc):
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        elif index < len(loc) - 1:
+            continue  # a union member's name, not a key of the file
+        out.append(part)
+    return tuple(out)
+
+
+def _fields_at(model: type[BaseModel], loc: Loc) -> list[str]:
+    """Field names of the pydantic model found by following ``loc`` from ``model``."""
+    current: Any = model
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            info = current.model_fields.get(str(part))
+            if info is None:
+                return []
+            current = info.annotation
+        else:
+            args = typing.get_args(current)
+            current = args[-1] if args else None
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The first pydantic model inside an Optional/Union/list/dict annotation, if any."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        models = [a for a in typing.get_args(annotation) if _is_model(a)]
+        return models[0] if models else annotation
+    return annotation
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)

@@ -1,0 +1,36 @@
+"""The model seam: one async method, ``complete``, for every backend.
+
+A client knows its protocol (Ollama, llama.cpp, litellm). Where it runs and with
+which key is the tier configuration's business, handed to the constructor.
+Clients translate their library's errors into ``ModelUnavailable``,
+``ModelTimeout`` or ``ModelCallError`` at this boundary.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    model: str  # the name after the provider prefix: ``llama3.2:1b`` for ``ollama/llama3.2:1b``
+    messages: list[dict[str, str]]
+    max_tokens: int
+    temperature: float
+    timeout_s: float
+    json_schema: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ModelReply:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ModelClient(ABC):
+    @abstractmethod
+    async def complete(self, request: ModelRequest) -> ModelReply:
+        """Answer one chat request, or raise a ``ModelError``. Usage is what the backend reported."""

@@ -1,0 +1,103 @@
+"""Every hosted provider, through litellm's ``acompletion``.
+
+This is the only module that imports litellm. It sets
+LITELLM_LOCAL_MODEL_COST_MAP first, so importing litellm never reaches for the
+internet, and turns litellm's exceptions into ours here, at the boundary.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from orchestrator.errors import ModelCallError, ModelTimeout, ModelUnavailable
+from orchestrator.models.base import ModelClient, ModelReply, ModelRequest
+
+# A loopback or self-hosted OpenAI-compatible server often wants no key, but the
+# OpenAI SDK refuses to send a request without one.
+NO_KEY = "no-key"
+
+
+def import_litellm() -> Any:
+    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    import litellm
+
+    return litellm
+
+
+class LiteLLMClient(ModelClient):
+    """One hosted model endpoint: the provider's own, or ``api_base`` when given.
+
+    The key is read from ``api_key_env`` when the tier names one, else litellm
+    finds the provider's usual variable. Keys are never stored or logged.
+    """
+
+    def __init__(self, *, model: str, api_base: str | None, api_key_env: str | None) -> None:
+        self._litellm = import_litellm()
+        import openai  # already imported by litellm; its APIError is litellm's base class
+
+        self._openai = openai
+        self._model = model
+        self._api_base = api_base
+        self._api_key_env = api_key_env
+
+    def _api_key(self) -> str | None:
+        if self._api_key_env:
+            key = os.environ.get(self._api_key_env)
+            if not key:
+                raise ModelUnavailable(f"{self._model}: {self._api_key_env} is not set")
+            return key
+        if self._api_base:
+            return None  # litellm falls back to the provider variable, else NO_KEY below
+        missing = self._litellm.validate_environment(model=self._model).get("missing_keys") or []
+        if missing:
+            raise ModelUnavailable(f"{self._model}: {', '.join(missing)} not set")
+        return None
+
+    async def complete(self, request: ModelRequest) -> ModelReply:
+        api_key = self._api_key()
+        if api_key is None and self._api_base and not self._has_provider_key():
+            api_key = NO_KEY
+        litellm = self._litellm
+        response_format = None
+        if request.json_schema is not None:
+            response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": request.json_schema},
+            }
+        try:
+            response = await litellm.acompletion(
+                model=self._model,
+                messages=request.messages,
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                timeout=request.timeout_s,
+                api_base=self._api_base,
+                api_key=api_key,
+                response_format=response_format,
+                drop_params=True,
+                num_retries=0,  # the tier ladder is the retry policy
+                max_retries=0,
+            )
+        except litellm.Timeout:
+            raise ModelTimeout(f"{self._model} timed out after {request.timeout_s:g}s") from None
+        except litellm.APIConnectionError as exc:
+            raise ModelUnavailable(f"{self._model} unreachable: {_first_line(exc)}") from None
+        except (litellm.AuthenticationError, litellm.PermissionDeniedError):
+            raise ModelUnavailable(f"{self._model}: credentials refused") from None
+        except self._openai.APIError as exc:  # the base of every other provider error
+            raise ModelCallError(f"{self._model}: {_first_line(exc)}") from None
+        usage = getattr(response, "usage", None)
+        return ModelReply(
+            text=response.choices[0].message.content or "",
+            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+        )
+
+    def _has_provider_key(self) -> bool:
+        return not self._litellm.validate_environment(model=self._model).get("missing_keys")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

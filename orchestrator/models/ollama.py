@@ -1,0 +1,59 @@
+"""Ollama through the official ``ollama`` AsyncClient (``OLLAMA_HOST`` as Ollama reads it)."""
+
+from __future__ import annotations
+
+import os
+
+
+from orchestrator.errors import ModelCallError, ModelUnavailable
+from orchestrator.models.base import ModelClient, ModelReply, ModelRequest
+
+
+class OllamaClient(ModelClient):
+    """One Ollama server. The first call lists its models (``/api/tags``) once, so a
+    model that was never pulled is reported as unavailable rather than as an error."""
+
+    def __init__(self, *, host: str | None = None) -> None:
+        import ollama  # 0.3 s; only runs that reach an Ollama tier pay for it
+
+        self._ollama = ollama
+        self._client = ollama.AsyncClient(host=host)
+        self._host = host or os.environ.get("OLLAMA_HOST") or "127.0.0.1:11434"
+        self._pulled: set[str] | None = None
+
+    async def complete(self, request: ModelRequest) -> ModelReply:
+        await self._check_pulled(request.model)
+        options = {"num_predict": request.max_tokens, "temperature": request.temperature}
+        try:
+            response = await self._client.chat(
+                model=request.model,
+                messages=request.messages,
+                format=request.json_schema,
+                options=options,
+                stream=False,
+            )
+        except ConnectionError:
+            raise ModelUnavailable(f"Ollama unreachable at {self._host}") from None
+        except self._ollama.ResponseError as exc:
+            raise ModelCallError(f"Ollama {exc.status_code}: {exc.error}") from None
+        return ModelReply(
+            text=response.message.content or "",
+            prompt_tokens=response.prompt_eval_count or 0,
+            completion_tokens=response.eval_count or 0,
+        )
+
+    async def _check_pulled(self, model: str) -> None:
+        if self._pulled is None:
+            try:
+                listing = await self._client.list()
+            except ConnectionError:
+                raise ModelUnavailable(f"Ollama unreachable at {self._host}") from None
+            except self._ollama.ResponseError as exc:
+                raise ModelCallError(f"Ollama {exc.status_code}: {exc.error}") from None
+            self._pulled = {_tagged(entry.model or "") for entry in listing.models}
+        if _tagged(model) not in self._pulled:
+            raise ModelUnavailable(f"{model} is not pulled on {self._host} (run: ollama pull {model})")
+
+
+def _tagged(name: str) -> str:
+    return name if ":" in name else f"{name}:latest"

@@ -1,0 +1,142 @@
+"""A whole run: record it, compile the graph, run its steps, record each as it ends.
+
+``tierflow run``, the Python API and (later) queue workers all come through
+``Runner.run``. Each step's result and its ledger rows are written in one
+transaction the moment the step ends, so a run that fails keeps what it spent.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from orchestrator.errors import RunError, StepFailed
+from orchestrator.graph import OUTPUTS, compile_graph
+from orchestrator.ledger import Pricer, StepRecord
+from orchestrator.models import Clients
+from orchestrator.scheduler import StepRunner
+from orchestrator.settings import Settings
+from orchestrator.spec import LoadedWorkflow, StepPlan
+from orchestrator.store import Store
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    workflow: str
+    status: str  # succeeded or failed
+    outputs: dict[str, Any]
+    error: str | None = None
+    steps: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def cost_usd(self) -> Decimal:
+        return sum((step.cost_usd for step in self.steps), Decimal(0))
+
+
+class Runner:
+    """Runs workflows against one store. ``on_step`` is told of each step as it ends."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        clients: Clients | None = None,
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._clients = clients or Clients()
+        self._pricer = Pricer(settings)
+        self._on_step = on_step
+
+    async def run(
+        self, workflow: LoadedWorkflow, inputs: Mapping[str, Any], *, run_id: str | None = None
+    ) -> RunResult:
+        """Run ``workflow``. Bad inputs raise ``UserError`` before anything is recorded."""
+        values = workflow.resolve_inputs(inputs)
+        run_id = run_id or uuid.uuid4().hex
+        version = workflow.spec.version
+        self._store.create_run(
+            run_id=run_id,
+            workflow=workflow.name,
+            version=None if version is None else str(version),
+            content_hash=workflow.content_hash,
+            inputs=values,
+        )
+        result = RunResult(run_id=run_id, workflow=workflow.name, status="running", outputs={})
+        steps = StepRunner(
+            settings=self._settings,
+            clients=self._clients,
+            pricer=self._pricer,
+            max_calls=workflow.spec.max_steps or self._settings.config.max_steps,
+        )
+        run_info = {"id": run_id, "workflow": workflow.name}
+
+        async def run_step(plan: StepPlan, outputs: dict[str, Any]) -> Any:
+            context = {
+                "inputs": values,
+                "steps": {step_id: {"output": output} for step_id, output in outputs.items()},
+                "run": run_info,
+            }
+            record = steps.start(plan)
+            try:
+                await steps.run(plan, context, record)
+            finally:  # a cancelled step still has its calls written
+                self._store.record_step(
+                    run_id=run_id, workflow=workflow.name, content_hash=workflow.content_hash, record=record
+                )
+                result.steps.append(record)
+            if self._on_step is not None:
+                self._on_step(record)
+            if record.status == "failed":
+                raise StepFailed(f"step '{plan.id}' failed: {record.error}")
+            return record.output
+
+        graph = compile_graph(workflow, run_step)
+        try:
+            state = await graph.ainvoke(
+                {OUTPUTS: {}}, config={"recursion_limit": len(workflow.steps) + 2}
+            )
+            result.outputs = state[OUTPUTS]
+            result.status = "succeeded"
+        except RunError as exc:
+            result.status, result.error = "failed", str(exc)
+            result.outputs = {s.step_id: s.output for s in result.steps if s.status == "succeeded"}
+        except BaseException as exc:
+            self._store.finish_run(run_id, status="failed", error=f"interrupted: {type(exc).__name__}")
+            raise
+        self._store.finish_run(run_id, status=result.status, outputs=result.outputs, error=result.error)
+        return result
+
+
+def open_store(settings: Settings) -> Store:
+    """The store for ``settings``; a SQLite database is migrated on first use."""
+    from orchestrator.store import open_engine
+
+    url = settings.database_url
+    return Store(open_engine(url, migrate=url.startswith("sqlite")))
+
+
+async def arun(
+    workflow: str,
+    inputs: Mapping[str, Any] | None = None,
+    *,
+    config: str | None = None,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> RunResult:
+    """Load ``workflow`` (a name or a path), run it and record it. See ``orchestrator.run``."""
+    from orchestrator.settings import load_settings
+    from orchestrator.spec import find_workflow, load_workflow
+
+    settings = load_settings(config)
+    loaded = load_workflow(find_workflow(workflow, settings), settings)
+    store = open_store(settings)
+    try:
+        return await Runner(settings=settings, store=store, on_step=on_step).run(loaded, inputs or {})
+    finally:
+        store.engine.dispose()

@@ -1,0 +1,257 @@
+"""One step: render → choose tier → call → verify → escalate → record.
+
+The ladder is the configured tiers from the step's tier upwards (only tiers
+marked ``local`` for a sensitive step). Within a tier, models are tried in order
+on error or timeout; output that fails the step's schema or checks moves the
+step straight to the next tier. A model that is unavailable (no key, server
+down, not pulled) is recorded and skipped without using up an attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import jsonschema
+
+from orchestrator.errors import ModelError, ModelTimeout, RunError, StepFailed
+from orchestrator.ledger import Call, Pricer, StepRecord
+from orchestrator.models import Clients, ModelRequest
+from orchestrator.settings import ModelEntry, Settings, Tier
+from orchestrator.spec import AUTO_TIER, StepPlan
+from orchestrator.templates import TemplateProblem
+
+FAN_OUT_CONCURRENCY = 8
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+
+
+class InvalidOutput(Exception):
+    pass
+
+
+class StepRunner:
+    """Runs steps of one run. ``max_calls`` caps model-calling units (steps and items)."""
+
+    def __init__(self, *, settings: Settings, clients: Clients, pricer: Pricer, max_calls: int) -> None:
+        self._settings = settings
+        self._clients = clients
+        self._pricer = pricer
+        self._units_left = max_calls
+
+    @staticmethod
+    def start(plan: StepPlan) -> StepRecord:
+        """A record for ``plan`` as it starts; ``run`` fills it in."""
+        return StepRecord(
+            step_id=plan.id,
+            agent=plan.agent.name,
+            status="running",
+            output=None,
+            error=None,
+            tier_asked=plan.tier,
+            started_at=_now(),
+            finished_at=_now(),
+        )
+
+    async def run(self, plan: StepPlan, context: dict[str, Any], record: StepRecord) -> None:
+        """Run ``plan`` into ``record``: succeeded, skipped or failed, with every call made.
+
+        If the task is cancelled (a parallel step failed), the record says
+        cancelled and still holds the calls already made, for the ledger.
+        """
+        attempts = itertools.count(1)
+        try:
+            if plan.when is not None and not plan.when.evaluate(context):
+                record.status = "skipped"
+            elif plan.for_each is not None:
+                record.output = await self._fan_out(plan, context, record, attempts)
+                record.status = "succeeded"
+            else:
+                record.output = await self._answer(plan, context, record, attempts, item_index=None)
+                record.status = "succeeded"
+        except TemplateProblem as exc:
+            record.status, record.error = "failed", f"template error: {exc}"
+        except RunError as exc:
+            record.status, record.error = "failed", str(exc)
+        except asyncio.CancelledError:
+            record.status, record.error = "cancelled", "cancelled while a parallel step failed"
+            raise
+        finally:
+            record.finished_at = _now()
+
+    async def _fan_out(
+        self, plan: StepPlan, context: dict[str, Any], record: StepRecord, attempts: Iterator[int]
+    ) -> list[Any]:
+        assert plan.for_each is not None
+        items = plan.for_each.evaluate(context)
+        if not isinstance(items, list | tuple):
+            raise StepFailed(f"for_each gave {type(items).__name__}, not a list: {plan.for_each.source}")
+        gate = asyncio.Semaphore(FAN_OUT_CONCURRENCY)
+
+        async def one(index: int, item: Any) -> Any:
+            async with gate:
+                return await self._answer(plan, {**context, "item": item}, record, attempts, item_index=index)
+
+        return list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
+
+    def _ladder(self, plan: StepPlan) -> list[tuple[str, Tier]]:
+        tiers = list(self._settings.config.tiers.items())
+        start = 0 if plan.tier == AUTO_TIER else [name for name, _ in tiers].index(plan.tier)
+        ladder = tiers[start:]
+        if plan.step.sensitive:
+            # Fail closed: a sensitive prompt only ever reaches tiers marked local.
+            ladder = [(name, tier) for name, tier in ladder if tier.local]
+        return ladder
+
+    async def _answer(
+        self,
+        plan: StepPlan,
+        context: dict[str, Any],
+        record: StepRecord,
+        attempts: Iterator[int],
+        *,
+        item_index: int | None,
+    ) -> Any:
+        self._units_left -= 1
+        if self._units_left < 0:
+            raise StepFailed("the run reached its max_steps limit")
+        messages = []
+        if plan.system is not None:
+            messages.append({"role": "system", "content": plan.system.render(context)})
+        messages.append({"role": "user", "content": plan.prompt.render(context)})
+        escalation = self._settings.config.escalation
+        used = 0
+        escalation_reason: str | None = None
+        failures: list[str] = []
+        for tier_name, tier in self._ladder(plan):
+            for entry in tier.models:
+                if used >= escalation.max_attempts:
+                    break
+                call, value = await self._try(
+                    plan, entry, messages, context,
+                    attempt=next(attempts), item_index=item_index,
+                    tier_used=tier_name, escalation_reason=escalation_reason,
+                )
+                record.calls.append(call)
+                if call.outcome == "ok":
+                    return value
+                failures.append(f"{tier_name}/{entry.model}: {call.outcome}: {call.error}")
+                if call.outcome == "unavailable":
+                    continue
+                used += 1
+                if call.outcome not in escalation.on:
+                    raise StepFailed(f"{call.outcome} and escalation.on excludes it: {call.error}")
+                if call.outcome == "invalid_output":
+                    break  # a weak answer: the next model of the same tier is no stronger
+            escalation_reason = failures[-1] if failures else None
+        if not failures:
+            raise StepFailed("no tier can serve this step")
+        limit = f" (max_attempts {escalation.max_attempts})" if used >= escalation.max_attempts else ""
+        raise StepFailed(f"no tier gave a valid answer{limit}: " + "; ".join(failures))
+
+    async def _try(
+        self,
+        plan: StepPlan,
+        entry: ModelEntry,
+        messages: list[dict[str, str]],
+        context: dict[str, Any],
+        *,
+        attempt: int,
+        item_index: int | None,
+        tier_used: str,
+        escalation_reason: str | None,
+    ) -> tuple[Call, Any]:
+        timeout = plan.step.timeout_s or entry.timeout_s
+        request = ModelRequest(
+            model=entry.model.split("/", 1)[1],
+            messages=messages,
+            max_tokens=plan.max_tokens,
+            temperature=plan.agent.temperature,
+            timeout_s=timeout,
+            json_schema=plan.step.output,
+        )
+        started = _now()
+        clock = time.perf_counter()
+        prompt_tokens = completion_tokens = 0
+        value: Any = None
+        error: str | None = None
+        try:
+            client = self._clients.for_entry(entry)
+            reply = await asyncio.wait_for(client.complete(request), timeout)
+            prompt_tokens, completion_tokens = reply.prompt_tokens, reply.completion_tokens
+            value = verify(plan, reply.text, context)
+            outcome = "ok"
+        except TimeoutError:
+            outcome, error = ModelTimeout.outcome, f"no answer within {timeout:g}s"
+        except ModelError as exc:
+            outcome, error = exc.outcome, exc.reason
+        except InvalidOutput as exc:
+            outcome, error = "invalid_output", str(exc)
+        latency_ms = (time.perf_counter() - clock) * 1000
+        cost, reference = self._pricer.cost(entry.model, prompt_tokens, completion_tokens)
+        call = Call(
+            attempt=attempt,
+            item_index=item_index,
+            tier_asked=plan.tier,
+            tier_used=tier_used,
+            model=entry.model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost_usd=cost,
+            reference_cost_usd=reference,
+            latency_ms=round(latency_ms, 3),
+            outcome=outcome,
+            error=error,
+            escalation_reason=escalation_reason,
+            created_at=started,
+        )
+        return call, value
+
+
+def verify(plan: StepPlan, text: str, context: dict[str, Any]) -> Any:
+    """The step's output value from a model's text, or ``InvalidOutput``."""
+    value: Any = text.strip()
+    if plan.step.output is not None:
+        value = parse_json(value)
+        errors = sorted(
+            jsonschema.Draft202012Validator(plan.step.output).iter_errors(value), key=lambda e: e.path
+        )
+        if errors:
+            where = "/".join(str(part) for part in errors[0].absolute_path) or "(top)"
+            raise InvalidOutput(f"schema: {where}: {errors[0].message[:200]}")
+    for check in plan.checks:
+        try:
+            passed = check.evaluate({**context, "output": value})
+        except TemplateProblem as exc:
+            raise InvalidOutput(f"check '{check.source}' failed: {exc}") from None
+        if not passed:
+            raise InvalidOutput(f"check '{check.source}' failed")
+    return value
+
+
+def parse_json(text: str) -> Any:
+    """JSON from a model's answer, tolerating a Markdown fence or prose around it."""
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1)
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
+    if starts:
+        try:
+            value, _ = json.JSONDecoder().raw_decode(text[min(starts):])
+            return value
+        except ValueError:
+            pass
+    raise InvalidOutput(f"not JSON: {text[:80]!r}")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,196 @@
+"""tierflow.yaml and the environment, validated into one ``Settings`` object.
+
+The file is ``--config PATH``, else ``$TIERFLOW_CONFIG``, else ``./tierflow.yaml``.
+With none of those, a built-in configuration runs everything on the embedded
+model. Relative paths (the SQLite file, ``agents_dir``) are relative to the
+configuration file's folder, so a project behaves the same from any directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from orchestrator import pricing
+from orchestrator.errors import SpecError
+from orchestrator.loading import YamlDoc, read_yaml, suggest, validate
+
+Outcome = Literal["error", "timeout", "invalid_output", "low_confidence"]
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelEntry(_Strict):
+    """One model of a tier: where it lives and how to reach it. Keys come from the environment."""
+
+    model: str = Field(pattern=r"^[a-z0-9_-]+/.+$")
+    api_base: str | None = None
+    api_key_env: str | None = None
+    timeout_s: float = Field(default=60.0, gt=0)
+
+    @property
+    def provider(self) -> str:
+        return pricing.provider_of(self.model)
+
+    @property
+    def runs_locally(self) -> bool:
+        """Served by this machine or network: Ollama, llama.cpp, or an explicit api_base."""
+        return pricing.is_local_provider(self.model) or self.api_base is not None
+
+
+class Tier(_Strict):
+    models: list[ModelEntry] = Field(min_length=1)
+    local: bool = False
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _names_to_entries(cls, value: object) -> object:
+        if isinstance(value, list):
+            return [{"model": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _local_means_local(self) -> Tier:
+        if self.local:
+            for entry in self.models:
+                if not entry.runs_locally:
+                    raise ValueError(
+                        f"tier is marked local but {entry.model} is a hosted provider;"
+                        " give it an api_base on your network or move it to another tier"
+                    )
+        return self
+
+
+class PriceOverride(_Strict):
+    """USD per 1M tokens."""
+
+    input: Decimal = Field(ge=0)
+    output: Decimal = Field(ge=0)
+
+
+class Escalation(_Strict):
+    on: list[Outcome] = ["error", "timeout", "invalid_output", "low_confidence"]
+    max_attempts: int = Field(default=3, ge=1, le=20)
+
+
+class Config(_Strict):
+    database: str = "sqlite:///tierflow.db"
+    broker: str | None = None
+    tiers: dict[str, Tier] = Field(min_length=1)
+    reference_model: str | None = None
+    prices: dict[str, PriceOverride] = {}
+    escalation: Escalation = Escalation()
+    max_steps: int = Field(default=200, ge=1)
+    agents_dir: str = "agents"
+    workflows_dir: str = "workflows"
+
+    @field_validator("tiers")
+    @classmethod
+    def _tier_names(cls, tiers: dict[str, Tier]) -> dict[str, Tier]:
+        for name in tiers:
+            if name == "auto":
+                raise ValueError("'auto' is reserved: a step uses it to start at the cheapest tier")
+        return tiers
+
+
+DEFAULT_CONFIG = {
+    "tiers": {"light": {"models": ["llamacpp/smollm2-135m"], "local": True}},
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration plus where it came from. Safe to share between runs."""
+
+    config: Config
+    root: Path
+    path: Path | None
+    database_url: str
+    broker_url: str | None
+
+    @property
+    def tier_names(self) -> list[str]:
+        return list(self.config.tiers)
+
+    def price_of(self, model: str) -> pricing.Price:
+        """Override, else free for local providers, else litellm's table."""
+        override = self.config.prices.get(model)
+        if override is not None:
+            return pricing.Price.per_million(override.input, override.output)
+        if pricing.is_local_provider(model):
+            return pricing.FREE
+        price = pricing.litellm_price(model)
+        if price is None:  # load() has already refused unpriced models
+            raise SpecError(f"{self.path}:1: prices: no price for {model}")
+        return price
+
+    def reference_price(self) -> pricing.Price | None:
+        model = self.config.reference_model
+        return self.price_of(model) if model else None
+
+
+def find_config_path(explicit: str | Path | None = None) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("TIERFLOW_CONFIG"):
+        return Path(os.environ["TIERFLOW_CONFIG"])
+    default = Path("tierflow.yaml")
+    return default if default.exists() else None
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Load and check the configuration; raises ``SpecError`` naming file and line."""
+    found = find_config_path(path)
+    if found is None:
+        doc = YamlDoc(path=Path("(built-in config)"), data=DEFAULT_CONFIG)
+        root = Path.cwd()
+    else:
+        doc = read_yaml(found)
+        root = found.resolve().parent
+    config = validate(Config, doc)
+    _check_prices(config, doc)
+    database = os.environ.get("TIERFLOW_DATABASE_URL") or config.database
+    return Settings(
+        config=config,
+        root=root,
+        path=found,
+        database_url=_anchor_sqlite(database, root),
+        broker_url=os.environ.get("TIERFLOW_BROKER_URL") or config.broker,
+    )
+
+
+def _check_prices(config: Config, doc: YamlDoc) -> None:
+    """Refuse a hosted model we cannot price: its spend would be recorded as $0."""
+    problems = []
+    wanted = [
+        (("tiers", tier_name, "models", index), entry.model)
+        for tier_name, tier in config.tiers.items()
+        for index, entry in enumerate(tier.models)
+    ]
+    if config.reference_model:
+        wanted.append((("reference_model",), config.reference_model))
+    for loc, model in wanted:
+        if model in config.prices or pricing.is_local_provider(model):
+            continue
+        if pricing.litellm_price(model) is None:
+            hint = suggest(model, pricing.known_models())
+            problems.append(
+                doc.problem(loc, f"no known price for {model}{hint}; add it under prices:")
+            )
+    if problems:
+        raise SpecError(*problems)
+
+
+def _anchor_sqlite(url: str, root: Path) -> str:
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+        return prefix + str(root / url[len(prefix) :])
+    return url

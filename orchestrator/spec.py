@@ -1,0 +1,382 @@
+"""Workflow and agent files: models, loading and every check made before a model is called.
+
+``load_workflow`` reads a workflow, the agents it names and checks the whole
+graph against the tiers in ``Settings``. What it returns is typed and trusted:
+nothing past this module validates a spec again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from orchestrator.errors import SpecError, UserError
+from orchestrator.loading import YamlDoc, format_loc, read_yaml, suggest, validate
+from orchestrator.settings import NAME_PATTERN, Settings
+from orchestrator.templates import Expression, Template, TemplateProblem
+
+AUTO_TIER = "auto"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    type: Literal["string", "integer", "number", "boolean", "array", "object"] = "string"
+    description: str | None = None
+    default: Any = None
+    enum: list[Any] | None = None
+    items: dict[str, Any] | None = None
+
+    @property
+    def required(self) -> bool:
+        return "default" not in self.model_fields_set
+
+
+class Agent(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    tier: str | None = None
+    system: str | None = None
+    prompt: str | None = None
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    max_tokens: int = Field(default=512, ge=1, le=200_000)
+
+
+class Step(_Strict):
+    id: str = Field(pattern=NAME_PATTERN)
+    agent: str
+    tier: str | None = None
+    prompt: str | None = None
+    output: dict[str, Any] | None = None
+    checks: list[str] = []
+    needs: list[str] = []
+    when: str | None = None
+    for_each: str | None = None
+    sensitive: bool = False
+    max_tokens: int | None = Field(default=None, ge=1, le=200_000)
+    timeout_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("output")
+    @classmethod
+    def _output_is_a_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            try:
+                jsonschema.Draft202012Validator.check_schema(schema)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"not a valid JSON schema: {exc.message}") from None
+        return schema
+
+
+class Workflow(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    version: int | str | None = None
+    description: str = ""
+    inputs: dict[str, InputSpec] = {}
+    steps: list[Step] = Field(min_length=1)
+    max_steps: int | None = Field(default=None, ge=1)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A step with everything resolved: its agent, tier ladder start and compiled text."""
+
+    step: Step
+    agent: Agent
+    tier: str
+    prompt: Template
+    system: Template | None
+    when: Expression | None
+    for_each: Expression | None
+    checks: tuple[Expression, ...]
+    max_tokens: int
+
+    @property
+    def id(self) -> str:
+        return self.step.id
+
+
+@dataclass(frozen=True)
+class LoadedWorkflow:
+    """A checked workflow: steps in a valid order, ready to compile and run."""
+
+    spec: Workflow
+    path: Path
+    content_hash: str
+    steps: tuple[StepPlan, ...]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def step(self, step_id: str) -> StepPlan:
+        return next(plan for plan in self.steps if plan.id == step_id)
+
+    def resolve_inputs(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Inputs with defaults applied, checked against the declared types."""
+        declared = self.spec.inputs
+        problems = []
+        for name in given:
+            if name not in declared:
+                problems.append(f"input '{name}': not declared{suggest(name, declared)}")
+        values = {}
+        for name, spec in declared.items():
+            if name in given:
+                values[name] = given[name]
+            elif spec.required:
+                problems.append(f"input '{name}': required ({spec.type})")
+            else:
+                values[name] = spec.default
+        if not problems:
+            schema = {
+                "type": "object",
+                "properties": {
+                    name: spec.model_dump(exclude={"default", "description"}, exclude_none=True)
+                    for name, spec in declared.items()
+                },
+            }
+            for error in jsonschema.Draft202012Validator(schema).iter_errors(values):
+                where = ".".join(str(part) for part in error.absolute_path)
+                problems.append(f"input '{where}': {error.message}")
+        if problems:
+            raise UserError(f"{self.path}: " + "; ".join(problems))
+        return values
+
+
+def find_workflow(name_or_path: str, settings: Settings) -> Path:
+    """A path as given, else ``workflows_dir/NAME.yaml`` next to the configuration."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    folder = settings.root / settings.config.workflows_dir
+    candidate = folder / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    raise UserError(f"workflow '{name_or_path}' not found in {folder}{suggest(name_or_path, known)}")
+
+
+def load_agent(path: Path) -> Agent:
+    doc = read_yaml(path)
+    agent = validate(Agent, doc)
+    if agent.name != path.stem:
+        raise SpecError(doc.problem(("name",), f"'{agent.name}' must match the file name '{path.stem}'"))
+    for key in ("system", "prompt"):
+        text = getattr(agent, key)
+        if text is not None:
+            _compile_template(doc, (key,), text)
+    return agent
+
+
+def load_workflow(path: str | Path, settings: Settings) -> LoadedWorkflow:
+    """Load a workflow file and check it whole; raises ``SpecError`` listing every problem."""
+    path = Path(path)
+    doc = read_yaml(path)
+    spec = validate(Workflow, doc)
+    checker = _Checker(doc, spec, settings)
+    plans = checker.plan()
+    if checker.problems:
+        raise SpecError(*checker.problems)
+    canonical = json.dumps(doc.data, sort_keys=True, default=str).encode()
+    return LoadedWorkflow(
+        spec=spec,
+        path=path,
+        content_hash=hashlib.sha256(canonical).hexdigest(),
+        steps=tuple(plans),
+    )
+
+
+class _Checker:
+    """Cross-file checks: agents, tiers, needs, cycles, templates and their references."""
+
+    def __init__(self, doc: YamlDoc, spec: Workflow, settings: Settings) -> None:
+        self.doc = doc
+        self.spec = spec
+        self.settings = settings
+        self.problems: list[str] = []
+        self.agents_dir = settings.root / settings.config.agents_dir
+
+    def report(self, loc: Iterable[str | int], message: str) -> None:
+        self.problems.append(self.doc.problem(loc, message))
+
+    def plan(self) -> list[StepPlan]:
+        ids = [step.id for step in self.spec.steps]
+        for index, step_id in enumerate(ids):
+            if ids.index(step_id) != index:
+                self.report(("steps", index, "id"), f"duplicate step id '{step_id}'")
+        for index, step in enumerate(self.spec.steps):
+            for position, need in enumerate(step.needs):
+                if need not in ids:
+                    self.report(("steps", index, "needs", position), f"unknown step '{need}'{suggest(need, ids)}")
+                elif need == step.id:
+                    self.report(("steps", index, "needs", position), "a step cannot need itself")
+        order = self._order()
+        ancestors = self._ancestors()
+        plans = []
+        for index in order:
+            plan = self._plan_step(index, ancestors.get(self.spec.steps[index].id, set()))
+            if plan is not None:
+                plans.append(plan)
+        limit = self.spec.max_steps or self.settings.config.max_steps
+        if len(self.spec.steps) > limit:
+            self.report(("steps",), f"{len(self.spec.steps)} steps is over max_steps ({limit})")
+        return plans
+
+    def _order(self) -> list[int]:
+        """Step indexes in dependency order; reports a cycle if there is one."""
+        steps = self.spec.steps
+        index_of = {step.id: i for i, step in enumerate(steps)}
+        waiting = {i: {index_of[n] for n in step.needs if n in index_of and n != step.id} for i, step in enumerate(steps)}
+        order: list[int] = []
+        ready = [i for i, deps in waiting.items() if not deps]
+        while ready:
+            current = ready.pop(0)
+            order.append(current)
+            for i, deps in waiting.items():
+                if current in deps:
+                    deps.discard(current)
+                    if not deps and i not in order and i not in ready:
+                        ready.append(i)
+        stuck = [i for i in range(len(steps)) if i not in order]
+        if stuck:
+            names = ", ".join(steps[i].id for i in stuck)
+            self.report(("steps", stuck[0], "needs"), f"steps form a cycle: {names}")
+            order.extend(stuck)
+        return order
+
+    def _ancestors(self) -> dict[str, set[str]]:
+        needs = {step.id: set(step.needs) for step in self.spec.steps}
+        result: dict[str, set[str]] = {}
+
+        def visit(step_id: str, trail: frozenset[str]) -> set[str]:
+            if step_id in result:
+                return result[step_id]
+            found: set[str] = set()
+            for need in needs.get(step_id, ()):
+                if need in needs and need not in trail:
+                    found |= {need} | visit(need, trail | {need})
+            result[step_id] = found
+            return found
+
+        for step_id in needs:
+            visit(step_id, frozenset({step_id}))
+        return result
+
+    def _plan_step(self, index: int, ancestors: set[str]) -> StepPlan | None:
+        step = self.spec.steps[index]
+        loc = ("steps", index)
+        agent = self._agent(step, loc)
+        if agent is None:
+            return None
+        tier = step.tier or agent.tier or AUTO_TIER
+        tiers = self.settings.tier_names
+        if tier != AUTO_TIER and tier not in tiers:
+            where = (*loc, "tier") if step.tier else (*loc, "agent")
+            self.report(where, f"unknown tier '{tier}'{suggest(tier, tiers)}; tiers are {', '.join(tiers)}")
+            return None
+        if step.sensitive and not self._local_tier_from(tier):
+            self.report((*loc, "sensitive"), f"no tier marked local: true at or above '{tier}' can run this sensitive step")
+        prompt_source = step.prompt if step.prompt is not None else agent.prompt
+        if prompt_source is None:
+            self.report(loc, f"no prompt: give the step a prompt or agent '{agent.name}' a default one")
+            return None
+        allowed = {"inputs", "steps", "run"} | ({"item"} if step.for_each else set())
+        prompt = self._template((*loc, "prompt") if step.prompt is not None else (*loc, "agent"), prompt_source, allowed, ancestors)
+        system = self._template((*loc, "agent"), agent.system, allowed, ancestors) if agent.system else None
+        when = self._expression((*loc, "when"), step.when, allowed - {"item"}, ancestors)
+        for_each = self._expression((*loc, "for_each"), step.for_each, allowed - {"item"}, ancestors)
+        checks = tuple(
+            check
+            for position, source in enumerate(step.checks)
+            if (check := self._expression((*loc, "checks", position), source, allowed | {"output"}, ancestors))
+        )
+        if prompt is None:
+            return None
+        return StepPlan(
+            step=step,
+            agent=agent,
+            tier=tier,
+            prompt=prompt,
+            system=system,
+            when=when,
+            for_each=for_each,
+            checks=checks,
+            max_tokens=step.max_tokens or agent.max_tokens,
+        )
+
+    def _agent(self, step: Step, loc: tuple[str | int, ...]) -> Agent | None:
+        path = self.agents_dir / f"{step.agent}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in self.agents_dir.glob("*.yaml")) if self.agents_dir.is_dir() else []
+            self.report((*loc, "agent"), f"unknown agent '{step.agent}'{suggest(step.agent, known)} (looked in {self.agents_dir})")
+            return None
+        try:
+            return load_agent(path)
+        except SpecError as exc:
+            self.problems.extend(exc.problems)
+            return None
+
+    def _local_tier_from(self, tier: str) -> bool:
+        names = self.settings.tier_names
+        start = 0 if tier == AUTO_TIER else names.index(tier)
+        return any(self.settings.config.tiers[name].local for name in names[start:])
+
+    def _template(self, loc: tuple[str | int, ...], source: str, allowed: set[str], ancestors: set[str]) -> Template | None:
+        template = _compile_template(self.doc, loc, source, problems=self.problems)
+        if template is not None:
+            self._check_references(loc, template.names, template.references, allowed, ancestors)
+        return template
+
+    def _expression(self, loc: tuple[str | int, ...], source: str | None, allowed: set[str], ancestors: set[str]) -> Expression | None:
+        if source is None:
+            return None
+        try:
+            expression = Expression(source)
+        except TemplateProblem as exc:
+            self.report(loc, f"bad expression: {exc}")
+            return None
+        self._check_references(loc, expression.names, expression.references, allowed, ancestors)
+        return expression
+
+    def _check_references(
+        self,
+        loc: tuple[str | int, ...],
+        names: Iterable[str],
+        references: Iterable[tuple[str, str, int]],
+        allowed: set[str],
+        ancestors: set[str],
+    ) -> None:
+        for name in sorted(names):
+            if name not in allowed:
+                self.report(loc, f"unknown name '{name}'{suggest(name, allowed)}; templates see {', '.join(sorted(allowed))}")
+        for name, key, _line in references:
+            if name == "inputs" and key not in self.spec.inputs:
+                self.report(loc, f"unknown input '{key}'{suggest(key, self.spec.inputs)}")
+            elif name == "steps" and key not in ancestors:
+                ids = [step.id for step in self.spec.steps]
+                if key in ids:
+                    self.report(loc, f"reads steps.{key} but does not need it (add it to needs)")
+                else:
+                    self.report(loc, f"unknown step '{key}'{suggest(key, ids)}")
+
+
+def _compile_template(
+    doc: YamlDoc, loc: tuple[str | int, ...], source: str, *, problems: list[str] | None = None
+) -> Template | None:
+    try:
+        return Template(source)
+    except TemplateProblem as exc:
+        line = doc.line_of(loc) + max(exc.line - 1, 0)
+        message = f"{doc.path}:{line}: {format_loc(loc)}: bad template: {exc}"
+        if problems is None:
+            raise SpecError(message) from None
+        problems.append(message)
+        return None

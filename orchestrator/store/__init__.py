@@ -1,0 +1,8 @@
+"""The SQL store: tables, migrations and the queries the rest of tierflow runs."""
+
+from __future__ import annotations
+
+from orchestrator.store.database import open_engine
+from orchestrator.store.repository import Store
+
+__all__ = ["Store", "open_engine"]

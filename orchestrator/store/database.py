@@ -1,0 +1,101 @@
+"""Engines and migrations. Tables are created only by Alembic (migrations/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from orchestrator.errors import UserError
+
+
+def migrations_dir() -> Path:
+    import orchestrator.migrations
+
+    return Path(orchestrator.migrations.__file__).parent
+
+
+def head_revision() -> str:
+    """The newest revision, read from file names (``NNNN_slug.py``) without importing alembic."""
+    names = sorted(p.name for p in (migrations_dir() / "versions").glob("[0-9][0-9][0-9][0-9]_*.py"))
+    return names[-1].split("_", 1)[0]
+
+
+def open_engine(url: str, *, migrate: bool = False) -> Engine:
+    """An engine for ``url`` whose schema is at head.
+
+    With ``migrate``, pending migrations are applied (the CLI does this for its
+    SQLite file on first use). Otherwise a schema behind head is a clear error.
+    """
+    engine = create_engine(url, **_engine_options(url))
+    if url.startswith("sqlite"):
+        event.listen(engine, "connect", _sqlite_pragmas)
+    try:
+        current = current_revision(engine)
+    except OperationalError as exc:
+        raise UserError(f"database {safe_url(url)}: cannot connect: {_first_line(exc)}") from None
+    if current != head_revision():
+        if not migrate:
+            raise UserError(
+                f"database {safe_url(url)} is at revision {current or 'none'}, not"
+                f" {head_revision()}: run 'tierflow db upgrade'"
+            )
+        upgrade(engine)
+    return engine
+
+
+def _engine_options(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"check_same_thread": False, "timeout": 30}}
+    return {"pool_pre_ping": True}
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    # WAL lets readers (reports) run beside a writer; NORMAL sync is durable
+    # across process crashes, which is what a ledger on one machine needs.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    from alembic import command
+
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), revision)
+
+
+def alembic_config(connection: Any = None) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def safe_url(url: str) -> str:
+    """The URL with any password masked, for messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except SQLAlchemyError:
+        return "(unparseable database URL)"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

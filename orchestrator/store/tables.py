@@ -1,0 +1,124 @@
+"""The tables. Alembic migrations in migrations/ are the only way they change.
+
+Money is stored as an integer count of pico-dollars (1e-12 USD) and read back
+as ``Decimal``: exact on SQLite, which has no decimal type, and summable in SQL
+on both databases.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Date,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.types import TypeDecorator
+
+PICO_PER_USD = 10**12
+
+
+class Money(TypeDecorator[Decimal]):
+    """Exact USD, held as integer pico-dollars."""
+
+    impl = BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> int | None:
+        if value is None:
+            return None
+        scaled = Decimal(value) * PICO_PER_USD
+        if scaled != scaled.to_integral_value():
+            raise ValueError(f"{value} USD is finer than a pico-dollar")
+        return int(scaled)
+
+    def process_result_value(self, value: Any, dialect: Any) -> Decimal | None:
+        if value is None:
+            return None
+        return (Decimal(value) / PICO_PER_USD).normalize()
+
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("workflow", String(100), nullable=False),
+    Column("workflow_version", String(50)),
+    Column("workflow_hash", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("inputs", JSON, nullable=False),
+    Column("outputs", JSON),
+    Column("error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    Index(None, "workflow", "created_at"),
+    Index(None, "status"),
+)
+
+step_runs = Table(
+    "step_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(32), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("step_id", String(100), nullable=False),
+    Column("status", String(16), nullable=False),  # succeeded, failed, skipped
+    Column("output", JSON),
+    Column("error", Text),
+    Column("tier_asked", String(50)),
+    Column("tier_used", String(50)),
+    Column("model", String(200)),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("run_id", "step_id"),
+)
+
+model_calls = Table(
+    "model_calls",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(32), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("step_id", String(100), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("item_index", Integer),  # position in a for_each list
+    Column("workflow", String(100), nullable=False),
+    Column("workflow_hash", String(64), nullable=False),
+    Column("agent", String(100), nullable=False),
+    Column("tier_asked", String(50), nullable=False),
+    Column("tier_used", String(50), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("cost_usd", Money, nullable=False),
+    Column("reference_cost_usd", Money),
+    Column("latency_ms", Float, nullable=False),
+    Column("outcome", String(20), nullable=False),
+    Column("error", Text),
+    Column("escalation_reason", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("day", Date, nullable=False),  # UTC day of created_at, for reports by day
+    UniqueConstraint("run_id", "step_id", "attempt"),
+    Index(None, "workflow", "day"),
+    Index(None, "day"),
+)

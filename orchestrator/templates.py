@@ -1,0 +1,91 @@
+"""Prompts and expressions, rendered in Jinja2's immutable sandbox with StrictUndefined.
+
+Only text from workflow and agent files is ever compiled. Inputs and model
+outputs enter as values in the context, so ``{{ 7*7 }}`` inside a model's answer
+reaches the next prompt as those seven characters.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import jinja2
+from jinja2 import meta, nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+CONTEXT_NAMES = frozenset({"inputs", "steps", "run", "item"})
+
+
+class TemplateProblem(Exception):
+    """A template or expression is wrong; ``line`` is relative to its own text."""
+
+    def __init__(self, message: str, line: int = 1) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+@functools.cache
+def environment() -> ImmutableSandboxedEnvironment:
+    # Stateless and configuration-free, so one per process is safe.
+    return ImmutableSandboxedEnvironment(
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+    )
+
+
+class Template:
+    """A compiled prompt template and the names it reads from its context."""
+
+    def __init__(self, source: str) -> None:
+        env = environment()
+        try:
+            ast = env.parse(source)
+            self._template = env.from_string(ast)
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateProblem(exc.message or str(exc), exc.lineno) from None
+        self.names = meta.find_undeclared_variables(ast)
+        self.references = list(_references(ast))
+
+    def render(self, context: dict[str, Any]) -> str:
+        try:
+            return self._template.render(context)
+        except jinja2.TemplateError as exc:
+            raise TemplateProblem(str(exc)) from None
+
+
+class Expression:
+    """A sandboxed expression such as ``steps.classify.output.urgency >= 4``."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        env = environment()
+        try:
+            ast = env.parse("{{ (" + source + ") }}")
+            self._compiled = env.compile_expression(source, undefined_to_none=False)
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateProblem(exc.message or str(exc)) from None
+        self.names = meta.find_undeclared_variables(ast)
+        self.references = list(_references(ast))
+
+    def evaluate(self, context: dict[str, Any]) -> Any:
+        try:
+            return self._compiled(**context)
+        except jinja2.TemplateError as exc:
+            raise TemplateProblem(str(exc)) from None
+
+
+def _references(ast: nodes.Template) -> Iterator[tuple[str, str, int]]:
+    """Each ``(name, key, line)`` read from the context: ``steps.x.output`` gives ("steps", "x")."""
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
+        target = node.node
+        if isinstance(target, nodes.Name) and target.name in CONTEXT_NAMES:
+            key = node.attr if isinstance(node, nodes.Getattr) else _const(node.arg)
+            if key is not None:
+                yield target.name, key, node.lineno
+
+
+def _const(node: nodes.Node) -> str | None:
+    return node.value if isinstance(node, nodes.Const) and isinstance(node.value, str) else None
