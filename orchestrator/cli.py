@@ -1,0 +1,398 @@
+"""The ``tierflow`` command: thin Typer commands over the package.
+
+Exit codes: 0 success, 1 the run failed, 2 bad input or spec. A ``UserError``
+prints one message and no traceback. Heavy modules load inside the commands,
+so ``tierflow --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from orchestrator.errors import TierflowError, UserError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from orchestrator.ledger import StepRecord
+    from orchestrator.settings import Settings
+    from orchestrator.store import Store
+
+app = typer.Typer(
+    name="tierflow",
+    help="Run YAML workflows on tiered models: local first, frontier where it pays. Every call is costed in a SQL ledger.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+ConfigOption = Annotated[
+    str | None, typer.Option("--config", "-c", help="tierflow.yaml to use (else $TIERFLOW_CONFIG, else ./tierflow.yaml).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+T = TypeVar("T")
+
+
+def _console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _settings(config: str | None) -> Settings:
+    from orchestrator.settings import load_settings
+
+    return load_settings(config)
+
+
+def _store(settings: Settings) -> Store:
+    from orchestrator.runner import open_store
+
+    return open_store(settings)
+
+
+def _money(value: Decimal | None) -> str:
+    if value is None:
+        return "-"
+    return f"${value:.6f}" if value < 1 else f"${value:,.4f}"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    raise TypeError(type(value).__name__)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+@app.command()
+def validate(
+    paths: Annotated[list[Path], typer.Argument(help="Workflow, agent or tierflow.yaml files, or folders of them.")],
+    config: ConfigOption = None,
+) -> None:
+    """Check files; print FILE:LINE: field: message for each problem. Exit 0 valid, 2 invalid."""
+    from orchestrator.validation import validate_paths
+
+    problems = validate_paths(paths, config=config)
+    if problems:
+        for problem in problems:
+            typer.echo(problem, err=True)
+        raise typer.Exit(2)
+    typer.echo("ok")
+
+
+@app.command()
+def schema(
+    kind: Annotated[str | None, typer.Argument(help="workflow, agent or config; all three if omitted.")] = None,
+) -> None:
+    """Print the JSON Schema of workflow, agent and tierflow.yaml files, for editors."""
+    from orchestrator.validation import json_schemas
+
+    schemas = json_schemas()
+    if kind is None:
+        _print_json(schemas)
+    elif kind in schemas:
+        _print_json(schemas[kind])
+    else:
+        raise UserError(f"schema {kind!r}: choose one of {', '.join(schemas)}")
+
+
+@app.command()
+def run(
+    workflow: Annotated[str, typer.Argument(help="A workflow name (workflows/NAME.yaml) or a path.")],
+    inputs: Annotated[list[str] | None, typer.Option("--input", "-i", help="key=value; repeatable.")] = None,
+    inputs_file: Annotated[Path | None, typer.Option("--inputs", help="A JSON file of inputs.")] = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run a workflow here and now, then print its outputs and what it spent."""
+    from orchestrator.runner import Runner
+    from orchestrator.spec import find_workflow, load_workflow
+
+    settings = _settings(config)
+    loaded = load_workflow(find_workflow(workflow, settings), settings)
+    values = _gather_inputs(loaded.spec.inputs, inputs or [], inputs_file)
+    loaded.resolve_inputs(values)  # bad inputs stop here, before a run is recorded
+    store = _store(settings)
+    console = _console(stderr=as_json)
+    runner = Runner(settings=settings, store=store, on_step=None if as_json else _step_printer(console))
+    with console.status(f"running {loaded.name}…", spinner="dots") if not as_json else _nothing():
+        result = asyncio.run(runner.run(loaded, values))
+    if as_json:
+        _print_json(
+            {
+                "run_id": result.run_id,
+                "workflow": result.workflow,
+                "status": result.status,
+                "error": result.error,
+                "cost_usd": result.cost_usd,
+                "outputs": result.outputs,
+            }
+        )
+    else:
+        _print_run_summary(console, store, result.run_id)
+    if result.status != "succeeded":
+        raise typer.Exit(1)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _gather_inputs(declared: dict[str, Any], pairs: list[str], inputs_file: Path | None) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if inputs_file is not None:
+        try:
+            loaded = json.loads(inputs_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{inputs_file}: cannot read inputs: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{inputs_file}: inputs must be a JSON object")
+        values.update(loaded)
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"-i {pair!r}: expected key=value")
+        kind = getattr(declared.get(key), "type", "string")
+        if kind == "string":
+            values[key] = text
+        else:
+            try:
+                values[key] = json.loads(text)
+            except ValueError:
+                raise UserError(f"-i {key}: {text!r} is not a valid {kind}") from None
+    return values
+
+
+def _step_printer(console: Console) -> Callable[[StepRecord], None]:
+    def show(record: StepRecord) -> None:
+        answer = record.answer
+        mark = {"succeeded": "[green]✓[/]", "skipped": "[dim]–[/]"}.get(record.status, "[red]✗[/]")
+        where = f"{answer.tier_used} · {answer.model}" if answer else record.status
+        tokens = sum(c.prompt_tokens + c.completion_tokens for c in record.calls)
+        seconds = (record.finished_at - record.started_at).total_seconds()
+        console.print(f"{mark} [bold]{record.step_id}[/]  {where}  {tokens} tok  {_money(record.cost_usd)}  {seconds:.1f}s")
+        for call in record.calls:
+            if call.outcome != "ok":
+                console.print(f"    [yellow]{call.outcome}[/] {call.tier_used} · {call.model}: {call.error}", markup=True)
+        if record.error:
+            console.print(f"    [red]{record.error}[/]")
+
+    return show
+
+
+def _print_run_summary(console: Console, store: Store, run_id: str) -> None:
+    from rich.table import Table
+
+    found = store.run(run_id)
+    assert found is not None
+    outputs = found["outputs"] or {}
+    if outputs:
+        console.print()
+        for step_id, output in outputs.items():
+            text = output if isinstance(output, str) else json.dumps(output, indent=2)
+            console.print(f"[bold]{step_id}[/]:", text, markup=True)
+    table = Table(title=f"spend for run {run_id[:12]}", title_justify="left")
+    for column in ("step", "tier", "model", "calls", "tokens in", "tokens out", "cost", "all-frontier"):
+        table.add_column(column, justify="right" if column in ("calls", "tokens in", "tokens out", "cost", "all-frontier") else "left")
+    total_cost = total_reference = Decimal(0)
+    for call in found["calls"]:
+        if call["outcome"] == "unavailable":
+            continue
+        total_cost += call["cost_usd"]
+        total_reference += call["reference_cost_usd"] or 0
+        table.add_row(
+            call["step_id"], call["tier_used"], call["model"], "1",
+            str(call["prompt_tokens"]), str(call["completion_tokens"]),
+            _money(call["cost_usd"]), _money(call["reference_cost_usd"]),
+        )
+    table.add_section()
+    table.add_row("total", "", "", "", "", "", _money(total_cost), _money(total_reference))
+    console.print()
+    console.print(table)
+    console.print(f"{found['status']} · run id {run_id} · saved {_money(total_reference - total_cost)} against all-frontier")
+
+
+@app.command()
+def runs(
+    workflow: Annotated[str | None, typer.Option(help="Only this workflow.")] = None,
+    status: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed or cancelled.")] = None,
+    limit: Annotated[int, typer.Option(help="Most recent N runs.")] = 50,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List recent runs, newest first."""
+    from rich.table import Table
+
+    rows = _store(_settings(config)).runs(workflow=workflow, status=status, limit=limit)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table()
+    for column in ("run id", "workflow", "status", "started", "error"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["id"], row["workflow"], row["status"], f"{row['created_at']:%Y-%m-%d %H:%M:%S}", (row["error"] or "")[:60])
+    _console().print(table)
+
+
+@app.command()
+def show(
+    run_id: Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.")],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A run's status, then each step's attempts: tiers, escalations, tokens, cost, latency."""
+    from rich.table import Table
+
+    found = _store(_settings(config)).run(run_id)
+    if found is None:
+        raise UserError(f"no run {run_id!r}")
+    if as_json:
+        _print_json(found)
+        return
+    console = _console()
+    console.print(f"[bold]{found['status']}[/]  {found['workflow']}  run {found['id']}")
+    if found["error"]:
+        console.print(f"[red]{found['error']}[/]", markup=True)
+    table = Table()
+    for column in ("step", "#", "tier asked", "tier used", "model", "outcome", "in", "out", "cost", "ms", "why"):
+        table.add_column(column, justify="right" if column in ("#", "in", "out", "cost", "ms") else "left")
+    for step in found["steps"]:
+        calls = [c for c in found["calls"] if c["step_id"] == step["step_id"]]
+        if not calls:
+            table.add_row(step["step_id"], "", step["tier_asked"] or "", "", "", step["status"], "", "", "", "", step["error"] or "")
+        for call in calls:
+            item = "" if call["item_index"] is None else f"[{call['item_index']}]"
+            why = " ".join(part for part in (call["error"], f"(escalated: {call['escalation_reason']})" if call["escalation_reason"] else None) if part)
+            table.add_row(
+                step["step_id"] + item, str(call["attempt"]), call["tier_asked"], call["tier_used"], call["model"],
+                call["outcome"], str(call["prompt_tokens"]), str(call["completion_tokens"]),
+                _money(call["cost_usd"]), f"{call['latency_ms']:.0f}", why,
+            )
+    console.print(table)
+
+
+@app.command()
+def spend(
+    by: Annotated[str, typer.Option(help="workflow, step, tier, model or day.")] = "workflow",
+    since: Annotated[str | None, typer.Option(help="YYYY-MM-DD, or 30d for the last 30 days.")] = None,
+    until: Annotated[str | None, typer.Option(help="YYYY-MM-DD, inclusive.")] = None,
+    output_format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Spend from the ledger, with what an all-frontier run would have cost."""
+    from orchestrator import reports
+
+    if as_json:
+        output_format = "json"
+    if output_format not in ("table", "json", "csv"):
+        raise UserError(f"--format {output_format!r}: choose table, json or csv")
+    start, end = reports.parse_when(since), reports.parse_when(until, end=True)
+    store = _store(_settings(config))
+    rows = reports.spend(store.engine, by=by, since=start, until=end)
+    overall = reports.total(rows)
+    if output_format == "json":
+        _print_json({"by": by, "groups": [row.as_dict(by) for row in rows], "total": _total_dict(overall)})
+    elif output_format == "csv":
+        buffer = io.StringIO()
+        fields = [*reports.GROUPS[by], "calls", "prompt_tokens", "completion_tokens", "cost_usd", "reference_cost_usd", "savings_usd"]
+        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(row.as_dict(by) for row in rows)
+        sys.stdout.write(buffer.getvalue())
+    else:
+        _console().print(_spend_table(by, rows, overall))
+
+
+def _total_dict(row: Any) -> dict[str, Any]:
+    return {
+        "calls": row.calls,
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "cost_usd": str(row.cost_usd),
+        "reference_cost_usd": str(row.reference_cost_usd),
+        "savings_usd": str(row.savings_usd),
+    }
+
+
+def _spend_table(by: str, rows: list[Any], overall: Any) -> Any:
+    from rich.table import Table
+
+    from orchestrator.reports import GROUPS
+
+    table = Table(title=f"spend by {by}", title_justify="left")
+    for name in GROUPS[by]:
+        table.add_column(name.replace("_", " "))
+    for column in ("calls", "tokens in", "tokens out", "cost", "all-frontier", "saved"):
+        table.add_column(column, justify="right")
+
+    def cells(row: Any) -> list[str]:
+        return [str(row.calls), f"{row.prompt_tokens:,}", f"{row.completion_tokens:,}",
+                _money(row.cost_usd), _money(row.reference_cost_usd), _money(row.savings_usd)]
+
+    for row in rows:
+        table.add_row(*row.key, *cells(row))
+    table.add_section()
+    table.add_row("total", *[""] * (len(GROUPS[by]) - 1), *cells(overall))
+    return table
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Apply pending migrations to the configured database (alembic upgrade head)."""
+    from orchestrator.store import open_engine
+    from orchestrator.store.database import head_revision, safe_url
+
+    settings = _settings(config)
+    open_engine(settings.database_url, migrate=True).dispose()
+    typer.echo(f"{safe_url(settings.database_url)} is at revision {head_revision()}")
+
+
+def main() -> None:
+    """Entry point: map our errors to exit codes and one-line messages."""
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+    except UserError as exc:
+        _fail(str(exc), 2)
+    except TierflowError as exc:  # RunError and anything else of ours: the run failed
+        _fail(str(exc), 1)
+    except click.ClickException as exc:  # bad usage: unknown option, missing argument
+        exc.show()
+        sys.exit(2)
+    except (click.Abort, KeyboardInterrupt):
+        _fail("interrupted", 130)
+    except Exception as exc:
+        if os.environ.get("TIERFLOW_DEBUG"):
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (set TIERFLOW_DEBUG=1 for a traceback)", 1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(message.rstrip() + "\n")
+    sys.exit(code)
