@@ -50,6 +50,7 @@ class Runner:
     ) -> None:
         self._settings = settings
         self._store = store
+        self._owns_clients = clients is None
         self._clients = clients or Clients()
         self._pricer = Pricer(settings)
         self._on_step = on_step
@@ -110,6 +111,9 @@ class Runner:
         except BaseException as exc:
             self._store.finish_run(run_id, status="failed", error=f"interrupted: {type(exc).__name__}")
             raise
+        finally:
+            if self._owns_clients:
+                await self._clients.aclose()
         self._store.finish_run(run_id, status=result.status, outputs=result.outputs, error=result.error)
         return result
 

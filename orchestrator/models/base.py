@@ -34,3 +34,6 @@ class ModelClient(ABC):
     @abstractmethod
     async def complete(self, request: ModelRequest) -> ModelReply:
         """Answer one chat request, or raise a ``ModelError``. Usage is what the backend reported."""
+
+    async def aclose(self) -> None:  # noqa: B027 - most clients hold nothing to close
+        """Release connections. Called once, inside the event loop that used the client."""

@@ -94,6 +94,12 @@ class LiteLLMClient(ModelClient):
             completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
         )
 
+    async def aclose(self) -> None:
+        # litellm caches HTTP clients per process; they belong to the event loop
+        # that is ending, so close them and drop them from its cache.
+        await self._litellm.close_litellm_async_clients()
+        self._litellm.in_memory_llm_clients_cache.flush_cache()
+
     def _has_provider_key(self) -> bool:
         return not self._litellm.validate_environment(model=self._model).get("missing_keys")
 

@@ -42,6 +42,9 @@ class OllamaClient(ModelClient):
             completion_tokens=response.eval_count or 0,
         )
 
+    async def aclose(self) -> None:
+        await self._client.close()
+
     async def _check_pulled(self, model: str) -> None:
         if self._pulled is None:
             try:

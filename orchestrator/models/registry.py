@@ -20,6 +20,12 @@ class Clients:
             client = self._clients[key] = _build(entry)
         return client
 
+    async def aclose(self) -> None:
+        """Close every client built so far; the registry can build fresh ones afterwards."""
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
 
 def _build(entry: ModelEntry) -> ModelClient:
     if entry.provider == "ollama":

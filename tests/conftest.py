@@ -1,0 +1,158 @@
+"""Shared fixtures: loopback model servers, throwaway projects, and databases.
+
+A test that needs a service it cannot reach is skipped here, with the reason,
+and fails instead when CI=true: CI must never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator.ledger import StepRecord
+from orchestrator.runner import Runner, RunResult, open_store
+from orchestrator.settings import load_settings
+from orchestrator.spec import find_workflow, load_workflow
+from orchestrator.store import Store
+from orchestrator.testing import OllamaServer, OpenAIServer
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+POSTGRES_URL = os.environ.get(
+    "TIERFLOW_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def missing_service(reason: str) -> None:
+    """Skip locally; fail in CI, where every service must be present."""
+    if IN_CI:
+        pytest.fail(f"CI requires it: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def _no_provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests never reach a real provider: keys from the developer's shell are hidden.
+    for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "TIERFLOW_CONFIG", "TIERFLOW_DATABASE_URL", "OLLAMA_HOST"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def ollama() -> Iterator[OllamaServer]:
+    with OllamaServer() as server:
+        yield server  # type: ignore[misc]
+
+
+@pytest.fixture
+def frontier() -> Iterator[OpenAIServer]:
+    with OpenAIServer() as server:
+        yield server  # type: ignore[misc]
+
+
+def tiers_for(ollama: OllamaServer, frontier: OpenAIServer, *, timeout_s: float = 5) -> dict[str, Any]:
+    return {
+        "light": {
+            "local": True,
+            "models": [{"model": "ollama/llama3.2:1b", "api_base": ollama.url, "timeout_s": timeout_s}],
+        },
+        "frontier": {
+            "models": [{"model": "openai/gpt-4o-mini", "api_base": f"{frontier.url}/v1", "timeout_s": timeout_s}],
+        },
+    }
+
+
+class Project:
+    """A throwaway tierflow project on disk: tierflow.yaml, agents/ and workflows/."""
+
+    def __init__(self, root: Path, config: dict[str, Any]) -> None:
+        self.root = root
+        (root / "agents").mkdir(parents=True, exist_ok=True)
+        (root / "workflows").mkdir(exist_ok=True)
+        config.setdefault("database", f"sqlite:///{root / 'tierflow.db'}")
+        config.setdefault("reference_model", "openai/gpt-4.1")
+        self.write("tierflow.yaml", config)
+        self.agent("helper", system="You help.", prompt="{{ inputs.text }}", max_tokens=64)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "tierflow.yaml"
+
+    def write(self, name: str, data: dict[str, Any] | str) -> Path:
+        path = self.root / name
+        path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def agent(self, name: str, **fields: Any) -> Path:
+        return self.write(f"agents/{name}.yaml", {"name": name, **fields})
+
+    def workflow(self, data: dict[str, Any]) -> Path:
+        data.setdefault("inputs", {"text": {"type": "string", "default": "hello"}})
+        return self.write(f"workflows/{data['name']}.yaml", data)
+
+    def run(self, name: str, inputs: dict[str, Any] | None = None, *, on_step: Any = None) -> RunResult:
+        settings = load_settings(self.config)
+        loaded = load_workflow(find_workflow(name, settings), settings)
+        store = self.store()
+        try:
+            runner = Runner(settings=settings, store=store, on_step=on_step)
+            return asyncio.run(runner.run(loaded, inputs or {}))
+        finally:
+            store.engine.dispose()
+
+    def store(self) -> Store:
+        return open_store(load_settings(self.config))
+
+    def calls(self, run_id: str) -> list[dict[str, Any]]:
+        store = self.store()
+        try:
+            found = store.run(run_id)
+        finally:
+            store.engine.dispose()
+        assert found is not None
+        return found["calls"]
+
+
+@pytest.fixture
+def project(tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer) -> Project:
+    return Project(tmp_path / "project", {"tiers": tiers_for(ollama, frontier)})
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    name = f"tierflow_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as exc:
+        admin.dispose()
+        missing_service(f"PostgreSQL unreachable at {POSTGRES_URL}: {str(exc).splitlines()[0]}")
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def statuses(records: list[StepRecord]) -> dict[str, str]:
+    return {record.step_id: record.status for record in records}
