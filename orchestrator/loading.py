@@ -102,7 +102,8 @@ def parse_yaml(text: str, *, path: Path) -> YamlDoc:
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
+        # An error "at the end of the stream" points past the last line.
+        line = min(mark.line + 1, text.count("\n") or 1) if mark else 1
         raise SpecError(f"{path}:{line}: (file): invalid YAML: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}:1: (file): invalid YAML: {exc}") from None
@@ -120,7 +121,7 @@ def _record_lines(
     # An alias is the same node object reached twice. Refusing them keeps a
     # 1 MiB file from expanding into a billion-laughs document.
     if id(node) in seen:
-        line = node.start_mark.line + 1
+        line = lines.get(loc, node.start_mark.line + 1)
         raise SpecError(f"{path}:{line}: {format_loc(loc)}: YAML anchors and aliases are not allowed")
     seen.add(id(node))
     lines.setdefault(loc, node.start_mark.line + 1)

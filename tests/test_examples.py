@@ -1,0 +1,98 @@
+"""The shipped example workflows, run against loopback servers standing in for Ollama and a frontier API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Project
+
+from orchestrator.testing import OllamaServer, OpenAIServer, Reply
+
+
+@pytest.fixture
+def shipped(tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer) -> Project:
+    """The repo's workflows and agents, with the repo's tier names pointed at loopback servers."""
+    ollama.models.append("qwen2.5:7b")
+    local = {"api_base": ollama.url, "timeout_s": 5}
+    tiers = {
+        "light": {"local": True, "models": [{"model": "ollama/llama3.2:1b", **local}]},
+        "standard": {"local": True, "models": [{"model": "ollama/qwen2.5:7b", **local}]},
+        "reasoning": {"models": [{"model": "anthropic/claude-sonnet-4-5", "api_base": f"{frontier.url}/v1", "api_key_env": "TEST_FRONTIER_KEY"},
+                                 {"model": "openai/gpt-4.1", "api_base": f"{frontier.url}/v1"}]},
+    }
+    project = Project(tmp_path / "shipped", {"tiers": tiers})
+    shutil.rmtree(project.root / "agents")
+    shutil.copytree(REPO / "agents", project.root / "agents")
+    shutil.copytree(REPO / "workflows", project.root / "workflows", dirs_exist_ok=True)
+    return project
+
+
+def by_prompt(routes: dict[str, str]) -> object:
+    def answer(body: dict) -> Reply:
+        prompt = body["messages"][-1]["content"]
+        for needle, text in routes.items():
+            if needle in prompt:
+                return Reply(text=text)
+        return Reply(text="generic answer")
+
+    return answer
+
+
+def test_support_triage_runs_every_kind_of_step(shipped: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+    ticket = "I was charged twice! Card 4111 1111 1111 1111, call me at 555-0100. — Ana"
+    ollama.responder = by_prompt(
+        {
+            "Label this ticket": json.dumps({"category": "billing", "urgency": 5}),
+            "Translate:": "translated",
+            "Draft a short reply": "Sorry, Ana: refund on its way.",
+            ticket: "I was charged twice! Card [REDACTED], call me at [REDACTED]. — [REDACTED]",
+        }
+    )
+    frontier.reply("Probably a retried payment; refund the duplicate first.")
+    result = shipped.run("support-triage", {"ticket": ticket, "attachments": ["hola", "bonjour"]})
+    assert result.status == "succeeded", result.error
+    assert result.outputs["classify"] == {"category": "billing", "urgency": 5}
+    assert result.outputs["translate"] == ["translated", "translated"]
+    assert result.outputs["reply"] == "Sorry, Ana: refund on its way."
+    calls = shipped.calls(result.run_id)
+    analyze = [c for c in calls if c["step_id"] == "analyze"]
+    # The first reasoning model has no key here: skipped and recorded; the second answered.
+    assert [(c["model"], c["outcome"]) for c in analyze] == [
+        ("anthropic/claude-sonnet-4-5", "unavailable"),
+        ("openai/gpt-4.1", "ok"),
+    ]
+    [frontier_request] = frontier.chat_requests()
+    assert "4111" not in json.dumps(frontier_request) and "[REDACTED]" in json.dumps(frontier_request)
+
+
+def test_support_triage_sensitive_step_fails_closed(shipped: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+    ticket = "Secret account 998877 is locked"
+    ollama.responder = lambda body: (
+        Reply(status=500, text="local model crashed")
+        if body["messages"][-1]["content"] == ticket
+        else Reply(text=json.dumps({"category": "bug", "urgency": 2}))
+    )
+    result = shipped.run("support-triage", {"ticket": ticket})
+    assert result.status == "failed"
+    assert "redact" in (result.error or "")
+    assert frontier.requests == []  # zero requests reached a non-local tier
+
+
+def test_report_reasoning_step_runs_on_the_frontier(shipped: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+    ollama.responder = by_prompt(
+        {
+            "List every number": json.dumps({"figures": [{"what": "churn", "value": "4%"}]}),
+            "Summarise": "Churn is 4%; act on onboarding.",
+        }
+    )
+    frontier.reply(Reply(text="Churn doubled; fix onboarding.", prompt_tokens=1000, completion_tokens=200))
+    result = shipped.run("report", {"notes": "churn rose to 4% from 2%"})
+    assert result.status == "succeeded", result.error
+    assert "churn = 4%" in frontier.chat_requests()[0]["messages"][-1]["content"]
+    calls = {c["step_id"]: c for c in shipped.calls(result.run_id) if c["outcome"] == "ok"}
+    assert calls["recommend"]["tier_used"] == "reasoning"
+    assert calls["figures"]["tier_used"] == calls["summary"]["tier_used"] == "light"
+    assert calls["recommend"]["cost_usd"] > 0 and calls["summary"]["cost_usd"] == 0

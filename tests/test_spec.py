@@ -1,0 +1,123 @@
+"""Validation: every bad file gives exit 2 and FILE:LINE: field: message, before any model call."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Project
+
+from orchestrator.errors import SpecError, UserError
+from orchestrator.settings import load_settings
+from orchestrator.spec import load_workflow
+from orchestrator.testing import OllamaServer, OpenAIServer
+from orchestrator.validation import json_schemas, validate_paths
+
+BAD = REPO / "tests" / "bad"
+BAD_FILES = sorted((BAD / "files").glob("*.yaml"))
+
+
+def expectation(path: Path) -> tuple[int, str]:
+    match = re.match(r"# expect: (\d+): (.*)", path.read_text().splitlines()[0])
+    assert match, f"{path} needs a first line '# expect: LINE: text'"
+    return int(match.group(1)), match.group(2)
+
+
+@pytest.mark.parametrize("path", BAD_FILES, ids=[p.stem for p in BAD_FILES])
+def test_bad_file_names_file_line_and_field(path: Path) -> None:
+    line, text = expectation(path)
+    problems = validate_paths([path], config=str(BAD / "tierflow.yaml"))
+    assert problems, f"{path.name} was accepted"
+    assert any(p.startswith(f"{path}:{line}: ") and text in p for p in problems), problems
+
+
+def test_validate_command_exits_2_with_one_line_per_problem_and_no_traceback() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "validate", str(BAD / "files"), "--config", str(BAD / "tierflow.yaml")],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    for path in BAD_FILES:
+        assert f"{path}:{expectation(path)[0]}: " in proc.stderr
+
+
+def test_oversized_file_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text("name: big\ndescription: " + "x" * (1024 * 1024) + "\nsteps: []\n")
+    [problem] = validate_paths([big], config=str(BAD / "tierflow.yaml"))
+    assert problem.startswith(f"{big}:1: ") and "1 MiB" in problem
+
+
+def test_yaml_tags_that_build_objects_are_refused(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("name: !!python/object/apply:os.system ['echo pwned']\nsteps: []\n")
+    [problem] = validate_paths([evil], config=str(BAD / "tierflow.yaml"))
+    assert problem.startswith(f"{evil}:1: ") and "invalid YAML" in problem
+
+
+def test_escalation_on_key_is_not_read_as_a_boolean(tmp_path: Path) -> None:
+    config = tmp_path / "tierflow.yaml"
+    config.write_text("tiers: {light: {models: [llamacpp/smollm2-135m], local: true}}\nescalation: {on: [error], max_attempts: 2}\n")
+    settings = load_settings(config)
+    assert settings.config.escalation.on == ["error"]
+
+
+def test_shipped_workflows_agents_and_config_validate() -> None:
+    shipped = [REPO / "workflows", REPO / "agents", REPO / "tierflow.yaml"]
+    assert validate_paths(shipped, config=str(REPO / "tierflow.yaml")) == []
+    assert len(list((REPO / "workflows").glob("*.yaml"))) >= 3
+
+
+def test_compile_time_rejection_happens_before_any_model_call(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    project.workflow(
+        {
+            "name": "broken",
+            "steps": [
+                {"id": "a", "agent": "helper", "tier": "light", "needs": ["c"]},
+                {"id": "b", "agent": "helper", "tier": "light", "needs": ["a"]},
+                {"id": "c", "agent": "helper", "tier": "light", "needs": ["b"]},
+            ],
+        }
+    )
+    with pytest.raises(SpecError, match="cycle: a, b, c"):
+        project.run("broken")
+    assert ollama.requests == [] and frontier.requests == []
+
+
+def test_inputs_are_checked_before_a_run_is_recorded(project: Project, ollama: OllamaServer) -> None:
+    project.workflow({"name": "typed", "inputs": {"count": {"type": "integer"}}, "steps": [{"id": "a", "agent": "helper", "prompt": "{{ inputs.count }}"}]})
+    with pytest.raises(UserError, match="input 'count': required"):
+        project.run("typed")
+    with pytest.raises(UserError, match="'three' is not of type 'integer'"):
+        project.run("typed", {"count": "three"})
+    with pytest.raises(UserError, match="input 'cuont': not declared \\(did you mean 'count'\\?\\)"):
+        project.run("typed", {"count": 1, "cuont": 2})
+    store = project.store()
+    assert store.runs() == []
+    store.engine.dispose()
+    assert ollama.requests == []
+
+
+def test_too_many_steps_for_max_steps(tmp_path: Path) -> None:
+    project_dir = tmp_path / "p"
+    (project_dir / "agents").mkdir(parents=True)
+    (project_dir / "agents" / "a.yaml").write_text("name: a\nprompt: hi\n")
+    (project_dir / "tierflow.yaml").write_text("max_steps: 2\ntiers: {light: {models: [llamacpp/smollm2-135m], local: true}}\n")
+    steps = "".join(f"  - {{id: s{i}, agent: a}}\n" for i in range(3))
+    (project_dir / "w.yaml").write_text(f"name: w\nsteps:\n{steps}")
+    with pytest.raises(SpecError, match="3 steps is over max_steps \\(2\\)"):
+        load_workflow(project_dir / "w.yaml", load_settings(project_dir / "tierflow.yaml"))
+
+
+def test_json_schema_describes_each_file_kind() -> None:
+    schemas = json_schemas()
+    assert set(schemas) == {"workflow", "agent", "config"}
+    assert schemas["workflow"]["additionalProperties"] is False
+    assert "steps" in schemas["workflow"]["required"]
+    assert "tiers" in schemas["config"]["properties"]
