@@ -34,15 +34,19 @@ def open_engine(url: str, *, migrate: bool = False) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     try:
         current = current_revision(engine)
+        if current != head_revision():
+            if not migrate:
+                raise UserError(
+                    f"database {safe_url(url)} is at revision {current or 'none'}, not"
+                    f" {head_revision()}: run 'tierflow db upgrade'"
+                )
+            upgrade(engine)
     except OperationalError as exc:
+        engine.dispose()
         raise UserError(f"database {safe_url(url)}: cannot connect: {_first_line(exc)}") from None
-    if current != head_revision():
-        if not migrate:
-            raise UserError(
-                f"database {safe_url(url)} is at revision {current or 'none'}, not"
-                f" {head_revision()}: run 'tierflow db upgrade'"
-            )
-        upgrade(engine)
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 

@@ -1,0 +1,99 @@
+"""The store on SQLite and PostgreSQL: migrations, atomic step records, exact money."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from orchestrator.errors import UserError
+from orchestrator.ledger import Call, StepRecord
+from orchestrator.store import Store, open_engine
+from orchestrator.store.database import alembic_config, current_revision, head_revision
+from orchestrator.store.tables import model_calls, step_runs
+
+
+def make_call(attempt: int, cost: str = "0.000000123456", **fields: object) -> Call:
+    values: dict = {
+        "attempt": attempt, "item_index": None, "tier_asked": "light", "tier_used": "light",
+        "model": "openai/gpt-4o-mini", "prompt_tokens": 10, "completion_tokens": 5,
+        "cost_usd": Decimal(cost), "reference_cost_usd": Decimal("0.00006"), "latency_ms": 1.5,
+        "outcome": "ok", "error": None, "escalation_reason": None, "created_at": datetime.now(UTC),
+    }
+    values.update(fields)
+    return Call(**values)
+
+
+def make_step(step_id: str, calls: list[Call]) -> StepRecord:
+    now = datetime.now(UTC)
+    return StepRecord(step_id=step_id, agent="helper", status="succeeded", output={"x": 1}, error=None,
+                      tier_asked="light", started_at=now, finished_at=now, calls=calls)
+
+
+@pytest.fixture
+def store(database_url: str) -> Store:
+    engine = open_engine(database_url, migrate=True)
+    yield Store(engine)
+    engine.dispose()
+
+
+def new_run(store: Store, run_id: str = "r1") -> None:
+    store.create_run(run_id=run_id, workflow="wf", version="1", content_hash="h" * 64, inputs={"text": "hi"})
+
+
+def test_migrations_reach_head_with_no_drift(store: Store) -> None:
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    assert current_revision(store.engine) == head_revision()
+    with store.engine.connect() as connection:
+        config = alembic_config(connection)
+        assert ScriptDirectory.from_config(config).get_current_head() == head_revision()
+        command.check(config)  # raises if the tables and the migrations disagree
+
+
+def test_unmigrated_database_is_refused_with_a_hint(database_url: str) -> None:
+    if database_url.startswith("sqlite"):
+        with pytest.raises(UserError, match="tierflow db upgrade"):
+            open_engine(database_url)
+    else:
+        with pytest.raises(UserError, match="at revision none"):
+            open_engine(database_url)
+
+
+def test_step_and_its_calls_are_one_transaction(store: Store) -> None:
+    new_run(store)
+    store.record_step(run_id="r1", workflow="wf", content_hash="h", record=make_step("a", [make_call(1)]))
+    duplicate = make_step("b", [make_call(1), make_call(1)])  # the ledger key (run, step, attempt) repeats
+    with pytest.raises(IntegrityError):
+        store.record_step(run_id="r1", workflow="wf", content_hash="h", record=duplicate)
+    with store.engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(step_runs)).scalar() == 1
+        assert connection.execute(select(func.count()).select_from(model_calls)).scalar() == 1
+
+
+def test_money_is_exact_to_the_pico_dollar(store: Store) -> None:
+    new_run(store)
+    costs = ["0.000000000001", "0.000000123456", "12.345678901234", "0.1", "0.2"]
+    calls = [make_call(i + 1, cost) for i, cost in enumerate(costs)]
+    store.record_step(run_id="r1", workflow="wf", content_hash="h", record=make_step("a", calls))
+    found = store.run("r1")
+    assert found is not None
+    assert [c["cost_usd"] for c in found["calls"]] == [Decimal(c) for c in costs]
+    from orchestrator.reports import spend
+
+    [row] = spend(store.engine, by="workflow")
+    assert row.cost_usd == sum(Decimal(c) for c in costs) == Decimal("12.645679024691")
+
+
+def test_run_inputs_outputs_and_status_round_trip(store: Store) -> None:
+    new_run(store, "abcdef123456")
+    store.finish_run("abcdef123456", status="succeeded", outputs={"a": [1, "two", None]})
+    found = store.run("abcdef")  # a unique prefix is enough
+    assert found is not None
+    assert (found["status"], found["inputs"], found["outputs"]) == ("succeeded", {"text": "hi"}, {"a": [1, "two", None]})
+    assert [r["id"] for r in store.runs(status="succeeded")] == ["abcdef123456"]
+    assert store.runs(workflow="other") == []
