@@ -49,7 +49,9 @@ T = TypeVar("T")
 def _console(stderr: bool = False) -> Console:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output (logs, CI) gets a width that fits a ledger line instead of 80.
+    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 140)
 
 
 def _settings(config: str | None) -> Settings:
@@ -276,22 +278,22 @@ def show(
     console.print(f"[bold]{found['status']}[/]  {found['workflow']}  run {found['id']}")
     if found["error"]:
         console.print(f"[red]{found['error']}[/]", markup=True)
-    table = Table()
-    for column in ("step", "#", "tier asked", "tier used", "model", "outcome", "in", "out", "cost", "ms", "why"):
-        table.add_column(column, justify="right" if column in ("#", "in", "out", "cost", "ms") else "left")
     for step in found["steps"]:
-        calls = [c for c in found["calls"] if c["step_id"] == step["step_id"]]
-        if not calls:
-            table.add_row(step["step_id"], "", step["tier_asked"] or "", "", "", step["status"], "", "", "", "", step["error"] or "")
-        for call in calls:
-            item = "" if call["item_index"] is None else f"[{call['item_index']}]"
-            why = " ".join(part for part in (call["error"], f"(escalated: {call['escalation_reason']})" if call["escalation_reason"] else None) if part)
-            table.add_row(
-                step["step_id"] + item, str(call["attempt"]), call["tier_asked"], call["tier_used"], call["model"],
-                call["outcome"], str(call["prompt_tokens"]), str(call["completion_tokens"]),
-                _money(call["cost_usd"]), f"{call['latency_ms']:.0f}", why,
+        console.print(f"[bold]{step['step_id']}[/]  {step['status']}  (asked {step['tier_asked']})")
+        if step["error"]:
+            console.print(f"  [red]{step['error']}[/]")
+        for call in (c for c in found["calls"] if c["step_id"] == step["step_id"]):
+            item = "" if call["item_index"] is None else f" item {call['item_index']}"
+            console.print(
+                f"  #{call['attempt']}{item}  {call['tier_used']} · {call['model']}  {call['outcome']}"
+                f"  {call['prompt_tokens']}+{call['completion_tokens']} tok  {_money(call['cost_usd'])}"
+                f"  {call['latency_ms']:.0f} ms",
+                markup=False,
             )
-    console.print(table)
+            if call["error"]:
+                console.print(f"      {call['error']}", markup=False)
+            if call["escalation_reason"]:
+                console.print(f"      escalated: {call['escalation_reason']}", markup=False)
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib.metadata
+import json
 import threading
 import time
 from pathlib import Path
@@ -39,18 +40,40 @@ KNOWN_MODELS = {"smollm2-135m": smollm2_path}
 
 
 class _Loaded:
-    """A loaded model and the lock that serialises its use (llama.cpp is not re-entrant)."""
+    """A loaded model, its chat formatter and the lock that serialises its use.
+
+    We format the chat ourselves (with llama-cpp-python's sandboxed Jinja2 chat
+    formatter and the template inside the GGUF) and call ``create_completion``,
+    because only that call takes a stopping criterion: the clock check that
+    ends generation at the step's timeout. Usage is what llama.cpp reports.
+    """
 
     def __init__(self, path: Path) -> None:
         try:
             import llama_cpp
+            from llama_cpp import llama_chat_format
         except ImportError:
             raise ModelUnavailable(
                 "llama-cpp-python is not installed: pip install 'tierflow[embedded]'"
             ) from None
         self.llama_cpp = llama_cpp
         self.model = llama_cpp.Llama(model_path=str(path), n_ctx=CONTEXT_TOKENS, verbose=False)
+        template = self.model.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ModelUnavailable(f"{path.name} carries no chat template")
+        eos = self.model.token_eos()
+        self.formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._text(eos),
+            bos_token=self._text(self.model.token_bos()),
+            stop_token_ids=[eos],
+        )
         self.lock = threading.Lock()
+
+    def _text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.model.detokenize([token], special=True).decode("utf-8", errors="replace")
 
 
 @functools.cache
@@ -59,10 +82,6 @@ def _load(path: Path) -> _Loaded:
 
 
 _load_lock = threading.Lock()
-
-
-class _PastDeadline(Exception):
-    pass
 
 
 class LlamaCppClient(ModelClient):
@@ -78,35 +97,42 @@ class LlamaCppClient(ModelClient):
     def _complete(self, path: Path, request: ModelRequest, deadline: float) -> ModelReply:
         with _load_lock:
             loaded = _load(path)
-        response_format: dict[str, Any] | None = None
-        if request.json_schema is not None:
-            response_format = {"type": "json_object", "schema": request.json_schema}
+        llama_cpp = loaded.llama_cpp
+        timed_out = False
 
-        # llama.cpp cannot be cancelled from outside; a logits processor that
-        # checks the clock before each token ends generation at the deadline.
-        def stop_at_deadline(_tokens: Any, logits: Any) -> Any:
-            if time.monotonic() > deadline:
-                raise _PastDeadline
-            return logits
+        def past_deadline(_tokens: Any, _logits: Any) -> bool:
+            nonlocal timed_out
+            timed_out = timed_out or time.monotonic() > deadline
+            return timed_out
 
         with loaded.lock:
-            if time.monotonic() > deadline:
-                raise ModelTimeout(f"waited {request.timeout_s:g}s for the embedded model")
             try:
-                result: Any = loaded.model.create_chat_completion(
-                    messages=request.messages,  # type: ignore[arg-type]
+                chat = loaded.formatter(messages=request.messages)
+                prompt = loaded.model.tokenize(
+                    chat.prompt.encode("utf-8"), add_bos=not chat.added_special, special=True
+                )
+                grammar = None
+                if request.json_schema is not None:
+                    grammar = llama_cpp.LlamaGrammar.from_json_schema(
+                        json.dumps(request.json_schema), verbose=False
+                    )
+                result: Any = loaded.model.create_completion(
+                    prompt=prompt,
                     max_tokens=request.max_tokens,
                     temperature=request.temperature,
-                    response_format=response_format,  # type: ignore[arg-type]
-                    logits_processor=loaded.llama_cpp.LogitsProcessorList([stop_at_deadline]),
+                    stop=chat.stop,
+                    stopping_criteria=llama_cpp.StoppingCriteriaList(
+                        [past_deadline, *(chat.stopping_criteria or [])]
+                    ),
+                    grammar=grammar,
                 )
-            except _PastDeadline:
-                raise ModelTimeout(f"the embedded model ran past {request.timeout_s:g}s") from None
             except (ValueError, RuntimeError) as exc:
                 raise ModelCallError(f"llama.cpp: {exc}") from None
+        if timed_out:
+            raise ModelTimeout(f"the embedded model ran past {request.timeout_s:g}s")
         usage = result.get("usage") or {}
         return ModelReply(
-            text=result["choices"][0]["message"].get("content") or "",
+            text=result["choices"][0].get("text") or "",
             prompt_tokens=int(usage.get("prompt_tokens", 0)),
             completion_tokens=int(usage.get("completion_tokens", 0)),
         )

@@ -1,0 +1,130 @@
+"""The tierflow command as a user runs it: a subprocess, exit codes, and no tracebacks."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+from conftest import Project
+
+from orchestrator.testing import OllamaServer, OpenAIServer, Reply
+
+
+def tierflow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def typed_project(project: Project) -> None:
+    project.workflow(
+        {
+            "name": "pair",
+            "inputs": {"text": {"type": "string"}, "count": {"type": "integer", "default": 1}},
+            "steps": [
+                {"id": "draft", "agent": "helper", "tier": "light", "prompt": "{{ inputs.text }} x{{ inputs.count }}"},
+                {"id": "polish", "agent": "helper", "tier": "frontier", "needs": ["draft"], "prompt": "{{ steps.draft.output }}"},
+            ],
+        }
+    )
+
+
+def test_run_show_runs_and_spend(project: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+    typed_project(project)
+    ollama.reply(Reply(status=500, text="boom"), "drafted")
+    frontier.reply(Reply(text="polished", prompt_tokens=1000, completion_tokens=100))
+    proc = tierflow("run", "pair", "-i", "text=hello", "-i", "count=3", "--json", cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    # The light model errored once, the draft escalated to the frontier, polish ran there.
+    assert result["status"] == "succeeded", proc.stderr
+    assert ollama.chat_requests()[0]["messages"][-1]["content"] == "hello x3"
+    run_id = result["run_id"]
+
+    shown = tierflow("show", run_id[:8], cwd=project.root)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[0].startswith("succeeded")
+    for text in ("draft", "polish", "error", "boom", "escalated"):
+        assert text in shown.stdout
+    detail = json.loads(tierflow("show", run_id, "--json", cwd=project.root).stdout)
+    assert [c["outcome"] for c in detail["calls"]] == ["error", "ok", "ok"]
+
+    listed = json.loads(tierflow("runs", "--json", cwd=project.root).stdout)
+    assert [r["id"] for r in listed] == [run_id]
+
+    spent = json.loads(tierflow("spend", "--by", "model", "--format", "json", cwd=project.root).stdout)
+    models = {g["model"]: g for g in spent["groups"]}
+    assert models["openai/gpt-4o-mini"]["calls"] == 2
+    assert Decimal(spent["total"]["cost_usd"]) == sum(Decimal(g["cost_usd"]) for g in spent["groups"])
+    table = tierflow("spend", "--by", "tier", cwd=project.root)
+    assert table.returncode == 0 and "frontier" in table.stdout and "total" in table.stdout
+    rows = list(csv.DictReader(io.StringIO(tierflow("spend", "--by", "day", "--since", "7d", "--format", "csv", cwd=project.root).stdout)))
+    assert len(rows) == 1 and Decimal(rows[0]["cost_usd"]) == Decimal(spent["total"]["cost_usd"])
+
+
+def test_failed_run_exits_1_and_keeps_its_ledger(project: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+    typed_project(project)
+    ollama.reply(Reply(status=500, text="down"))
+    frontier.default = Reply(status=500, text="also down")
+    proc = tierflow("run", "pair", "-i", "text=x", cwd=project.root)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "no tier gave a valid answer" in proc.stdout
+    [run] = json.loads(tierflow("runs", "--json", "--status", "failed", cwd=project.root).stdout)
+    detail = json.loads(tierflow("show", run["id"], "--json", cwd=project.root).stdout)
+    assert [c["outcome"] for c in detail["calls"]] == ["error", "error"]
+
+
+def test_bad_input_exits_2_with_one_message(project: Project, ollama: OllamaServer) -> None:
+    typed_project(project)
+    cases = [
+        (["run", "pair"], "input 'text': required"),
+        (["run", "pair", "-i", "text=a", "-i", "count=many"], "not a valid integer"),
+        (["run", "pair", "-i", "nonsense"], "expected key=value"),
+        (["run", "piar", "-i", "text=a"], "did you mean 'pair'?"),
+        (["show", "feedbeef"], "no run 'feedbeef'"),
+        (["spend", "--by", "color"], "choose one of workflow, step, tier, model, day"),
+        (["spend", "--since", "last tuesday"], "expected YYYY-MM-DD"),
+        (["run", "pair", "--config", "missing.yaml"], "missing.yaml:0: (file): cannot read"),
+    ]
+    for args, message in cases:
+        proc = tierflow(*args, cwd=project.root)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert ollama.requests == []
+
+
+def test_broken_yaml_in_a_run_names_file_and_line(project: Project) -> None:
+    (project.root / "workflows" / "broken.yaml").write_text("name: broken\nsteps:\n  - id: a\n    agent: [helper\n")
+    proc = tierflow("run", "broken", cwd=project.root)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"{project.root / 'workflows' / 'broken.yaml'}:4: (file): invalid YAML: expected ',' or ']', but got '<stream end>'"
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_does_not_import_heavy_modules() -> None:
+    code = (
+        "import sys\nfrom orchestrator.cli import app\n"
+        "try:\n    app(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('litellm', 'langgraph', 'sqlalchemy', 'llama_cpp', 'ollama', 'openai') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_schema_command_prints_json_schema(tmp_path: Path) -> None:
+    proc = tierflow("schema", "workflow", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["title"] == "Workflow"
+
+
+def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
+    (tmp_path / "tierflow.yaml").write_text("database: sqlite:///fresh.db\ntiers: {light: {models: [llamacpp/smollm2-135m], local: true}}\n")
+    proc = tierflow("db", "upgrade", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "at revision 0001" in proc.stdout
+    assert (tmp_path / "fresh.db").exists()

@@ -1,0 +1,85 @@
+"""The real SmolLM2-135M model, in-process through llama-cpp-python: no server, no key."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import IN_CI, REPO, missing_service
+
+pytestmark = pytest.mark.embedded
+
+
+@pytest.fixture(autouse=True)
+def _needs_llama_cpp() -> None:
+    try:
+        import llama_cpp  # noqa: F401
+
+        from orchestrator.models.llamacpp import smollm2_path
+
+        smollm2_path()
+    except Exception as exc:  # ImportError or ModelUnavailable
+        if IN_CI:
+            pytest.fail(f"CI requires the embedded extra: {exc}")
+        missing_service(f"embedded model not installed: {exc}")
+
+
+def test_quickstart_runs_on_the_embedded_model(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", "quickstart", "--json"],
+        capture_output=True, text=True, cwd=REPO,
+        env={**_env(), "TIERFLOW_DATABASE_URL": f"sqlite:///{tmp_path / 'q.db'}"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["status"] == "succeeded"
+    assert isinstance(result["outputs"]["headline"], str) and result["outputs"]["headline"]
+
+    shown = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "show", result["run_id"], "--json"],
+        capture_output=True, text=True, cwd=REPO,
+        env={**_env(), "TIERFLOW_DATABASE_URL": f"sqlite:///{tmp_path / 'q.db'}"},
+    )
+    calls = [c for c in json.loads(shown.stdout)["calls"] if c["outcome"] == "ok"]
+    assert {c["model"] for c in calls} == {"llamacpp/smollm2-135m"}
+    assert all(c["prompt_tokens"] > 0 and c["completion_tokens"] > 0 for c in calls)
+    assert all(c["cost_usd"] == "0" for c in calls)
+
+
+def test_embedded_model_honours_a_json_schema(tmp_path: Path) -> None:
+    from conftest import Project
+
+    project = Project(tmp_path, {"tiers": {"light": {"local": True, "models": ["llamacpp/smollm2-135m"]}}})
+    project.workflow(
+        {
+            "name": "shape",
+            "steps": [{"id": "pick", "agent": "helper", "tier": "light", "max_tokens": 40,
+                       "prompt": "Is the sky blue? Answer as JSON with a boolean field 'yes'.",
+                       "output": {"type": "object", "properties": {"yes": {"type": "boolean"}}, "required": ["yes"]}}],
+        }
+    )
+    result = project.run("shape")
+    assert result.status == "succeeded", result.error
+    assert isinstance(result.outputs["pick"]["yes"], bool)
+
+
+def test_embedded_model_times_out(tmp_path: Path) -> None:
+    from conftest import Project
+
+    light = {"local": True, "models": [{"model": "llamacpp/smollm2-135m", "timeout_s": 0.05}]}
+    project = Project(tmp_path, {"tiers": {"light": light}, "escalation": {"max_attempts": 1}})
+    project.workflow({"name": "slow", "steps": [{"id": "long", "agent": "helper", "tier": "light", "max_tokens": 2000,
+                                                 "prompt": "Write a very long story about the sea."}]})
+    result = project.run("slow")
+    assert result.status == "failed"
+    [call] = project.calls(result.run_id)
+    assert call["outcome"] == "timeout"
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in ("OLLAMA_HOST", "TIERFLOW_CONFIG")}
