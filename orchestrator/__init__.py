@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 __all__ = ["arun", "run"]
 
 
-def run(workflow: str, inputs: Mapping[str, Any] | None = None, *, config: str | None = None) -> RunResult:
+def run(
+    workflow: str, inputs: Mapping[str, Any] | None = None, *, config: str | None = None
+) -> RunResult:
     """Run ``workflow`` (a name in workflows/ or a path) to the end and return its result.
 
     Raises ``UserError`` for a bad workflow, configuration or inputs before
@@ -28,7 +30,9 @@ def run(workflow: str, inputs: Mapping[str, Any] | None = None, *, config: str |
     return asyncio.run(arun(workflow, inputs, config=config))
 
 
-async def arun(workflow: str, inputs: Mapping[str, Any] | None = None, *, config: str | None = None) -> RunResult:
+async def arun(
+    workflow: str, inputs: Mapping[str, Any] | None = None, *, config: str | None = None
+) -> RunResult:
     """``run`` for callers already inside an event loop."""
     from orchestrator import runner
 

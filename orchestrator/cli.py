@@ -40,7 +40,10 @@ db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_he
 app.add_typer(db_app, name="db")
 
 ConfigOption = Annotated[
-    str | None, typer.Option("--config", "-c", help="tierflow.yaml to use (else $TIERFLOW_CONFIG, else ./tierflow.yaml).")
+    str | None,
+    typer.Option(
+        "--config", "-c", help="tierflow.yaml to use (else $TIERFLOW_CONFIG, else ./tierflow.yaml)."
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 T = TypeVar("T")
@@ -86,7 +89,10 @@ def _print_json(data: Any) -> None:
 
 @app.command()
 def validate(
-    paths: Annotated[list[Path], typer.Argument(help="Workflow, agent or tierflow.yaml files, or folders of them.")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(help="Workflow, agent or tierflow.yaml files, or folders of them."),
+    ],
     config: ConfigOption = None,
 ) -> None:
     """Check files; print FILE:LINE: field: message for each problem. Exit 0 valid, 2 invalid."""
@@ -102,7 +108,9 @@ def validate(
 
 @app.command()
 def schema(
-    kind: Annotated[str | None, typer.Argument(help="workflow, agent or config; all three if omitted.")] = None,
+    kind: Annotated[
+        str | None, typer.Argument(help="workflow, agent or config; all three if omitted.")
+    ] = None,
 ) -> None:
     """Print the JSON Schema of workflow, agent and tierflow.yaml files, for editors."""
     from orchestrator.validation import json_schemas
@@ -118,9 +126,15 @@ def schema(
 
 @app.command()
 def run(
-    workflow: Annotated[str, typer.Argument(help="A workflow name (workflows/NAME.yaml) or a path.")],
-    inputs: Annotated[list[str] | None, typer.Option("--input", "-i", help="key=value; repeatable.")] = None,
-    inputs_file: Annotated[Path | None, typer.Option("--inputs", help="A JSON file of inputs.")] = None,
+    workflow: Annotated[
+        str, typer.Argument(help="A workflow name (workflows/NAME.yaml) or a path.")
+    ],
+    inputs: Annotated[
+        list[str] | None, typer.Option("--input", "-i", help="key=value; repeatable.")
+    ] = None,
+    inputs_file: Annotated[
+        Path | None, typer.Option("--inputs", help="A JSON file of inputs.")
+    ] = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -134,7 +148,9 @@ def run(
     loaded.resolve_inputs(values)  # bad inputs stop here, before a run is recorded
     store = _store(settings)
     console = _console(stderr=as_json)
-    runner = Runner(settings=settings, store=store, on_step=None if as_json else _step_printer(console))
+    runner = Runner(
+        settings=settings, store=store, on_step=None if as_json else _step_printer(console)
+    )
     with console.status(f"running {loaded.name}…", spinner="dots") if not as_json else _nothing():
         result = asyncio.run(runner.run(loaded, values))
     if as_json:
@@ -162,7 +178,9 @@ class _nothing:
         return None
 
 
-def _gather_inputs(declared: dict[str, Any], pairs: list[str], inputs_file: Path | None) -> dict[str, Any]:
+def _gather_inputs(
+    declared: dict[str, Any], pairs: list[str], inputs_file: Path | None
+) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if inputs_file is not None:
         try:
@@ -194,10 +212,15 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
         where = f"{answer.tier_used} · {answer.model}" if answer else record.status
         tokens = sum(c.prompt_tokens + c.completion_tokens for c in record.calls)
         seconds = (record.finished_at - record.started_at).total_seconds()
-        console.print(f"{mark} [bold]{record.step_id}[/]  {where}  {tokens} tok  {_money(record.cost_usd)}  {seconds:.1f}s")
+        console.print(
+            f"{mark} [bold]{record.step_id}[/]  {where}  {tokens} tok  {_money(record.cost_usd)}  {seconds:.1f}s"
+        )
         for call in record.calls:
             if call.outcome != "ok":
-                console.print(f"    [yellow]{call.outcome}[/] {call.tier_used} · {call.model}: {call.error}", markup=True)
+                console.print(
+                    f"    [yellow]{call.outcome}[/] {call.tier_used} · {call.model}: {call.error}",
+                    markup=True,
+                )
         if record.error:
             console.print(f"    [red]{record.error}[/]")
 
@@ -216,8 +239,22 @@ def _print_run_summary(console: Console, store: Store, run_id: str) -> None:
             text = output if isinstance(output, str) else json.dumps(output, indent=2)
             console.print(f"[bold]{step_id}[/]:", text, markup=True)
     table = Table(title=f"spend for run {run_id[:12]}", title_justify="left")
-    for column in ("step", "tier", "model", "calls", "tokens in", "tokens out", "cost", "all-frontier"):
-        table.add_column(column, justify="right" if column in ("calls", "tokens in", "tokens out", "cost", "all-frontier") else "left")
+    for column in (
+        "step",
+        "tier",
+        "model",
+        "calls",
+        "tokens in",
+        "tokens out",
+        "cost",
+        "all-frontier",
+    ):
+        table.add_column(
+            column,
+            justify="right"
+            if column in ("calls", "tokens in", "tokens out", "cost", "all-frontier")
+            else "left",
+        )
     total_cost = total_reference = Decimal(0)
     for call in found["calls"]:
         if call["outcome"] == "unavailable":
@@ -225,21 +262,30 @@ def _print_run_summary(console: Console, store: Store, run_id: str) -> None:
         total_cost += call["cost_usd"]
         total_reference += call["reference_cost_usd"] or 0
         table.add_row(
-            call["step_id"], call["tier_used"], call["model"], "1",
-            str(call["prompt_tokens"]), str(call["completion_tokens"]),
-            _money(call["cost_usd"]), _money(call["reference_cost_usd"]),
+            call["step_id"],
+            call["tier_used"],
+            call["model"],
+            "1",
+            str(call["prompt_tokens"]),
+            str(call["completion_tokens"]),
+            _money(call["cost_usd"]),
+            _money(call["reference_cost_usd"]),
         )
     table.add_section()
     table.add_row("total", "", "", "", "", "", _money(total_cost), _money(total_reference))
     console.print()
     console.print(table)
-    console.print(f"{found['status']} · run id {run_id} · saved {_money(total_reference - total_cost)} against all-frontier")
+    console.print(
+        f"{found['status']} · run id {run_id} · saved {_money(total_reference - total_cost)} against all-frontier"
+    )
 
 
 @app.command()
 def runs(
     workflow: Annotated[str | None, typer.Option(help="Only this workflow.")] = None,
-    status: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed or cancelled.")] = None,
+    status: Annotated[
+        str | None, typer.Option(help="queued, running, succeeded, failed or cancelled.")
+    ] = None,
     limit: Annotated[int, typer.Option(help="Most recent N runs.")] = 50,
     config: ConfigOption = None,
     as_json: JsonOption = False,
@@ -255,7 +301,13 @@ def runs(
     for column in ("run id", "workflow", "status", "started", "error"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["id"], row["workflow"], row["status"], f"{row['created_at']:%Y-%m-%d %H:%M:%S}", (row["error"] or "")[:60])
+        table.add_row(
+            row["id"],
+            row["workflow"],
+            row["status"],
+            f"{row['created_at']:%Y-%m-%d %H:%M:%S}",
+            (row["error"] or "")[:60],
+        )
     _console().print(table)
 
 
@@ -266,7 +318,6 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """A run's status, then each step's attempts: tiers, escalations, tokens, cost, latency."""
-    from rich.table import Table
 
     found = _store(_settings(config)).run(run_id)
     if found is None:
@@ -299,7 +350,9 @@ def show(
 @app.command()
 def spend(
     by: Annotated[str, typer.Option(help="workflow, step, tier, model or day.")] = "workflow",
-    since: Annotated[str | None, typer.Option(help="YYYY-MM-DD, or 30d for the last 30 days.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="YYYY-MM-DD, or 30d for the last 30 days.")
+    ] = None,
     until: Annotated[str | None, typer.Option(help="YYYY-MM-DD, inclusive.")] = None,
     output_format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
     config: ConfigOption = None,
@@ -317,10 +370,20 @@ def spend(
     rows = reports.spend(store.engine, by=by, since=start, until=end)
     overall = reports.total(rows)
     if output_format == "json":
-        _print_json({"by": by, "groups": [row.as_dict(by) for row in rows], "total": _total_dict(overall)})
+        _print_json(
+            {"by": by, "groups": [row.as_dict(by) for row in rows], "total": _total_dict(overall)}
+        )
     elif output_format == "csv":
         buffer = io.StringIO()
-        fields = [*reports.GROUPS[by], "calls", "prompt_tokens", "completion_tokens", "cost_usd", "reference_cost_usd", "savings_usd"]
+        fields = [
+            *reports.GROUPS[by],
+            "calls",
+            "prompt_tokens",
+            "completion_tokens",
+            "cost_usd",
+            "reference_cost_usd",
+            "savings_usd",
+        ]
         writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         writer.writerows(row.as_dict(by) for row in rows)
@@ -352,8 +415,14 @@ def _spend_table(by: str, rows: list[Any], overall: Any) -> Any:
         table.add_column(column, justify="right")
 
     def cells(row: Any) -> list[str]:
-        return [str(row.calls), f"{row.prompt_tokens:,}", f"{row.completion_tokens:,}",
-                _money(row.cost_usd), _money(row.reference_cost_usd), _money(row.savings_usd)]
+        return [
+            str(row.calls),
+            f"{row.prompt_tokens:,}",
+            f"{row.completion_tokens:,}",
+            _money(row.cost_usd),
+            _money(row.reference_cost_usd),
+            _money(row.savings_usd),
+        ]
 
     for row in rows:
         table.add_row(*row.key, *cells(row))
@@ -391,7 +460,9 @@ def main() -> None:
     except Exception as exc:
         if os.environ.get("TIERFLOW_DEBUG"):
             raise
-        _fail(f"internal error: {type(exc).__name__}: {exc} (set TIERFLOW_DEBUG=1 for a traceback)", 1)
+        _fail(
+            f"internal error: {type(exc).__name__}: {exc} (set TIERFLOW_DEBUG=1 for a traceback)", 1
+        )
     sys.exit(code if isinstance(code, int) else 0)
 
 

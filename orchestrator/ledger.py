@@ -13,7 +13,15 @@ from typing import Any
 
 from orchestrator.settings import Settings
 
-OUTCOMES = ("ok", "error", "timeout", "invalid_output", "low_confidence", "budget_blocked", "unavailable")
+OUTCOMES = (
+    "ok",
+    "error",
+    "timeout",
+    "invalid_output",
+    "low_confidence",
+    "budget_blocked",
+    "unavailable",
+)
 
 
 @dataclass(frozen=True)
@@ -72,9 +80,13 @@ class Pricer:
         self._reference = settings.reference_price()
         self._cache: dict[str, Any] = {}
 
-    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> tuple[Decimal, Decimal | None]:
+    def cost(
+        self, model: str, prompt_tokens: int, completion_tokens: int
+    ) -> tuple[Decimal, Decimal | None]:
         price = self._cache.get(model)
         if price is None:
             price = self._cache[model] = self._settings.price_of(model)
-        reference = self._reference.cost(prompt_tokens, completion_tokens) if self._reference else None
+        reference = (
+            self._reference.cost(prompt_tokens, completion_tokens) if self._reference else None
+        )
         return price.cost(prompt_tokens, completion_tokens), reference

@@ -122,7 +122,9 @@ def _record_lines(
     # 1 MiB file from expanding into a billion-laughs document.
     if id(node) in seen:
         line = lines.get(loc, node.start_mark.line + 1)
-        raise SpecError(f"{path}:{line}: {format_loc(loc)}: YAML anchors and aliases are not allowed")
+        raise SpecError(
+            f"{path}:{line}: {format_loc(loc)}: YAML anchors and aliases are not allowed"
+        )
     seen.add(id(node))
     lines.setdefault(loc, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
@@ -165,9 +167,9 @@ def _clean_loc(loc: Iterable[Any], data: Any) -> Loc:
     loc = tuple(loc)
     out: list[str | int] = []
     for index, part in enumerate(loc):
-        if isinstance(data, dict) and part in data:
-            data = data[part]
-        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+        if (isinstance(data, dict) and part in data) or (
+            isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data)
+        ):
             data = data[part]
         elif index < len(loc) - 1:
             continue  # a union member's name, not a key of the file

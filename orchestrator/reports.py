@@ -62,10 +62,14 @@ def parse_when(text: str | None, *, end: bool = False) -> date | None:
         return date.fromisoformat(text.strip())
     except ValueError:
         which = "--until" if end else "--since"
-        raise UserError(f"{which} {text!r}: expected YYYY-MM-DD or a number of days like 30d") from None
+        raise UserError(
+            f"{which} {text!r}: expected YYYY-MM-DD or a number of days like 30d"
+        ) from None
 
 
-def spend(engine: Engine, *, by: str = "workflow", since: date | None = None, until: date | None = None) -> list[SpendRow]:
+def spend(
+    engine: Engine, *, by: str = "workflow", since: date | None = None, until: date | None = None
+) -> list[SpendRow]:
     if by not in GROUPS:
         raise UserError(f"--by {by!r}: choose one of {', '.join(GROUPS)}")
     keys = [model_calls.c[name] for name in GROUPS[by]]

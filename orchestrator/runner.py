@@ -89,7 +89,10 @@ class Runner:
                 await steps.run(plan, context, record)
             finally:  # a cancelled step still has its calls written
                 self._store.record_step(
-                    run_id=run_id, workflow=workflow.name, content_hash=workflow.content_hash, record=record
+                    run_id=run_id,
+                    workflow=workflow.name,
+                    content_hash=workflow.content_hash,
+                    record=record,
                 )
                 result.steps.append(record)
             if self._on_step is not None:
@@ -109,12 +112,16 @@ class Runner:
             result.status, result.error = "failed", str(exc)
             result.outputs = {s.step_id: s.output for s in result.steps if s.status == "succeeded"}
         except BaseException as exc:
-            self._store.finish_run(run_id, status="failed", error=f"interrupted: {type(exc).__name__}")
+            self._store.finish_run(
+                run_id, status="failed", error=f"interrupted: {type(exc).__name__}"
+            )
             raise
         finally:
             if self._owns_clients:
                 await self._clients.aclose()
-        self._store.finish_run(run_id, status=result.status, outputs=result.outputs, error=result.error)
+        self._store.finish_run(
+            run_id, status=result.status, outputs=result.outputs, error=result.error
+        )
         return result
 
 
@@ -141,6 +148,8 @@ async def arun(
     loaded = load_workflow(find_workflow(workflow, settings), settings)
     store = open_store(settings)
     try:
-        return await Runner(settings=settings, store=store, on_step=on_step).run(loaded, inputs or {})
+        return await Runner(settings=settings, store=store, on_step=on_step).run(
+            loaded, inputs or {}
+        )
     finally:
         store.engine.dispose()

@@ -38,7 +38,9 @@ class InvalidOutput(Exception):
 class StepRunner:
     """Runs steps of one run. ``max_calls`` caps model-calling units (steps and items)."""
 
-    def __init__(self, *, settings: Settings, clients: Clients, pricer: Pricer, max_calls: int) -> None:
+    def __init__(
+        self, *, settings: Settings, clients: Clients, pricer: Pricer, max_calls: int
+    ) -> None:
         self._settings = settings
         self._clients = clients
         self._pricer = pricer
@@ -90,12 +92,16 @@ class StepRunner:
         assert plan.for_each is not None
         items = plan.for_each.evaluate(context)
         if not isinstance(items, list | tuple):
-            raise StepFailed(f"for_each gave {type(items).__name__}, not a list: {plan.for_each.source}")
+            raise StepFailed(
+                f"for_each gave {type(items).__name__}, not a list: {plan.for_each.source}"
+            )
         gate = asyncio.Semaphore(FAN_OUT_CONCURRENCY)
 
         async def one(index: int, item: Any) -> Any:
             async with gate:
-                return await self._answer(plan, {**context, "item": item}, record, attempts, item_index=index)
+                return await self._answer(
+                    plan, {**context, "item": item}, record, attempts, item_index=index
+                )
 
         return list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
 
@@ -133,9 +139,14 @@ class StepRunner:
                 if used >= escalation.max_attempts:
                     break
                 call, value = await self._try(
-                    plan, entry, messages, context,
-                    attempt=next(attempts), item_index=item_index,
-                    tier_used=tier_name, escalation_reason=escalation_reason,
+                    plan,
+                    entry,
+                    messages,
+                    context,
+                    attempt=next(attempts),
+                    item_index=item_index,
+                    tier_used=tier_name,
+                    escalation_reason=escalation_reason,
                 )
                 record.calls.append(call)
                 if call.outcome == "ok":
@@ -151,7 +162,9 @@ class StepRunner:
             escalation_reason = failures[-1] if failures else None
         if not failures:
             raise StepFailed("no tier can serve this step")
-        limit = f" (max_attempts {escalation.max_attempts})" if used >= escalation.max_attempts else ""
+        limit = (
+            f" (max_attempts {escalation.max_attempts})" if used >= escalation.max_attempts else ""
+        )
         raise StepFailed(f"no tier gave a valid answer{limit}: " + "; ".join(failures))
 
     async def _try(
@@ -219,7 +232,8 @@ def verify(plan: StepPlan, text: str, context: dict[str, Any]) -> Any:
     if plan.step.output is not None:
         value = parse_json(value)
         errors = sorted(
-            jsonschema.Draft202012Validator(plan.step.output).iter_errors(value), key=lambda e: e.path
+            jsonschema.Draft202012Validator(plan.step.output).iter_errors(value),
+            key=lambda e: e.path,
         )
         if errors:
             where = "/".join(str(part) for part in errors[0].absolute_path) or "(top)"
@@ -246,7 +260,7 @@ def parse_json(text: str) -> Any:
     starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
     if starts:
         try:
-            value, _ = json.JSONDecoder().raw_decode(text[min(starts):])
+            value, _ = json.JSONDecoder().raw_decode(text[min(starts) :])
             return value
         except ValueError:
             pass

@@ -161,14 +161,18 @@ def find_workflow(name_or_path: str, settings: Settings) -> Path:
     if candidate.exists():
         return candidate
     known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-    raise UserError(f"workflow '{name_or_path}' not found in {folder}{suggest(name_or_path, known)}")
+    raise UserError(
+        f"workflow '{name_or_path}' not found in {folder}{suggest(name_or_path, known)}"
+    )
 
 
 def load_agent(path: Path) -> Agent:
     doc = read_yaml(path)
     agent = validate(Agent, doc)
     if agent.name != path.stem:
-        raise SpecError(doc.problem(("name",), f"'{agent.name}' must match the file name '{path.stem}'"))
+        raise SpecError(
+            doc.problem(("name",), f"'{agent.name}' must match the file name '{path.stem}'")
+        )
     for key in ("system", "prompt"):
         text = getattr(agent, key)
         if text is not None:
@@ -215,7 +219,10 @@ class _Checker:
         for index, step in enumerate(self.spec.steps):
             for position, need in enumerate(step.needs):
                 if need not in ids:
-                    self.report(("steps", index, "needs", position), f"unknown step '{need}'{suggest(need, ids)}")
+                    self.report(
+                        ("steps", index, "needs", position),
+                        f"unknown step '{need}'{suggest(need, ids)}",
+                    )
                 elif need == step.id:
                     self.report(("steps", index, "needs", position), "a step cannot need itself")
         order = self._order()
@@ -234,7 +241,10 @@ class _Checker:
         """Step indexes in dependency order; reports a cycle if there is one."""
         steps = self.spec.steps
         index_of = {step.id: i for i, step in enumerate(steps)}
-        waiting = {i: {index_of[n] for n in step.needs if n in index_of and n != step.id} for i, step in enumerate(steps)}
+        waiting = {
+            i: {index_of[n] for n in step.needs if n in index_of and n != step.id}
+            for i, step in enumerate(steps)
+        }
         order: list[int] = []
         ready = [i for i, deps in waiting.items() if not deps]
         while ready:
@@ -280,23 +290,45 @@ class _Checker:
         tiers = self.settings.tier_names
         if tier != AUTO_TIER and tier not in tiers:
             where = (*loc, "tier") if step.tier else (*loc, "agent")
-            self.report(where, f"unknown tier '{tier}'{suggest(tier, tiers)}; tiers are {', '.join(tiers)}")
+            self.report(
+                where, f"unknown tier '{tier}'{suggest(tier, tiers)}; tiers are {', '.join(tiers)}"
+            )
             return None
         if step.sensitive and not self._local_tier_from(tier):
-            self.report((*loc, "sensitive"), f"no tier marked local: true at or above '{tier}' can run this sensitive step")
+            self.report(
+                (*loc, "sensitive"),
+                f"no tier marked local: true at or above '{tier}' can run this sensitive step",
+            )
         prompt_source = step.prompt if step.prompt is not None else agent.prompt
         if prompt_source is None:
-            self.report(loc, f"no prompt: give the step a prompt or agent '{agent.name}' a default one")
+            self.report(
+                loc, f"no prompt: give the step a prompt or agent '{agent.name}' a default one"
+            )
             return None
         allowed = {"inputs", "steps", "run"} | ({"item"} if step.for_each else set())
-        prompt = self._template((*loc, "prompt") if step.prompt is not None else (*loc, "agent"), prompt_source, allowed, ancestors)
-        system = self._template((*loc, "agent"), agent.system, allowed, ancestors) if agent.system else None
+        prompt = self._template(
+            (*loc, "prompt") if step.prompt is not None else (*loc, "agent"),
+            prompt_source,
+            allowed,
+            ancestors,
+        )
+        system = (
+            self._template((*loc, "agent"), agent.system, allowed, ancestors)
+            if agent.system
+            else None
+        )
         when = self._expression((*loc, "when"), step.when, allowed - {"item"}, ancestors)
-        for_each = self._expression((*loc, "for_each"), step.for_each, allowed - {"item"}, ancestors)
+        for_each = self._expression(
+            (*loc, "for_each"), step.for_each, allowed - {"item"}, ancestors
+        )
         checks = tuple(
             check
             for position, source in enumerate(step.checks)
-            if (check := self._expression((*loc, "checks", position), source, allowed | {"output"}, ancestors))
+            if (
+                check := self._expression(
+                    (*loc, "checks", position), source, allowed | {"output"}, ancestors
+                )
+            )
         )
         if prompt is None:
             return None
@@ -315,8 +347,15 @@ class _Checker:
     def _agent(self, step: Step, loc: tuple[str | int, ...]) -> Agent | None:
         path = self.agents_dir / f"{step.agent}.yaml"
         if not path.exists():
-            known = sorted(p.stem for p in self.agents_dir.glob("*.yaml")) if self.agents_dir.is_dir() else []
-            self.report((*loc, "agent"), f"unknown agent '{step.agent}'{suggest(step.agent, known)} (looked in {self.agents_dir})")
+            known = (
+                sorted(p.stem for p in self.agents_dir.glob("*.yaml"))
+                if self.agents_dir.is_dir()
+                else []
+            )
+            self.report(
+                (*loc, "agent"),
+                f"unknown agent '{step.agent}'{suggest(step.agent, known)} (looked in {self.agents_dir})",
+            )
             return None
         try:
             return load_agent(path)
@@ -329,13 +368,17 @@ class _Checker:
         start = 0 if tier == AUTO_TIER else names.index(tier)
         return any(self.settings.config.tiers[name].local for name in names[start:])
 
-    def _template(self, loc: tuple[str | int, ...], source: str, allowed: set[str], ancestors: set[str]) -> Template | None:
+    def _template(
+        self, loc: tuple[str | int, ...], source: str, allowed: set[str], ancestors: set[str]
+    ) -> Template | None:
         template = _compile_template(self.doc, loc, source, problems=self.problems)
         if template is not None:
             self._check_references(loc, template.names, template.references, allowed, ancestors)
         return template
 
-    def _expression(self, loc: tuple[str | int, ...], source: str | None, allowed: set[str], ancestors: set[str]) -> Expression | None:
+    def _expression(
+        self, loc: tuple[str | int, ...], source: str | None, allowed: set[str], ancestors: set[str]
+    ) -> Expression | None:
         if source is None:
             return None
         try:
@@ -356,7 +399,10 @@ class _Checker:
     ) -> None:
         for name in sorted(names):
             if name not in allowed:
-                self.report(loc, f"unknown name '{name}'{suggest(name, allowed)}; templates see {', '.join(sorted(allowed))}")
+                self.report(
+                    loc,
+                    f"unknown name '{name}'{suggest(name, allowed)}; templates see {', '.join(sorted(allowed))}",
+                )
         for name, key, _line in references:
             if name == "inputs" and key not in self.spec.inputs:
                 self.report(loc, f"unknown input '{key}'{suggest(key, self.spec.inputs)}")

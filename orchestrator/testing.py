@@ -13,6 +13,7 @@ and delayed ACKs add about 40 ms to every call.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
@@ -125,10 +126,9 @@ class LoopbackServer:
                     "Content-Type: application/json\r\n"
                     f"Content-Length: {len(data)}\r\n\r\n"
                 ).encode()
-                try:
+                # The client may have given up already (a timeout test).
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(head + data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (a timeout test)
 
         return Handler
 
@@ -153,7 +153,14 @@ class OllamaServer(LoopbackServer):
         if path == "/api/tags":
             return 200, {
                 "models": [
-                    {"name": m, "model": m, "modified_at": "2026-11-01T00:00:00Z", "size": 1, "digest": "0" * 64, "details": {}}
+                    {
+                        "name": m,
+                        "model": m,
+                        "modified_at": "2026-11-01T00:00:00Z",
+                        "size": 1,
+                        "digest": "0" * 64,
+                        "details": {},
+                    }
                     for m in self.models
                 ]
             }
@@ -165,8 +172,16 @@ class OllamaServer(LoopbackServer):
         _sleep(reply)
         if reply.status != 200:
             return reply.status, {"error": reply.text}
-        prompt = reply.prompt_tokens if reply.prompt_tokens is not None else _prompt_words(body.get("messages", []))
-        completion = reply.completion_tokens if reply.completion_tokens is not None else len(reply.text.split())
+        prompt = (
+            reply.prompt_tokens
+            if reply.prompt_tokens is not None
+            else _prompt_words(body.get("messages", []))
+        )
+        completion = (
+            reply.completion_tokens
+            if reply.completion_tokens is not None
+            else len(reply.text.split())
+        )
         return 200, {
             "model": body["model"],
             "created_at": "2026-11-22T00:00:00Z",
@@ -188,18 +203,36 @@ class OpenAIServer(LoopbackServer):
         reply = self._next_reply(body)
         _sleep(reply)
         if reply.status != 200:
-            return reply.status, {"error": {"message": reply.text, "type": "server_error", "code": None}}
-        prompt = reply.prompt_tokens if reply.prompt_tokens is not None else _prompt_words(body.get("messages", []))
-        completion = reply.completion_tokens if reply.completion_tokens is not None else len(reply.text.split())
+            return reply.status, {
+                "error": {"message": reply.text, "type": "server_error", "code": None}
+            }
+        prompt = (
+            reply.prompt_tokens
+            if reply.prompt_tokens is not None
+            else _prompt_words(body.get("messages", []))
+        )
+        completion = (
+            reply.completion_tokens
+            if reply.completion_tokens is not None
+            else len(reply.text.split())
+        )
         return 200, {
             "id": f"chatcmpl-{len(self.requests)}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model", "unknown"),
             "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": reply.text}, "finish_reason": "stop"}
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.text},
+                    "finish_reason": "stop",
+                }
             ],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
         }
 
 

@@ -40,7 +40,13 @@ def missing_service(reason: str) -> None:
 @pytest.fixture(autouse=True)
 def _no_provider_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests never reach a real provider: keys from the developer's shell are hidden.
-    for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "TIERFLOW_CONFIG", "TIERFLOW_DATABASE_URL", "OLLAMA_HOST"):
+    for name in (
+        "OPENAI_API_KEY",
+        "ANTHROPIC_API_KEY",
+        "TIERFLOW_CONFIG",
+        "TIERFLOW_DATABASE_URL",
+        "OLLAMA_HOST",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -56,14 +62,24 @@ def frontier() -> Iterator[OpenAIServer]:
         yield server  # type: ignore[misc]
 
 
-def tiers_for(ollama: OllamaServer, frontier: OpenAIServer, *, timeout_s: float = 5) -> dict[str, Any]:
+def tiers_for(
+    ollama: OllamaServer, frontier: OpenAIServer, *, timeout_s: float = 5
+) -> dict[str, Any]:
     return {
         "light": {
             "local": True,
-            "models": [{"model": "ollama/llama3.2:1b", "api_base": ollama.url, "timeout_s": timeout_s}],
+            "models": [
+                {"model": "ollama/llama3.2:1b", "api_base": ollama.url, "timeout_s": timeout_s}
+            ],
         },
         "frontier": {
-            "models": [{"model": "openai/gpt-4o-mini", "api_base": f"{frontier.url}/v1", "timeout_s": timeout_s}],
+            "models": [
+                {
+                    "model": "openai/gpt-4o-mini",
+                    "api_base": f"{frontier.url}/v1",
+                    "timeout_s": timeout_s,
+                }
+            ],
         },
     }
 
@@ -96,7 +112,9 @@ class Project:
         data.setdefault("inputs", {"text": {"type": "string", "default": "hello"}})
         return self.write(f"workflows/{data['name']}.yaml", data)
 
-    def run(self, name: str, inputs: dict[str, Any] | None = None, *, on_step: Any = None) -> RunResult:
+    def run(
+        self, name: str, inputs: dict[str, Any] | None = None, *, on_step: Any = None
+    ) -> RunResult:
         settings = load_settings(self.config)
         loaded = load_workflow(find_workflow(name, settings), settings)
         store = self.store()

@@ -16,7 +16,9 @@ from orchestrator.testing import OllamaServer, OpenAIServer, Reply
 
 
 def tierflow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def typed_project(project: Project) -> None:
@@ -25,14 +27,27 @@ def typed_project(project: Project) -> None:
             "name": "pair",
             "inputs": {"text": {"type": "string"}, "count": {"type": "integer", "default": 1}},
             "steps": [
-                {"id": "draft", "agent": "helper", "tier": "light", "prompt": "{{ inputs.text }} x{{ inputs.count }}"},
-                {"id": "polish", "agent": "helper", "tier": "frontier", "needs": ["draft"], "prompt": "{{ steps.draft.output }}"},
+                {
+                    "id": "draft",
+                    "agent": "helper",
+                    "tier": "light",
+                    "prompt": "{{ inputs.text }} x{{ inputs.count }}",
+                },
+                {
+                    "id": "polish",
+                    "agent": "helper",
+                    "tier": "frontier",
+                    "needs": ["draft"],
+                    "prompt": "{{ steps.draft.output }}",
+                },
             ],
         }
     )
 
 
-def test_run_show_runs_and_spend(project: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+def test_run_show_runs_and_spend(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
     typed_project(project)
     ollama.reply(Reply(status=500, text="boom"), "drafted")
     frontier.reply(Reply(text="polished", prompt_tokens=1000, completion_tokens=100))
@@ -55,17 +70,31 @@ def test_run_show_runs_and_spend(project: Project, ollama: OllamaServer, frontie
     listed = json.loads(tierflow("runs", "--json", cwd=project.root).stdout)
     assert [r["id"] for r in listed] == [run_id]
 
-    spent = json.loads(tierflow("spend", "--by", "model", "--format", "json", cwd=project.root).stdout)
+    spent = json.loads(
+        tierflow("spend", "--by", "model", "--format", "json", cwd=project.root).stdout
+    )
     models = {g["model"]: g for g in spent["groups"]}
     assert models["openai/gpt-4o-mini"]["calls"] == 2
-    assert Decimal(spent["total"]["cost_usd"]) == sum(Decimal(g["cost_usd"]) for g in spent["groups"])
+    assert Decimal(spent["total"]["cost_usd"]) == sum(
+        Decimal(g["cost_usd"]) for g in spent["groups"]
+    )
     table = tierflow("spend", "--by", "tier", cwd=project.root)
     assert table.returncode == 0 and "frontier" in table.stdout and "total" in table.stdout
-    rows = list(csv.DictReader(io.StringIO(tierflow("spend", "--by", "day", "--since", "7d", "--format", "csv", cwd=project.root).stdout)))
+    rows = list(
+        csv.DictReader(
+            io.StringIO(
+                tierflow(
+                    "spend", "--by", "day", "--since", "7d", "--format", "csv", cwd=project.root
+                ).stdout
+            )
+        )
+    )
     assert len(rows) == 1 and Decimal(rows[0]["cost_usd"]) == Decimal(spent["total"]["cost_usd"])
 
 
-def test_failed_run_exits_1_and_keeps_its_ledger(project: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+def test_failed_run_exits_1_and_keeps_its_ledger(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
     typed_project(project)
     ollama.reply(Reply(status=500, text="down"))
     frontier.default = Reply(status=500, text="also down")
@@ -99,10 +128,15 @@ def test_bad_input_exits_2_with_one_message(project: Project, ollama: OllamaServ
 
 
 def test_broken_yaml_in_a_run_names_file_and_line(project: Project) -> None:
-    (project.root / "workflows" / "broken.yaml").write_text("name: broken\nsteps:\n  - id: a\n    agent: [helper\n")
+    (project.root / "workflows" / "broken.yaml").write_text(
+        "name: broken\nsteps:\n  - id: a\n    agent: [helper\n"
+    )
     proc = tierflow("run", "broken", cwd=project.root)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"{project.root / 'workflows' / 'broken.yaml'}:4: (file): invalid YAML: expected ',' or ']', but got '<stream end>'"
+    assert (
+        proc.stderr.strip()
+        == f"{project.root / 'workflows' / 'broken.yaml'}:4: (file): invalid YAML: expected ',' or ']', but got '<stream end>'"
+    )
     assert "Traceback" not in proc.stderr
 
 
@@ -112,7 +146,9 @@ def test_help_does_not_import_heavy_modules() -> None:
         "try:\n    app(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in ('litellm', 'langgraph', 'sqlalchemy', 'llama_cpp', 'ollama', 'openai') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip().splitlines()[-1] == "[]"
 
 
@@ -123,7 +159,9 @@ def test_schema_command_prints_json_schema(tmp_path: Path) -> None:
 
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
-    (tmp_path / "tierflow.yaml").write_text("database: sqlite:///fresh.db\ntiers: {light: {models: [llamacpp/smollm2-135m], local: true}}\n")
+    (tmp_path / "tierflow.yaml").write_text(
+        "database: sqlite:///fresh.db\ntiers: {light: {models: [llamacpp/smollm2-135m], local: true}}\n"
+    )
     proc = tierflow("db", "upgrade", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "at revision 0001" in proc.stdout

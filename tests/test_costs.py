@@ -21,26 +21,48 @@ def table_price(model: str) -> tuple[Decimal, Decimal]:
 
 
 @pytest.fixture
-def priced(tmp_path: Path, database_url: str, ollama: OllamaServer, frontier: OpenAIServer) -> Project:
+def priced(
+    tmp_path: Path, database_url: str, ollama: OllamaServer, frontier: OpenAIServer
+) -> Project:
     open_engine(database_url, migrate=True).dispose()
-    project = Project(tmp_path / "p", {"tiers": tiers_for(ollama, frontier), "database": database_url,
-                                       "prices": {"ollama/llama3.2:1b": {"input": "0.02", "output": "0.04"}}})
+    project = Project(
+        tmp_path / "p",
+        {
+            "tiers": tiers_for(ollama, frontier),
+            "database": database_url,
+            "prices": {"ollama/llama3.2:1b": {"input": "0.02", "output": "0.04"}},
+        },
+    )
     project.workflow(
         {
             "name": "mixed",
             "steps": [
                 {"id": "cheap", "agent": "helper", "tier": "light"},
                 {"id": "dear", "agent": "helper", "tier": "frontier", "needs": ["cheap"]},
-                {"id": "escalated", "agent": "helper", "tier": "light", "needs": ["cheap"], "output": {"type": "object"}},
+                {
+                    "id": "escalated",
+                    "agent": "helper",
+                    "tier": "light",
+                    "needs": ["cheap"],
+                    "output": {"type": "object"},
+                },
             ],
         }
     )
     return project
 
 
-def test_each_row_costs_what_litellms_table_says(priced: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
-    ollama.responder = lambda body: Reply(text="not an object" if body.get("format") else "fine", prompt_tokens=1234, completion_tokens=567)
-    frontier.responder = lambda body: Reply(text='{"ok": true}', prompt_tokens=98765, completion_tokens=4321)
+def test_each_row_costs_what_litellms_table_says(
+    priced: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    ollama.responder = lambda body: Reply(
+        text="not an object" if body.get("format") else "fine",
+        prompt_tokens=1234,
+        completion_tokens=567,
+    )
+    frontier.responder = lambda body: Reply(
+        text='{"ok": true}', prompt_tokens=98765, completion_tokens=4321
+    )
     for _ in range(3):
         assert priced.run("mixed").status == "succeeded"
     litellm = import_litellm()
@@ -55,12 +77,22 @@ def test_each_row_costs_what_litellms_table_says(priced: Project, ollama: Ollama
     for row in rows:
         if row["model"] == "openai/gpt-4o-mini":
             price_in, price_out = table_price(row["model"])
-            floats = litellm.cost_per_token(model="gpt-4o-mini", prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"])
+            floats = litellm.cost_per_token(
+                model="gpt-4o-mini",
+                prompt_tokens=row["prompt_tokens"],
+                completion_tokens=row["completion_tokens"],
+            )
             assert abs(float(row["cost_usd"]) - sum(floats)) < 1e-9
         else:  # the override: USD per 1M tokens
             price_in, price_out = Decimal("0.02") / 10**6, Decimal("0.04") / 10**6
-        assert row["cost_usd"] == price_in * row["prompt_tokens"] + price_out * row["completion_tokens"]
-        assert row["reference_cost_usd"] == ref_in * row["prompt_tokens"] + ref_out * row["completion_tokens"]
+        assert (
+            row["cost_usd"]
+            == price_in * row["prompt_tokens"] + price_out * row["completion_tokens"]
+        )
+        assert (
+            row["reference_cost_usd"]
+            == ref_in * row["prompt_tokens"] + ref_out * row["completion_tokens"]
+        )
 
     # Every grouping's total equals the sum of the ledger rows, to the pico-dollar.
     row_total = sum((r["cost_usd"] for r in rows), Decimal(0))
@@ -79,7 +111,9 @@ def test_each_row_costs_what_litellms_table_says(priced: Project, ollama: Ollama
     store.engine.dispose()
 
 
-def test_local_models_cost_nothing_unless_priced(tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+def test_local_models_cost_nothing_unless_priced(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
     project = Project(tmp_path, {"tiers": tiers_for(ollama, frontier)})
     project.workflow({"name": "free", "steps": [{"id": "a", "agent": "helper", "tier": "light"}]})
     ollama.reply(Reply(text="x", prompt_tokens=500, completion_tokens=500))
@@ -94,6 +128,8 @@ def test_prices_are_read_without_importing_litellm() -> None:
     import sys
 
     code = "import sys; from orchestrator.pricing import litellm_price; print(litellm_price('openai/gpt-4.1')); print('litellm' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out[-1] == "False"
     assert litellm_price("openai/gpt-4.1") is not None

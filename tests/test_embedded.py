@@ -30,7 +30,9 @@ def _needs_llama_cpp() -> None:
 def test_quickstart_runs_on_the_embedded_model(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator", "run", "quickstart", "--json"],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
         env={**_env(), "TIERFLOW_DATABASE_URL": f"sqlite:///{tmp_path / 'q.db'}"},
     )
     assert proc.returncode == 0, proc.stderr
@@ -40,7 +42,9 @@ def test_quickstart_runs_on_the_embedded_model(tmp_path: Path) -> None:
 
     shown = subprocess.run(
         [sys.executable, "-m", "orchestrator", "show", result["run_id"], "--json"],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
         env={**_env(), "TIERFLOW_DATABASE_URL": f"sqlite:///{tmp_path / 'q.db'}"},
     )
     calls = [c for c in json.loads(shown.stdout)["calls"] if c["outcome"] == "ok"]
@@ -52,13 +56,26 @@ def test_quickstart_runs_on_the_embedded_model(tmp_path: Path) -> None:
 def test_embedded_model_honours_a_json_schema(tmp_path: Path) -> None:
     from conftest import Project
 
-    project = Project(tmp_path, {"tiers": {"light": {"local": True, "models": ["llamacpp/smollm2-135m"]}}})
+    project = Project(
+        tmp_path, {"tiers": {"light": {"local": True, "models": ["llamacpp/smollm2-135m"]}}}
+    )
     project.workflow(
         {
             "name": "shape",
-            "steps": [{"id": "pick", "agent": "helper", "tier": "light", "max_tokens": 40,
-                       "prompt": "Is the sky blue? Answer as JSON with a boolean field 'yes'.",
-                       "output": {"type": "object", "properties": {"yes": {"type": "boolean"}}, "required": ["yes"]}}],
+            "steps": [
+                {
+                    "id": "pick",
+                    "agent": "helper",
+                    "tier": "light",
+                    "max_tokens": 40,
+                    "prompt": "Is the sky blue? Answer as JSON with a boolean field 'yes'.",
+                    "output": {
+                        "type": "object",
+                        "properties": {"yes": {"type": "boolean"}},
+                        "required": ["yes"],
+                    },
+                }
+            ],
         }
     )
     result = project.run("shape")
@@ -71,8 +88,20 @@ def test_embedded_model_times_out(tmp_path: Path) -> None:
 
     light = {"local": True, "models": [{"model": "llamacpp/smollm2-135m", "timeout_s": 0.05}]}
     project = Project(tmp_path, {"tiers": {"light": light}, "escalation": {"max_attempts": 1}})
-    project.workflow({"name": "slow", "steps": [{"id": "long", "agent": "helper", "tier": "light", "max_tokens": 2000,
-                                                 "prompt": "Write a very long story about the sea."}]})
+    project.workflow(
+        {
+            "name": "slow",
+            "steps": [
+                {
+                    "id": "long",
+                    "agent": "helper",
+                    "tier": "light",
+                    "max_tokens": 2000,
+                    "prompt": "Write a very long story about the sea.",
+                }
+            ],
+        }
+    )
     result = project.run("slow")
     assert result.status == "failed"
     [call] = project.calls(result.run_id)

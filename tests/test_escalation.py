@@ -18,14 +18,18 @@ GOOD = json.dumps({"category": "bug", "urgency": 4})
 
 
 def one_step(project: Project, **step: object) -> None:
-    project.workflow({"name": "one", "steps": [{"id": "only", "agent": "helper", "tier": "light", **step}]})
+    project.workflow(
+        {"name": "one", "steps": [{"id": "only", "agent": "helper", "tier": "light", **step}]}
+    )
 
 
 def outcomes(project: Project, run_id: str) -> list[tuple[str, str, str]]:
     return [(c["tier_used"], c["model"], c["outcome"]) for c in project.calls(run_id)]
 
 
-def test_cheap_answer_is_kept(project: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+def test_cheap_answer_is_kept(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
     one_step(project, output=CATEGORY)
     ollama.reply(GOOD)
     result = project.run("one")
@@ -35,7 +39,9 @@ def test_cheap_answer_is_kept(project: Project, ollama: OllamaServer, frontier: 
     assert frontier.chat_requests() == []
 
 
-def test_error_escalates_to_next_tier(project: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+def test_error_escalates_to_next_tier(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
     one_step(project)
     ollama.reply(Reply(status=500, text="out of memory"))
     frontier.reply("from the frontier")
@@ -43,7 +49,10 @@ def test_error_escalates_to_next_tier(project: Project, ollama: OllamaServer, fr
     assert result.status == "succeeded"
     assert result.outputs["only"] == "from the frontier"
     calls = project.calls(result.run_id)
-    assert [(c["tier_used"], c["outcome"]) for c in calls] == [("light", "error"), ("frontier", "ok")]
+    assert [(c["tier_used"], c["outcome"]) for c in calls] == [
+        ("light", "error"),
+        ("frontier", "ok"),
+    ]
     assert "out of memory" in calls[0]["error"]
     assert calls[1]["tier_asked"] == "light"
     assert "error" in calls[1]["escalation_reason"]
@@ -63,7 +72,9 @@ def test_timeout_escalates(tmp_path, ollama: OllamaServer, frontier: OpenAIServe
     assert calls[0]["latency_ms"] < 1400  # it gave up at the timeout, not when the server answered
 
 
-def test_invalid_output_escalates(project: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+def test_invalid_output_escalates(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
     one_step(project, output=CATEGORY)
     ollama.reply('{"category": "weather", "urgency": 2}')
     frontier.reply(f"```json\n{GOOD}\n```")
@@ -77,7 +88,9 @@ def test_invalid_output_escalates(project: Project, ollama: OllamaServer, fronti
     assert calls[0]["completion_tokens"] > 0
 
 
-def test_schema_is_asked_for_natively(project: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+def test_schema_is_asked_for_natively(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
     one_step(project, output=CATEGORY, max_tokens=77)
     ollama.reply("not json")
     frontier.reply(GOOD)
@@ -90,7 +103,9 @@ def test_schema_is_asked_for_natively(project: Project, ollama: OllamaServer, fr
     assert escalated["max_tokens"] == 77
 
 
-def test_checks_can_reject_an_answer(project: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+def test_checks_can_reject_an_answer(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
     one_step(project, output=CATEGORY, checks=["output.urgency <= 5"])
     ollama.reply('{"category": "bug", "urgency": 9}')
     frontier.reply(GOOD)
@@ -100,7 +115,9 @@ def test_checks_can_reject_an_answer(project: Project, ollama: OllamaServer, fro
     assert "output.urgency <= 5" in calls[0]["error"]
 
 
-def test_models_within_a_tier_are_tried_in_order(tmp_path, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+def test_models_within_a_tier_are_tried_in_order(
+    tmp_path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
     tiers = tiers_for(ollama, frontier)
     ollama.models.append("qwen2.5:0.5b")
     tiers["light"]["models"].append({"model": "ollama/qwen2.5:0.5b", "api_base": ollama.url})
@@ -121,7 +138,10 @@ def test_unreachable_tier_is_skipped_and_recorded(tmp_path, frontier: OpenAIServ
         probe.bind(("127.0.0.1", 0))
         closed = probe.getsockname()[1]
     tiers = {
-        "light": {"local": True, "models": [{"model": "ollama/llama3.2:1b", "api_base": f"http://127.0.0.1:{closed}"}]},
+        "light": {
+            "local": True,
+            "models": [{"model": "ollama/llama3.2:1b", "api_base": f"http://127.0.0.1:{closed}"}],
+        },
         "frontier": {"models": [{"model": "openai/gpt-4o-mini", "api_base": f"{frontier.url}/v1"}]},
     }
     project = Project(tmp_path, {"tiers": tiers, "escalation": {"max_attempts": 1}})
@@ -135,7 +155,9 @@ def test_unreachable_tier_is_skipped_and_recorded(tmp_path, frontier: OpenAIServ
     assert "unreachable" in calls[0]["error"]
 
 
-def test_model_not_pulled_is_unavailable(tmp_path, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+def test_model_not_pulled_is_unavailable(
+    tmp_path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
     ollama.models[:] = ["something-else:latest"]
     project = Project(tmp_path, {"tiers": tiers_for(ollama, frontier)})
     one_step(project)
@@ -147,7 +169,9 @@ def test_model_not_pulled_is_unavailable(tmp_path, ollama: OllamaServer, frontie
     assert ollama.chat_requests() == []
 
 
-def test_missing_credentials_skip_the_tier(tmp_path, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+def test_missing_credentials_skip_the_tier(
+    tmp_path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
     tiers = tiers_for(ollama, frontier)
     tiers["frontier"]["models"][0]["api_key_env"] = "TIERFLOW_TEST_UNSET_KEY"
     project = Project(tmp_path, {"tiers": tiers})
@@ -177,8 +201,12 @@ def test_api_key_from_env_is_sent_and_never_stored(tmp_path, monkeypatch, ollama
     assert canary.encode() not in database + (wal.read_bytes() if wal.exists() else b"")
 
 
-def test_max_attempts_caps_the_ladder(tmp_path, ollama: OllamaServer, frontier: OpenAIServer) -> None:
-    project = Project(tmp_path, {"tiers": tiers_for(ollama, frontier), "escalation": {"max_attempts": 1}})
+def test_max_attempts_caps_the_ladder(
+    tmp_path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    project = Project(
+        tmp_path, {"tiers": tiers_for(ollama, frontier), "escalation": {"max_attempts": 1}}
+    )
     one_step(project)
     ollama.reply(Reply(status=500, text="broken"))
     result = project.run("one")
@@ -188,7 +216,9 @@ def test_max_attempts_caps_the_ladder(tmp_path, ollama: OllamaServer, frontier: 
 
 
 def test_outcome_outside_escalation_on_fails_at_once(tmp_path, ollama, frontier) -> None:
-    project = Project(tmp_path, {"tiers": tiers_for(ollama, frontier), "escalation": {"on": ["error", "timeout"]}})
+    project = Project(
+        tmp_path, {"tiers": tiers_for(ollama, frontier), "escalation": {"on": ["error", "timeout"]}}
+    )
     one_step(project, output=CATEGORY)
     ollama.reply("no json here")
     result = project.run("one")
@@ -196,13 +226,26 @@ def test_outcome_outside_escalation_on_fails_at_once(tmp_path, ollama, frontier)
     assert frontier.chat_requests() == []
 
 
-def test_sensitive_step_never_leaves_local_tiers(project: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+def test_sensitive_step_never_leaves_local_tiers(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
     project.workflow(
         {
             "name": "private",
             "steps": [
-                {"id": "redact", "agent": "helper", "tier": "light", "sensitive": True, "output": CATEGORY},
-                {"id": "public", "agent": "helper", "tier": "frontier", "prompt": "Summarise the weather."},
+                {
+                    "id": "redact",
+                    "agent": "helper",
+                    "tier": "light",
+                    "sensitive": True,
+                    "output": CATEGORY,
+                },
+                {
+                    "id": "public",
+                    "agent": "helper",
+                    "tier": "frontier",
+                    "prompt": "Summarise the weather.",
+                },
             ],
         }
     )
@@ -215,4 +258,6 @@ def test_sensitive_step_never_leaves_local_tiers(project: Project, ollama: Ollam
     assert {c["tier_used"] for c in calls if c["step_id"] == "redact"} == {"light"}
     # The frontier server saw the public step and nothing of the sensitive one.
     assert all("4111" not in json.dumps(r) for r in frontier.requests)
-    assert [r["messages"][-1]["content"] for r in frontier.chat_requests()] == ["Summarise the weather."]
+    assert [r["messages"][-1]["content"] for r in frontier.chat_requests()] == [
+        "Summarise the weather."
+    ]

@@ -20,8 +20,16 @@ def shipped(tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer) -> Pro
     tiers = {
         "light": {"local": True, "models": [{"model": "ollama/llama3.2:1b", **local}]},
         "standard": {"local": True, "models": [{"model": "ollama/qwen2.5:7b", **local}]},
-        "reasoning": {"models": [{"model": "anthropic/claude-sonnet-4-5", "api_base": f"{frontier.url}/v1", "api_key_env": "TEST_FRONTIER_KEY"},
-                                 {"model": "openai/gpt-4.1", "api_base": f"{frontier.url}/v1"}]},
+        "reasoning": {
+            "models": [
+                {
+                    "model": "anthropic/claude-sonnet-4-5",
+                    "api_base": f"{frontier.url}/v1",
+                    "api_key_env": "TEST_FRONTIER_KEY",
+                },
+                {"model": "openai/gpt-4.1", "api_base": f"{frontier.url}/v1"},
+            ]
+        },
     }
     project = Project(tmp_path / "shipped", {"tiers": tiers})
     shutil.rmtree(project.root / "agents")
@@ -41,7 +49,9 @@ def by_prompt(routes: dict[str, str]) -> object:
     return answer
 
 
-def test_support_triage_runs_every_kind_of_step(shipped: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+def test_support_triage_runs_every_kind_of_step(
+    shipped: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
     ticket = "I was charged twice! Card 4111 1111 1111 1111, call me at 555-0100. — Ana"
     ollama.responder = by_prompt(
         {
@@ -65,10 +75,14 @@ def test_support_triage_runs_every_kind_of_step(shipped: Project, ollama: Ollama
         ("openai/gpt-4.1", "ok"),
     ]
     [frontier_request] = frontier.chat_requests()
-    assert "4111" not in json.dumps(frontier_request) and "[REDACTED]" in json.dumps(frontier_request)
+    assert "4111" not in json.dumps(frontier_request) and "[REDACTED]" in json.dumps(
+        frontier_request
+    )
 
 
-def test_support_triage_sensitive_step_fails_closed(shipped: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+def test_support_triage_sensitive_step_fails_closed(
+    shipped: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
     ticket = "Secret account 998877 is locked"
     ollama.responder = lambda body: (
         Reply(status=500, text="local model crashed")
@@ -81,14 +95,18 @@ def test_support_triage_sensitive_step_fails_closed(shipped: Project, ollama: Ol
     assert frontier.requests == []  # zero requests reached a non-local tier
 
 
-def test_report_reasoning_step_runs_on_the_frontier(shipped: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+def test_report_reasoning_step_runs_on_the_frontier(
+    shipped: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
     ollama.responder = by_prompt(
         {
             "List every number": json.dumps({"figures": [{"what": "churn", "value": "4%"}]}),
             "Summarise": "Churn is 4%; act on onboarding.",
         }
     )
-    frontier.reply(Reply(text="Churn doubled; fix onboarding.", prompt_tokens=1000, completion_tokens=200))
+    frontier.reply(
+        Reply(text="Churn doubled; fix onboarding.", prompt_tokens=1000, completion_tokens=200)
+    )
     result = shipped.run("report", {"notes": "churn rose to 4% from 2%"})
     assert result.status == "succeeded", result.error
     assert "churn = 4%" in frontier.chat_requests()[0]["messages"][-1]["content"]

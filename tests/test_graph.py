@@ -19,8 +19,19 @@ def test_needs_order_steps_and_pass_outputs(project: Project, ollama: OllamaServ
         {
             "name": "chain",
             "steps": [
-                {"id": "second", "agent": "helper", "tier": "light", "needs": ["first"], "prompt": "after {{ steps.first.output }}"},
-                {"id": "first", "agent": "helper", "tier": "light", "prompt": "start {{ inputs.text }}"},
+                {
+                    "id": "second",
+                    "agent": "helper",
+                    "tier": "light",
+                    "needs": ["first"],
+                    "prompt": "after {{ steps.first.output }}",
+                },
+                {
+                    "id": "first",
+                    "agent": "helper",
+                    "tier": "light",
+                    "prompt": "start {{ inputs.text }}",
+                },
             ],
         }
     )
@@ -54,8 +65,13 @@ def test_independent_steps_run_in_parallel(project: Project, ollama: OllamaServe
                 {"id": "a", "agent": "helper", "tier": "light", "prompt": "a"},
                 {"id": "b", "agent": "helper", "tier": "light", "prompt": "b"},
                 {"id": "c", "agent": "helper", "tier": "light", "prompt": "c"},
-                {"id": "join", "agent": "helper", "tier": "light", "needs": ["a", "b", "c"],
-                 "prompt": "{{ steps.a.output }}{{ steps.b.output }}{{ steps.c.output }}"},
+                {
+                    "id": "join",
+                    "agent": "helper",
+                    "tier": "light",
+                    "needs": ["a", "b", "c"],
+                    "prompt": "{{ steps.a.output }}{{ steps.b.output }}{{ steps.c.output }}",
+                },
             ],
         }
     )
@@ -72,9 +88,20 @@ def test_when_false_skips_and_dependents_see_null(project: Project, ollama: Olla
             "name": "cond",
             "inputs": {"urgency": {"type": "integer"}},
             "steps": [
-                {"id": "analyze", "agent": "helper", "tier": "light", "prompt": "deep", "when": "inputs.urgency >= 4"},
-                {"id": "reply", "agent": "helper", "tier": "light", "needs": ["analyze"],
-                 "prompt": "analysis={{ steps.analyze.output is none }}"},
+                {
+                    "id": "analyze",
+                    "agent": "helper",
+                    "tier": "light",
+                    "prompt": "deep",
+                    "when": "inputs.urgency >= 4",
+                },
+                {
+                    "id": "reply",
+                    "agent": "helper",
+                    "tier": "light",
+                    "needs": ["analyze"],
+                    "prompt": "analysis={{ steps.analyze.output is none }}",
+                },
             ],
         }
     )
@@ -95,14 +122,26 @@ def test_for_each_fans_out_and_gathers_in_order(project: Project, ollama: Ollama
         {
             "name": "each",
             "inputs": {"words": {"type": "array", "items": {"type": "string"}}},
-            "steps": [{"id": "flip", "agent": "helper", "tier": "light", "for_each": "inputs.words", "prompt": "{{ item }}"}],
+            "steps": [
+                {
+                    "id": "flip",
+                    "agent": "helper",
+                    "tier": "light",
+                    "for_each": "inputs.words",
+                    "prompt": "{{ item }}",
+                }
+            ],
         }
     )
     result = project.run("each", {"words": ["abc", "xyz", "hello"]})
     assert result.outputs["flip"] == ["cba", "zyx", "olleh"]
     calls = project.calls(result.run_id)
     assert sorted(c["item_index"] for c in calls) == [0, 1, 2]
-    assert sorted(c["attempt"] for c in calls) == [1, 2, 3]  # unique per step, as the ledger key needs
+    assert sorted(c["attempt"] for c in calls) == [
+        1,
+        2,
+        3,
+    ]  # unique per step, as the ledger key needs
 
 
 def test_for_each_over_an_empty_list(project: Project, ollama: OllamaServer) -> None:
@@ -110,7 +149,15 @@ def test_for_each_over_an_empty_list(project: Project, ollama: OllamaServer) -> 
         {
             "name": "none",
             "inputs": {"words": {"type": "array", "default": []}},
-            "steps": [{"id": "flip", "agent": "helper", "tier": "light", "for_each": "inputs.words", "prompt": "{{ item }}"}],
+            "steps": [
+                {
+                    "id": "flip",
+                    "agent": "helper",
+                    "tier": "light",
+                    "for_each": "inputs.words",
+                    "prompt": "{{ item }}",
+                }
+            ],
         }
     )
     result = project.run("none")
@@ -121,19 +168,39 @@ def test_for_each_over_an_empty_list(project: Project, ollama: OllamaServer) -> 
 
 def test_input_is_data_not_a_template(project: Project, ollama: OllamaServer) -> None:
     attack = "{{ ''.__class__.__mro__ }}{% for x in range(3) %}x{% endfor %}"
-    project.workflow({"name": "echo", "steps": [{"id": "say", "agent": "helper", "tier": "light", "prompt": "Ticket: {{ inputs.text }}"}]})
+    project.workflow(
+        {
+            "name": "echo",
+            "steps": [
+                {
+                    "id": "say",
+                    "agent": "helper",
+                    "tier": "light",
+                    "prompt": "Ticket: {{ inputs.text }}",
+                }
+            ],
+        }
+    )
     result = project.run("echo", {"text": attack})
     assert result.status == "succeeded"
     assert last_prompt(ollama.chat_requests()[0]) == f"Ticket: {attack}"
 
 
-def test_model_output_is_data_not_a_template(project: Project, ollama: OllamaServer, frontier: OpenAIServer) -> None:
+def test_model_output_is_data_not_a_template(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
     project.workflow(
         {
             "name": "relay",
             "steps": [
                 {"id": "first", "agent": "helper", "tier": "light", "prompt": "go"},
-                {"id": "second", "agent": "helper", "tier": "frontier", "needs": ["first"], "prompt": "Got: {{ steps.first.output }}"},
+                {
+                    "id": "second",
+                    "agent": "helper",
+                    "tier": "frontier",
+                    "needs": ["first"],
+                    "prompt": "Got: {{ steps.first.output }}",
+                },
             ],
         }
     )
@@ -141,12 +208,26 @@ def test_model_output_is_data_not_a_template(project: Project, ollama: OllamaSer
     frontier.reply("done")
     result = project.run("relay")
     assert result.status == "succeeded"
-    assert last_prompt(frontier.chat_requests()[0]) == "Got: {{7*7}} {{ cycler.__init__.__globals__ }}"
+    assert (
+        last_prompt(frontier.chat_requests()[0]) == "Got: {{7*7}} {{ cycler.__init__.__globals__ }}"
+    )
 
 
-def test_sandbox_blocks_unsafe_attributes_in_a_workflow_template(project: Project, ollama: OllamaServer) -> None:
+def test_sandbox_blocks_unsafe_attributes_in_a_workflow_template(
+    project: Project, ollama: OllamaServer
+) -> None:
     project.workflow(
-        {"name": "evil", "steps": [{"id": "x", "agent": "helper", "tier": "light", "prompt": "{{ inputs.text.__class__.__mro__ }}"}]}
+        {
+            "name": "evil",
+            "steps": [
+                {
+                    "id": "x",
+                    "agent": "helper",
+                    "tier": "light",
+                    "prompt": "{{ inputs.text.__class__.__mro__ }}",
+                }
+            ],
+        }
     )
     result = project.run("evil")
     assert result.status == "failed"
@@ -154,7 +235,9 @@ def test_sandbox_blocks_unsafe_attributes_in_a_workflow_template(project: Projec
     assert ollama.chat_requests() == []
 
 
-def test_failed_step_stops_its_dependents_and_keeps_the_ledger(project: Project, ollama, frontier) -> None:
+def test_failed_step_stops_its_dependents_and_keeps_the_ledger(
+    project: Project, ollama, frontier
+) -> None:
     project.workflow(
         {
             "name": "halt",
@@ -185,7 +268,15 @@ def test_max_steps_caps_fan_out(tmp_path, ollama: OllamaServer, frontier: OpenAI
         {
             "name": "big",
             "inputs": {"words": {"type": "array"}},
-            "steps": [{"id": "each", "agent": "helper", "tier": "light", "for_each": "inputs.words", "prompt": "{{ item }}"}],
+            "steps": [
+                {
+                    "id": "each",
+                    "agent": "helper",
+                    "tier": "light",
+                    "for_each": "inputs.words",
+                    "prompt": "{{ item }}",
+                }
+            ],
         }
     )
     result = project.run("big", {"words": list("abcdef")})

@@ -48,5 +48,7 @@ def test_importing_the_package_is_light() -> None:
     import subprocess
 
     code = "import sys, orchestrator; print(sorted(m for m in ('litellm', 'langgraph', 'sqlalchemy', 'jinja2') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"

@@ -36,8 +36,18 @@ def test_bad_file_names_file_line_and_field(path: Path) -> None:
 
 def test_validate_command_exits_2_with_one_line_per_problem_and_no_traceback() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "validate", str(BAD / "files"), "--config", str(BAD / "tierflow.yaml")],
-        capture_output=True, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "validate",
+            str(BAD / "files"),
+            "--config",
+            str(BAD / "tierflow.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -61,7 +71,9 @@ def test_yaml_tags_that_build_objects_are_refused(tmp_path: Path) -> None:
 
 def test_escalation_on_key_is_not_read_as_a_boolean(tmp_path: Path) -> None:
     config = tmp_path / "tierflow.yaml"
-    config.write_text("tiers: {light: {models: [llamacpp/smollm2-135m], local: true}}\nescalation: {on: [error], max_attempts: 2}\n")
+    config.write_text(
+        "tiers: {light: {models: [llamacpp/smollm2-135m], local: true}}\nescalation: {on: [error], max_attempts: 2}\n"
+    )
     settings = load_settings(config)
     assert settings.config.escalation.on == ["error"]
 
@@ -90,13 +102,23 @@ def test_compile_time_rejection_happens_before_any_model_call(
     assert ollama.requests == [] and frontier.requests == []
 
 
-def test_inputs_are_checked_before_a_run_is_recorded(project: Project, ollama: OllamaServer) -> None:
-    project.workflow({"name": "typed", "inputs": {"count": {"type": "integer"}}, "steps": [{"id": "a", "agent": "helper", "prompt": "{{ inputs.count }}"}]})
+def test_inputs_are_checked_before_a_run_is_recorded(
+    project: Project, ollama: OllamaServer
+) -> None:
+    project.workflow(
+        {
+            "name": "typed",
+            "inputs": {"count": {"type": "integer"}},
+            "steps": [{"id": "a", "agent": "helper", "prompt": "{{ inputs.count }}"}],
+        }
+    )
     with pytest.raises(UserError, match="input 'count': required"):
         project.run("typed")
     with pytest.raises(UserError, match="'three' is not of type 'integer'"):
         project.run("typed", {"count": "three"})
-    with pytest.raises(UserError, match="input 'cuont': not declared \\(did you mean 'count'\\?\\)"):
+    with pytest.raises(
+        UserError, match="input 'cuont': not declared \\(did you mean 'count'\\?\\)"
+    ):
         project.run("typed", {"count": 1, "cuont": 2})
     store = project.store()
     assert store.runs() == []
@@ -108,7 +130,9 @@ def test_too_many_steps_for_max_steps(tmp_path: Path) -> None:
     project_dir = tmp_path / "p"
     (project_dir / "agents").mkdir(parents=True)
     (project_dir / "agents" / "a.yaml").write_text("name: a\nprompt: hi\n")
-    (project_dir / "tierflow.yaml").write_text("max_steps: 2\ntiers: {light: {models: [llamacpp/smollm2-135m], local: true}}\n")
+    (project_dir / "tierflow.yaml").write_text(
+        "max_steps: 2\ntiers: {light: {models: [llamacpp/smollm2-135m], local: true}}\n"
+    )
     steps = "".join(f"  - {{id: s{i}, agent: a}}\n" for i in range(3))
     (project_dir / "w.yaml").write_text(f"name: w\nsteps:\n{steps}")
     with pytest.raises(SpecError, match="3 steps is over max_steps \\(2\\)"):

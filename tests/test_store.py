@@ -18,10 +18,20 @@ from orchestrator.store.tables import model_calls, step_runs
 
 def make_call(attempt: int, cost: str = "0.000000123456", **fields: object) -> Call:
     values: dict = {
-        "attempt": attempt, "item_index": None, "tier_asked": "light", "tier_used": "light",
-        "model": "openai/gpt-4o-mini", "prompt_tokens": 10, "completion_tokens": 5,
-        "cost_usd": Decimal(cost), "reference_cost_usd": Decimal("0.00006"), "latency_ms": 1.5,
-        "outcome": "ok", "error": None, "escalation_reason": None, "created_at": datetime.now(UTC),
+        "attempt": attempt,
+        "item_index": None,
+        "tier_asked": "light",
+        "tier_used": "light",
+        "model": "openai/gpt-4o-mini",
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "cost_usd": Decimal(cost),
+        "reference_cost_usd": Decimal("0.00006"),
+        "latency_ms": 1.5,
+        "outcome": "ok",
+        "error": None,
+        "escalation_reason": None,
+        "created_at": datetime.now(UTC),
     }
     values.update(fields)
     return Call(**values)
@@ -29,8 +39,17 @@ def make_call(attempt: int, cost: str = "0.000000123456", **fields: object) -> C
 
 def make_step(step_id: str, calls: list[Call]) -> StepRecord:
     now = datetime.now(UTC)
-    return StepRecord(step_id=step_id, agent="helper", status="succeeded", output={"x": 1}, error=None,
-                      tier_asked="light", started_at=now, finished_at=now, calls=calls)
+    return StepRecord(
+        step_id=step_id,
+        agent="helper",
+        status="succeeded",
+        output={"x": 1},
+        error=None,
+        tier_asked="light",
+        started_at=now,
+        finished_at=now,
+        calls=calls,
+    )
 
 
 @pytest.fixture
@@ -41,7 +60,9 @@ def store(database_url: str) -> Store:
 
 
 def new_run(store: Store, run_id: str = "r1") -> None:
-    store.create_run(run_id=run_id, workflow="wf", version="1", content_hash="h" * 64, inputs={"text": "hi"})
+    store.create_run(
+        run_id=run_id, workflow="wf", version="1", content_hash="h" * 64, inputs={"text": "hi"}
+    )
 
 
 def test_migrations_reach_head_with_no_drift(store: Store) -> None:
@@ -66,8 +87,12 @@ def test_unmigrated_database_is_refused_with_a_hint(database_url: str) -> None:
 
 def test_step_and_its_calls_are_one_transaction(store: Store) -> None:
     new_run(store)
-    store.record_step(run_id="r1", workflow="wf", content_hash="h", record=make_step("a", [make_call(1)]))
-    duplicate = make_step("b", [make_call(1), make_call(1)])  # the ledger key (run, step, attempt) repeats
+    store.record_step(
+        run_id="r1", workflow="wf", content_hash="h", record=make_step("a", [make_call(1)])
+    )
+    duplicate = make_step(
+        "b", [make_call(1), make_call(1)]
+    )  # the ledger key (run, step, attempt) repeats
     with pytest.raises(IntegrityError):
         store.record_step(run_id="r1", workflow="wf", content_hash="h", record=duplicate)
     with store.engine.connect() as connection:
@@ -94,6 +119,10 @@ def test_run_inputs_outputs_and_status_round_trip(store: Store) -> None:
     store.finish_run("abcdef123456", status="succeeded", outputs={"a": [1, "two", None]})
     found = store.run("abcdef")  # a unique prefix is enough
     assert found is not None
-    assert (found["status"], found["inputs"], found["outputs"]) == ("succeeded", {"text": "hi"}, {"a": [1, "two", None]})
+    assert (found["status"], found["inputs"], found["outputs"]) == (
+        "succeeded",
+        {"text": "hi"},
+        {"a": [1, "two", None]},
+    )
     assert [r["id"] for r in store.runs(status="succeeded")] == ["abcdef123456"]
     assert store.runs(workflow="other") == []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-
 from orchestrator.errors import ModelCallError, ModelUnavailable
 from orchestrator.models.base import ModelClient, ModelReply, ModelRequest
 
@@ -55,7 +54,9 @@ class OllamaClient(ModelClient):
                 raise ModelCallError(f"Ollama {exc.status_code}: {exc.error}") from None
             self._pulled = {_tagged(entry.model or "") for entry in listing.models}
         if _tagged(model) not in self._pulled:
-            raise ModelUnavailable(f"{model} is not pulled on {self._host} (run: ollama pull {model})")
+            raise ModelUnavailable(
+                f"{model} is not pulled on {self._host} (run: ollama pull {model})"
+            )
 
 
 def _tagged(name: str) -> str:

@@ -14,7 +14,11 @@ class Clients:
 
     def for_entry(self, entry: ModelEntry) -> ModelClient:
         provider = entry.provider
-        key = (provider if provider in ("ollama", "llamacpp") else entry.model, entry.api_base, entry.api_key_env)
+        key = (
+            provider if provider in ("ollama", "llamacpp") else entry.model,
+            entry.api_base,
+            entry.api_key_env,
+        )
         client = self._clients.get(key)
         if client is None:
             client = self._clients[key] = _build(entry)

@@ -19,7 +19,9 @@ def migrations_dir() -> Path:
 
 def head_revision() -> str:
     """The newest revision, read from file names (``NNNN_slug.py``) without importing alembic."""
-    names = sorted(p.name for p in (migrations_dir() / "versions").glob("[0-9][0-9][0-9][0-9]_*.py"))
+    names = sorted(
+        p.name for p in (migrations_dir() / "versions").glob("[0-9][0-9][0-9][0-9]_*.py")
+    )
     return names[-1].split("_", 1)[0]
 
 

@@ -43,7 +43,9 @@ class Store:
                 )
             )
 
-    def record_step(self, *, run_id: str, workflow: str, content_hash: str, record: StepRecord) -> None:
+    def record_step(
+        self, *, run_id: str, workflow: str, content_hash: str, record: StepRecord
+    ) -> None:
         """The step's result and all its ledger rows, in one transaction."""
         answer = record.answer
         with self.engine.begin() as connection:
@@ -75,7 +77,9 @@ class Store:
                 ]
                 connection.execute(insert(model_calls), rows)
 
-    def finish_run(self, run_id: str, *, status: str, outputs: Any = None, error: str | None = None) -> None:
+    def finish_run(
+        self, run_id: str, *, status: str, outputs: Any = None, error: str | None = None
+    ) -> None:
         with self.engine.begin() as connection:
             connection.execute(
                 update(runs)
@@ -88,21 +92,39 @@ class Store:
         with self.engine.connect() as connection:
             row = connection.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
             if row is None and len(run_id) >= 4:
-                matches = connection.execute(
-                    select(runs).where(runs.c.id.startswith(run_id, autoescape=True)).limit(2)
-                ).mappings().all()
+                matches = (
+                    connection.execute(
+                        select(runs).where(runs.c.id.startswith(run_id, autoescape=True)).limit(2)
+                    )
+                    .mappings()
+                    .all()
+                )
                 row = matches[0] if len(matches) == 1 else None
             if row is None:
                 return None
-            steps = connection.execute(
-                select(step_runs).where(step_runs.c.run_id == row["id"]).order_by(step_runs.c.started_at, step_runs.c.id)
-            ).mappings().all()
-            calls = connection.execute(
-                select(model_calls).where(model_calls.c.run_id == row["id"]).order_by(model_calls.c.id)
-            ).mappings().all()
+            steps = (
+                connection.execute(
+                    select(step_runs)
+                    .where(step_runs.c.run_id == row["id"])
+                    .order_by(step_runs.c.started_at, step_runs.c.id)
+                )
+                .mappings()
+                .all()
+            )
+            calls = (
+                connection.execute(
+                    select(model_calls)
+                    .where(model_calls.c.run_id == row["id"])
+                    .order_by(model_calls.c.id)
+                )
+                .mappings()
+                .all()
+            )
         return {**row, "steps": [dict(s) for s in steps], "calls": [dict(c) for c in calls]}
 
-    def runs(self, *, workflow: str | None = None, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    def runs(
+        self, *, workflow: str | None = None, status: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
         query = select(runs).order_by(runs.c.created_at.desc()).limit(limit)
         if workflow:
             query = query.where(runs.c.workflow == workflow)
