@@ -26,14 +26,19 @@ class RunState(TypedDict):
     _outputs: Annotated[dict[str, Any], _merge]
 
 
-def compile_graph(workflow: LoadedWorkflow, run_step: RunStep) -> Any:
-    """A compiled graph whose state maps step id → output. ``run_step`` runs one step."""
+def compile_graph(workflow: LoadedWorkflow) -> Any:
+    """A compiled graph whose state maps step id → output.
+
+    The graph holds no run: each node calls the ``run_step`` found in the
+    invocation's ``config["configurable"]``, so one compiled graph serves
+    every run of the workflow.
+    """
     from langgraph.graph import END, START, StateGraph
 
     builder = StateGraph(RunState)
     needed: set[str] = set()
     for plan in workflow.steps:
-        builder.add_node(plan.id, _node(plan, run_step))
+        builder.add_node(plan.id, _node(plan))
         needs = list(dict.fromkeys(plan.step.needs))
         needed.update(needs)
         if not needs:
@@ -46,10 +51,16 @@ def compile_graph(workflow: LoadedWorkflow, run_step: RunStep) -> Any:
     return builder.compile()
 
 
-def _node(plan: StepPlan, run_step: RunStep) -> Callable[[RunState], Awaitable[dict[str, Any]]]:
-    async def node(state: RunState) -> dict[str, Any]:
+def _node(plan: StepPlan) -> Callable[[RunState, Any], Awaitable[dict[str, Any]]]:
+    from langchain_core.runnables import RunnableConfig
+
+    async def node(state: RunState, config: Any) -> dict[str, Any]:
+        run_step: RunStep = config["configurable"]["run_step"]
         output = await run_step(plan, state[OUTPUTS])
         return {OUTPUTS: {plan.id: output}}
 
+    # LangGraph passes the invocation's config only to a parameter annotated as
+    # RunnableConfig; the annotation is set here because that import is heavy.
+    node.__annotations__ = {"state": RunState, "config": RunnableConfig, "return": dict}
     node.__name__ = f"step_{plan.id}"
     return node

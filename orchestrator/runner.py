@@ -54,6 +54,7 @@ class Runner:
         self._clients = clients or Clients()
         self._pricer = Pricer(settings)
         self._on_step = on_step
+        self._graphs: dict[str, Any] = {}  # compiled once per workflow content
 
     async def run(
         self, workflow: LoadedWorkflow, inputs: Mapping[str, Any], *, run_id: str | None = None
@@ -101,10 +102,16 @@ class Runner:
                 raise StepFailed(f"step '{plan.id}' failed: {record.error}")
             return record.output
 
-        graph = compile_graph(workflow, run_step)
+        graph = self._graphs.get(workflow.content_hash)
+        if graph is None:
+            graph = self._graphs[workflow.content_hash] = compile_graph(workflow)
         try:
             state = await graph.ainvoke(
-                {OUTPUTS: {}}, config={"recursion_limit": len(workflow.steps) + 2}
+                {OUTPUTS: {}},
+                config={
+                    "recursion_limit": len(workflow.steps) + 2,
+                    "configurable": {"run_step": run_step},
+                },
             )
             result.outputs = state[OUTPUTS]
             result.status = "succeeded"

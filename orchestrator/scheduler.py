@@ -28,6 +28,7 @@ from orchestrator.spec import AUTO_TIER, StepPlan
 from orchestrator.templates import TemplateProblem
 
 FAN_OUT_CONCURRENCY = 8
+BACKSTOP_S = 2.0
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 
@@ -195,7 +196,10 @@ class StepRunner:
         error: str | None = None
         try:
             client = self._clients.for_entry(entry)
-            reply = await asyncio.wait_for(client.complete(request), timeout)
+            # Each client enforces the timeout itself and ends its request cleanly;
+            # this outer limit is only a backstop for a client that does not.
+            async with asyncio.timeout(timeout + BACKSTOP_S):
+                reply = await client.complete(request)
             prompt_tokens, completion_tokens = reply.prompt_tokens, reply.completion_tokens
             value = verify(plan, reply.text, context)
             outcome = "ok"

@@ -7,6 +7,7 @@ internet, and turns litellm's exceptions into ours here, at the boundary.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -40,24 +41,29 @@ class LiteLLMClient(ModelClient):
         self._model = model
         self._api_base = api_base
         self._api_key_env = api_key_env
+        self._checked_key: tuple[str | None] | None = None
 
     def _api_key(self) -> str | None:
+        """The key to send; checked once per client, since a process's environment is fixed."""
+        if self._checked_key is None:
+            self._checked_key = (self._find_key(),)
+        return self._checked_key[0]
+
+    def _find_key(self) -> str | None:
         if self._api_key_env:
             key = os.environ.get(self._api_key_env)
             if not key:
                 raise ModelUnavailable(f"{self._model}: {self._api_key_env} is not set")
             return key
-        if self._api_base:
-            return None  # litellm falls back to the provider variable, else NO_KEY below
         missing = self._litellm.validate_environment(model=self._model).get("missing_keys") or []
-        if missing:
-            raise ModelUnavailable(f"{self._model}: {', '.join(missing)} not set")
-        return None
+        if not missing:
+            return None  # litellm reads the provider's usual variable
+        if self._api_base:
+            return NO_KEY  # a self-hosted endpoint; it may want no key at all
+        raise ModelUnavailable(f"{self._model}: {', '.join(missing)} not set")
 
     async def complete(self, request: ModelRequest) -> ModelReply:
         api_key = self._api_key()
-        if api_key is None and self._api_base and not self._has_provider_key():
-            api_key = NO_KEY
         litellm = self._litellm
         response_format = None
         if request.json_schema is not None:
@@ -97,11 +103,13 @@ class LiteLLMClient(ModelClient):
     async def aclose(self) -> None:
         # litellm caches HTTP clients per process; they belong to the event loop
         # that is ending, so close them and drop them from its cache.
+        cache = self._litellm.in_memory_llm_clients_cache
+        for cached in list(getattr(cache, "cache_dict", {}).values()):
+            close = getattr(cached, "close", None)  # AsyncOpenAI and friends
+            if inspect.iscoroutinefunction(close):
+                await close()
         await self._litellm.close_litellm_async_clients()
-        self._litellm.in_memory_llm_clients_cache.flush_cache()
-
-    def _has_provider_key(self) -> bool:
-        return not self._litellm.validate_environment(model=self._model).get("missing_keys")
+        cache.flush_cache()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from orchestrator.errors import ModelCallError, ModelUnavailable
+from orchestrator.errors import ModelCallError, ModelTimeout, ModelUnavailable
 from orchestrator.models.base import ModelClient, ModelReply, ModelRequest
 
 
@@ -13,18 +14,28 @@ class OllamaClient(ModelClient):
     model that was never pulled is reported as unavailable rather than as an error."""
 
     def __init__(self, *, host: str | None = None) -> None:
+        import httpx
         import ollama  # 0.3 s; only runs that reach an Ollama tier pay for it
 
         self._ollama = ollama
-        self._client = ollama.AsyncClient(host=host)
+        self._httpx = httpx
+        self._host_arg = host
+        self._client = ollama.AsyncClient(host=host)  # for /api/tags; no read timeout needed
+        self._timed: dict[float, Any] = {}
         self._host = host or os.environ.get("OLLAMA_HOST") or "127.0.0.1:11434"
         self._pulled: set[str] | None = None
 
     async def complete(self, request: ModelRequest) -> ModelReply:
         await self._check_pulled(request.model)
         options = {"num_predict": request.max_tokens, "temperature": request.temperature}
+        client = self._timed.get(request.timeout_s)
+        if client is None:
+            # ollama's chat() takes no per-call timeout, so keep one client per timeout.
+            client = self._timed[request.timeout_s] = self._ollama.AsyncClient(
+                host=self._host_arg, timeout=request.timeout_s
+            )
         try:
-            response = await self._client.chat(
+            response = await client.chat(
                 model=request.model,
                 messages=request.messages,
                 format=request.json_schema,
@@ -35,6 +46,10 @@ class OllamaClient(ModelClient):
             raise ModelUnavailable(f"Ollama unreachable at {self._host}") from None
         except self._ollama.ResponseError as exc:
             raise ModelCallError(f"Ollama {exc.status_code}: {exc.error}") from None
+        except self._httpx.TimeoutException:
+            raise ModelTimeout(f"Ollama gave no answer within {request.timeout_s:g}s") from None
+        except self._httpx.HTTPError as exc:
+            raise ModelCallError(f"Ollama: {type(exc).__name__}: {exc}") from None
         return ModelReply(
             text=response.message.content or "",
             prompt_tokens=response.prompt_eval_count or 0,
@@ -42,7 +57,8 @@ class OllamaClient(ModelClient):
         )
 
     async def aclose(self) -> None:
-        await self._client.close()
+        for client in [self._client, *self._timed.values()]:
+            await client.close()
 
     async def _check_pulled(self, model: str) -> None:
         if self._pulled is None:

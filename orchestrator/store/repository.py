@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
-from orchestrator.ledger import StepRecord
+from orchestrator.ledger import Call, StepRecord
 from orchestrator.store.tables import model_calls, runs, step_runs
+
+CALL_FIELDS = tuple(field.name for field in fields(Call))
+_INSERT_STEP = insert(step_runs)
+_INSERT_CALL = insert(model_calls)
 
 
 def now() -> datetime:
@@ -48,34 +52,36 @@ class Store:
     ) -> None:
         """The step's result and all its ledger rows, in one transaction."""
         answer = record.answer
+        step_row = {
+            "run_id": run_id,
+            "step_id": record.step_id,
+            "status": record.status,
+            "output": record.output,
+            "error": record.error,
+            "tier_asked": record.tier_asked,
+            "tier_used": answer.tier_used if answer else None,
+            "model": answer.model if answer else None,
+            "started_at": record.started_at,
+            "finished_at": record.finished_at,
+        }
+        call_rows = [
+            {
+                "run_id": run_id,
+                "step_id": record.step_id,
+                "workflow": workflow,
+                "workflow_hash": content_hash,
+                "agent": record.agent,
+                "day": call.created_at.astimezone(UTC).date(),
+                **{name: getattr(call, name) for name in CALL_FIELDS},
+            }
+            for call in record.calls
+        ]
+        # Plain insert() with parameters, not .values(): the compiled statement
+        # is cached, which matters on the per-step hot path.
         with self.engine.begin() as connection:
-            connection.execute(
-                insert(step_runs).values(
-                    run_id=run_id,
-                    step_id=record.step_id,
-                    status=record.status,
-                    output=record.output,
-                    error=record.error,
-                    tier_asked=record.tier_asked,
-                    tier_used=answer.tier_used if answer else None,
-                    model=answer.model if answer else None,
-                    started_at=record.started_at,
-                    finished_at=record.finished_at,
-                )
-            )
-            if record.calls:
-                common = {
-                    "run_id": run_id,
-                    "step_id": record.step_id,
-                    "workflow": workflow,
-                    "workflow_hash": content_hash,
-                    "agent": record.agent,
-                }
-                rows = [
-                    {**common, **asdict(call), "day": call.created_at.astimezone(UTC).date()}
-                    for call in record.calls
-                ]
-                connection.execute(insert(model_calls), rows)
+            connection.execute(_INSERT_STEP, step_row)
+            if call_rows:
+                connection.execute(_INSERT_CALL, call_rows)
 
     def finish_run(
         self, run_id: str, *, status: str, outputs: Any = None, error: str | None = None
