@@ -72,6 +72,8 @@ def _store(settings: Settings) -> Store:
 def _money(value: Decimal | None) -> str:
     if value is None:
         return "-"
+    if value == 0:
+        return "$0"
     return f"${value:.6f}" if value < 1 else f"${value:,.4f}"
 
 
@@ -216,11 +218,10 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
             f"{mark} [bold]{record.step_id}[/]  {where}  {tokens} tok  {_money(record.cost_usd)}  {seconds:.1f}s"
         )
         for call in record.calls:
-            if call.outcome != "ok":
-                console.print(
-                    f"    [yellow]{call.outcome}[/] {call.tier_used} · {call.model}: {call.error}",
-                    markup=True,
-                )
+            if call.outcome == "unavailable":
+                console.print(f"    [dim]skipped {call.model}: {call.error}[/]")
+            elif call.outcome != "ok":
+                console.print(f"    [yellow]{call.outcome}[/] {call.tier_used} · {call.model}: {call.error}")
         if record.error:
             console.print(f"    [red]{record.error}[/]")
 
@@ -239,22 +240,8 @@ def _print_run_summary(console: Console, store: Store, run_id: str) -> None:
             text = output if isinstance(output, str) else json.dumps(output, indent=2)
             console.print(f"[bold]{step_id}[/]:", text, markup=True)
     table = Table(title=f"spend for run {run_id[:12]}", title_justify="left")
-    for column in (
-        "step",
-        "tier",
-        "model",
-        "calls",
-        "tokens in",
-        "tokens out",
-        "cost",
-        "all-frontier",
-    ):
-        table.add_column(
-            column,
-            justify="right"
-            if column in ("calls", "tokens in", "tokens out", "cost", "all-frontier")
-            else "left",
-        )
+    for column in ("step", "tier", "model", "tokens in", "tokens out", "cost", "all-frontier"):
+        table.add_column(column, justify="left" if column in ("step", "tier", "model") else "right")
     total_cost = total_reference = Decimal(0)
     for call in found["calls"]:
         if call["outcome"] == "unavailable":
@@ -265,14 +252,13 @@ def _print_run_summary(console: Console, store: Store, run_id: str) -> None:
             call["step_id"],
             call["tier_used"],
             call["model"],
-            "1",
             str(call["prompt_tokens"]),
             str(call["completion_tokens"]),
             _money(call["cost_usd"]),
             _money(call["reference_cost_usd"]),
         )
     table.add_section()
-    table.add_row("total", "", "", "", "", "", _money(total_cost), _money(total_reference))
+    table.add_row("total", "", "", "", "", _money(total_cost), _money(total_reference))
     console.print()
     console.print(table)
     console.print(
