@@ -221,7 +221,9 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
             if call.outcome == "unavailable":
                 console.print(f"    [dim]skipped {call.model}: {call.error}[/]")
             elif call.outcome != "ok":
-                console.print(f"    [yellow]{call.outcome}[/] {call.tier_used} · {call.model}: {call.error}")
+                console.print(
+                    f"    [yellow]{call.outcome}[/] {call.tier_used} · {call.model}: {call.error}"
+                )
         if record.error:
             console.print(f"    [red]{record.error}[/]")
 

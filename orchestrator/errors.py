@@ -10,7 +10,8 @@
             ├── ModelTimeout      the call took longer than its timeout
             └── ModelCallError    the backend answered with an error
 
-Every class pickles with its message and fields, so it survives a Celery hop.
+Each class rebuilds from its arguments (``__reduce__``), so it survives a hop
+between processes, such as a Celery worker reporting back.
 """
 
 from __future__ import annotations

@@ -36,6 +36,14 @@ class Reply:
     prompt_tokens: int | None = None  # None: one token per word of the prompt
     completion_tokens: int | None = None  # None: one token per word of the text
 
+    def usage(self, body: dict[str, Any]) -> tuple[int, int]:
+        """Prompt and completion tokens to report for this reply to ``body``."""
+        prompt = self.prompt_tokens
+        if prompt is None:
+            prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+        completion = self.completion_tokens
+        return prompt, len(self.text.split()) if completion is None else completion
+
 
 Responder = Callable[[dict[str, Any]], Reply]
 
@@ -84,10 +92,14 @@ class LoopbackServer:
         self.stop()
 
     def _next_reply(self, body: dict[str, Any]) -> Reply:
+        """The next scripted reply, after its delay (which runs on this request's thread)."""
         with self._lock:
-            if self._queue:
-                return self._queue.popleft()
-        return self.responder(body) if self.responder else self.default
+            reply = self._queue.popleft() if self._queue else None
+        if reply is None:
+            reply = self.responder(body) if self.responder else self.default
+        if reply.delay_s:
+            time.sleep(reply.delay_s)
+        return reply
 
     def route(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         raise NotImplementedError
@@ -133,15 +145,6 @@ class LoopbackServer:
         return Handler
 
 
-def _prompt_words(messages: list[dict[str, Any]]) -> int:
-    return sum(len(str(m.get("content", "")).split()) for m in messages)
-
-
-def _sleep(reply: Reply) -> None:
-    if reply.delay_s:
-        time.sleep(reply.delay_s)
-
-
 class OllamaServer(LoopbackServer):
     """Speaks Ollama's ``/api/tags`` and non-streamed ``/api/chat``."""
 
@@ -169,19 +172,9 @@ class OllamaServer(LoopbackServer):
         if body.get("model") not in self.models:
             return 404, {"error": f"model '{body.get('model')}' not found"}
         reply = self._next_reply(body)
-        _sleep(reply)
         if reply.status != 200:
             return reply.status, {"error": reply.text}
-        prompt = (
-            reply.prompt_tokens
-            if reply.prompt_tokens is not None
-            else _prompt_words(body.get("messages", []))
-        )
-        completion = (
-            reply.completion_tokens
-            if reply.completion_tokens is not None
-            else len(reply.text.split())
-        )
+        prompt, completion = reply.usage(body)
         return 200, {
             "model": body["model"],
             "created_at": "2026-11-22T00:00:00Z",
@@ -201,21 +194,11 @@ class OpenAIServer(LoopbackServer):
         if not path.endswith("/chat/completions"):
             return 404, {"error": {"message": f"no route {path}", "type": "invalid_request_error"}}
         reply = self._next_reply(body)
-        _sleep(reply)
         if reply.status != 200:
             return reply.status, {
                 "error": {"message": reply.text, "type": "server_error", "code": None}
             }
-        prompt = (
-            reply.prompt_tokens
-            if reply.prompt_tokens is not None
-            else _prompt_words(body.get("messages", []))
-        )
-        completion = (
-            reply.completion_tokens
-            if reply.completion_tokens is not None
-            else len(reply.text.split())
-        )
+        prompt, completion = reply.usage(body)
         return 200, {
             "id": f"chatcmpl-{len(self.requests)}",
             "object": "chat.completion",
