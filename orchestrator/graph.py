@@ -9,7 +9,7 @@ dependents run. The spec has already been checked for cycles and unknown names.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, TypedDict, cast
 
 from orchestrator.spec import LoadedWorkflow, StepPlan
 
@@ -38,7 +38,7 @@ def compile_graph(workflow: LoadedWorkflow) -> Any:
     builder = StateGraph(RunState)
     needed: set[str] = set()
     for plan in workflow.steps:
-        builder.add_node(plan.id, _node(plan))
+        builder.add_node(plan.id, cast(Any, _node(plan)))
         needs = list(dict.fromkeys(plan.step.needs))
         needed.update(needs)
         if not needs:
@@ -56,7 +56,7 @@ def _node(plan: StepPlan) -> Callable[[RunState, Any], Awaitable[dict[str, Any]]
 
     async def node(state: RunState, config: Any) -> dict[str, Any]:
         run_step: RunStep = config["configurable"]["run_step"]
-        output = await run_step(plan, state[OUTPUTS])
+        output = await run_step(plan, state["_outputs"])
         return {OUTPUTS: {plan.id: output}}
 
     # LangGraph passes the invocation's config only to a parameter annotated as

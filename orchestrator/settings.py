@@ -170,7 +170,7 @@ def load_settings(path: str | Path | None = None) -> Settings:
 def _check_prices(config: Config, doc: YamlDoc) -> None:
     """Refuse a hosted model we cannot price: its spend would be recorded as $0."""
     problems = []
-    wanted = [
+    wanted: list[tuple[tuple[str | int, ...], str]] = [
         (("tiers", tier_name, "models", index), entry.model)
         for tier_name, tier in config.tiers.items()
         for index, entry in enumerate(tier.models)

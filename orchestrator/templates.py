@@ -80,9 +80,12 @@ class Expression:
 def _references(ast: nodes.Template) -> Iterator[tuple[str, str, int]]:
     """Each ``(name, key, line)`` read from the context: ``steps.x.output`` gives ("steps", "x")."""
     for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
-        target = node.node
+        target = node.node if isinstance(node, nodes.Getattr | nodes.Getitem) else None
         if isinstance(target, nodes.Name) and target.name in CONTEXT_NAMES:
-            key = node.attr if isinstance(node, nodes.Getattr) else _const(node.arg)
+            if isinstance(node, nodes.Getattr):
+                key: str | None = node.attr
+            else:
+                key = _const(node.arg) if isinstance(node, nodes.Getitem) else None
             if key is not None:
                 yield target.name, key, node.lineno
 

@@ -107,7 +107,7 @@ class LlamaCppClient(ModelClient):
 
         with loaded.lock:
             try:
-                chat = loaded.formatter(messages=request.messages)
+                chat = loaded.formatter(messages=request.messages)  # type: ignore[arg-type]
                 prompt = loaded.model.tokenize(
                     chat.prompt.encode("utf-8"), add_bos=not chat.added_special, special=True
                 )
