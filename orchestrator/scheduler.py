@@ -209,6 +209,12 @@ class StepRunner:
             outcome, error = exc.outcome, exc.reason
         except InvalidOutput as exc:
             outcome, error = "invalid_output", str(exc)
+        except TemplateProblem:
+            raise  # a check's template error is the workflow's, not the model's
+        except Exception as exc:
+            # A client library failing in a way it does not document (a garbled
+            # response, say) is still a failed call: record it and escalate.
+            outcome, error = "error", f"{type(exc).__name__}: {str(exc)[:300]}"
         latency_ms = (time.perf_counter() - clock) * 1000
         cost, reference = self._pricer.cost(entry.model, prompt_tokens, completion_tokens)
         call = Call(

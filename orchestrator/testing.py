@@ -35,6 +35,7 @@ class Reply:
     status: int = 200
     prompt_tokens: int | None = None  # None: one token per word of the prompt
     completion_tokens: int | None = None  # None: one token per word of the text
+    raw: bytes | None = None  # sent as the body instead of a well-formed answer
 
     def usage(self, body: dict[str, Any]) -> tuple[int, int]:
         """Prompt and completion tokens to report for this reply to ``body``."""
@@ -101,7 +102,10 @@ class LoopbackServer:
             time.sleep(reply.delay_s)
         return reply
 
-    def route(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def route(
+        self, method: str, path: str, body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any] | bytes]:
+        """Status and JSON payload (or raw bytes) for one request."""
         raise NotImplementedError
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
@@ -132,7 +136,7 @@ class LoopbackServer:
                 with server._lock:
                     server.requests.append(body)
                 status, payload = server.route(method, body["_path"], body)
-                data = json.dumps(payload).encode()
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 head = (
                     f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
                     "Content-Type: application/json\r\n"
@@ -152,7 +156,9 @@ class OllamaServer(LoopbackServer):
         super().__init__(**options)
         self.models = list(models)
 
-    def route(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def route(
+        self, method: str, path: str, body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any] | bytes]:
         if path == "/api/tags":
             return 200, {
                 "models": [
@@ -172,6 +178,8 @@ class OllamaServer(LoopbackServer):
         if body.get("model") not in self.models:
             return 404, {"error": f"model '{body.get('model')}' not found"}
         reply = self._next_reply(body)
+        if reply.raw is not None:
+            return reply.status, reply.raw
         if reply.status != 200:
             return reply.status, {"error": reply.text}
         prompt, completion = reply.usage(body)
@@ -190,10 +198,14 @@ class OllamaServer(LoopbackServer):
 class OpenAIServer(LoopbackServer):
     """Speaks OpenAI's ``POST /v1/chat/completions`` (non-streamed)."""
 
-    def route(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def route(
+        self, method: str, path: str, body: dict[str, Any]
+    ) -> tuple[int, dict[str, Any] | bytes]:
         if not path.endswith("/chat/completions"):
             return 404, {"error": {"message": f"no route {path}", "type": "invalid_request_error"}}
         reply = self._next_reply(body)
+        if reply.raw is not None:
+            return reply.status, reply.raw
         if reply.status != 200:
             return reply.status, {
                 "error": {"message": reply.text, "type": "server_error", "code": None}

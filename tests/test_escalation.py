@@ -261,3 +261,30 @@ def test_sensitive_step_never_leaves_local_tiers(
     assert [r["messages"][-1]["content"] for r in frontier.chat_requests()] == [
         "Summarise the weather."
     ]
+
+
+def test_garbled_response_is_a_failed_call_that_escalates(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    one_step(project, tier="frontier")
+    project.write(
+        "tierflow.yaml",
+        {
+            "tiers": {
+                **tiers_for(ollama, frontier),
+                "backup": {
+                    "models": [{"model": "openai/gpt-4.1", "api_base": f"{frontier.url}/v1"}]
+                },
+            },
+            "reference_model": "openai/gpt-4.1",
+            "database": f"sqlite:///{project.root / 'tierflow.db'}",
+        },
+    )
+    frontier.reply(Reply(raw=b"<html>502 from a proxy</html>"), "recovered")
+    result = project.run("one")
+    assert result.status == "succeeded", result.error
+    calls = project.calls(result.run_id)
+    assert [(c["tier_used"], c["outcome"]) for c in calls] == [
+        ("frontier", "error"),
+        ("backup", "ok"),
+    ]
