@@ -7,6 +7,9 @@ transaction the moment the step ends, so a run that fails keeps what it spent.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -55,13 +58,14 @@ class Runner:
         self._pricer = Pricer(settings)
         self._on_step = on_step
         self._graphs: dict[str, Any] = {}  # compiled once per workflow content
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
-    async def run(
-        self, workflow: LoadedWorkflow, inputs: Mapping[str, Any], *, run_id: str | None = None
-    ) -> RunResult:
-        """Run ``workflow``. Bad inputs raise ``UserError`` before anything is recorded."""
+    def create(
+        self, workflow: LoadedWorkflow, inputs: Mapping[str, Any], *, status: str = "queued"
+    ) -> str:
+        """Record a new run; bad inputs raise ``UserError`` before anything is written."""
         values = workflow.resolve_inputs(inputs)
-        run_id = run_id or uuid.uuid4().hex
+        run_id = uuid.uuid4().hex
         version = workflow.spec.version
         self._store.create_run(
             run_id=run_id,
@@ -69,17 +73,72 @@ class Runner:
             version=None if version is None else str(version),
             content_hash=workflow.content_hash,
             inputs=values,
+            status=status,
         )
+        return run_id
+
+    async def run(self, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> RunResult:
+        """Record and run ``workflow`` here, to the end."""
+        run_id = self.create(workflow, inputs, status="running")
+        result = await self.execute(workflow, run_id)
+        assert result is not None  # nobody else can hold a lease on a run just created
+        return result
+
+    async def execute(self, workflow: LoadedWorkflow, run_id: str) -> RunResult | None:
+        """Run (or resume) a recorded run, holding its lease while it runs.
+
+        Returns None without doing anything when another live process holds the
+        lease or the run has already finished: a duplicate delivery is harmless.
+        Steps that finished before are not run again; their outputs are reused.
+        """
+        ttl = self._settings.config.lease_ttl_s
+        if not self._store.acquire_lease(run_id, owner=self._owner, ttl_s=ttl):
+            return None
+        heartbeat = asyncio.create_task(self._keep_lease(run_id, ttl))
+        try:
+            return await self._execute(workflow, run_id)
+        finally:
+            heartbeat.cancel()
+            if self._owns_clients:
+                await self._clients.aclose()
+
+    async def _keep_lease(self, run_id: str, ttl: float) -> None:
+        while True:
+            await asyncio.sleep(ttl / 3)
+            self._store.renew_lease(run_id, owner=self._owner, ttl_s=ttl)
+
+    async def _execute(self, workflow: LoadedWorkflow, run_id: str) -> RunResult:
+        row = self._store.run_row(run_id)
+        assert row is not None
+        if row["workflow_hash"] != workflow.content_hash:
+            error = f"{workflow.path} changed since run {run_id} was queued"
+            self._store.finish_run(run_id, status="failed", error=error)
+            return RunResult(
+                run_id=run_id, workflow=workflow.name, status="failed", outputs={}, error=error
+            )
+        values = row["inputs"]
+        done, last_attempts = self._store.prepare_resume(run_id)
         result = RunResult(run_id=run_id, workflow=workflow.name, status="running", outputs={})
         steps = StepRunner(
             settings=self._settings,
             clients=self._clients,
             pricer=self._pricer,
             max_calls=workflow.spec.max_steps or self._settings.config.max_steps,
+            on_call_start=lambda plan, call: self._store.open_call(
+                run_id=run_id,
+                workflow=workflow.name,
+                content_hash=workflow.content_hash,
+                agent=plan.agent.name,
+                step_id=plan.id,
+                call=call,
+            ),
+            last_attempts=last_attempts,
         )
         run_info = {"id": run_id, "workflow": workflow.name}
 
         async def run_step(plan: StepPlan, outputs: dict[str, Any]) -> Any:
+            if plan.id in done:  # finished before this process took the run over
+                return done[plan.id]
             context = {
                 "inputs": values,
                 "steps": {step_id: {"output": output} for step_id, output in outputs.items()},
@@ -117,15 +176,15 @@ class Runner:
             result.status = "succeeded"
         except RunError as exc:
             result.status, result.error = "failed", str(exc)
-            result.outputs = {s.step_id: s.output for s in result.steps if s.status == "succeeded"}
+            result.outputs = {
+                **done,
+                **{s.step_id: s.output for s in result.steps if s.status == "succeeded"},
+            }
         except BaseException as exc:
             self._store.finish_run(
                 run_id, status="failed", error=f"interrupted: {type(exc).__name__}"
             )
             raise
-        finally:
-            if self._owns_clients:
-                await self._clients.aclose()
         self._store.finish_run(
             run_id, status=result.status, outputs=result.outputs, error=result.error
         )

@@ -14,7 +14,7 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,16 +36,33 @@ class InvalidOutput(Exception):
     pass
 
 
+OnCallStart = Callable[[StepPlan, Call], None]
+
+
 class StepRunner:
-    """Runs steps of one run. ``max_calls`` caps model-calling units (steps and items)."""
+    """Runs steps of one run. ``max_calls`` caps model-calling units (steps and items).
+
+    ``on_call_start`` sees each call before its request goes out, with
+    worst-case usage (the ledger writes it as pending). ``last_attempts`` holds
+    the attempt numbers a resumed run already used, so numbers never repeat.
+    """
 
     def __init__(
-        self, *, settings: Settings, clients: Clients, pricer: Pricer, max_calls: int
+        self,
+        *,
+        settings: Settings,
+        clients: Clients,
+        pricer: Pricer,
+        max_calls: int,
+        on_call_start: OnCallStart | None = None,
+        last_attempts: dict[str, int] | None = None,
     ) -> None:
         self._settings = settings
         self._clients = clients
         self._pricer = pricer
         self._units_left = max_calls
+        self._on_call_start = on_call_start
+        self._last_attempts = last_attempts or {}
 
     @staticmethod
     def start(plan: StepPlan) -> StepRecord:
@@ -67,7 +84,7 @@ class StepRunner:
         If the task is cancelled (a parallel step failed), the record says
         cancelled and still holds the calls already made, for the ledger.
         """
-        attempts = itertools.count(1)
+        attempts = itertools.count(self._last_attempts.get(plan.id, 0) + 1)
         try:
             if plan.when is not None and not plan.when.evaluate(context):
                 record.status = "skipped"
@@ -190,6 +207,24 @@ class StepRunner:
             json_schema=plan.step.output,
         )
         started = _now()
+        if self._on_call_start is not None:
+            self._on_call_start(
+                plan,
+                self._call(
+                    plan,
+                    entry,
+                    attempt=attempt,
+                    item_index=item_index,
+                    tier_used=tier_used,
+                    escalation_reason=escalation_reason,
+                    started=started,
+                    prompt_tokens=_estimate_tokens(messages),
+                    completion_tokens=plan.max_tokens,
+                    latency_ms=0.0,
+                    outcome="pending",
+                    error=None,
+                ),
+            )
         clock = time.perf_counter()
         prompt_tokens = completion_tokens = 0
         value: Any = None
@@ -216,8 +251,40 @@ class StepRunner:
             # response, say) is still a failed call: record it and escalate.
             outcome, error = "error", f"{type(exc).__name__}: {str(exc)[:300]}"
         latency_ms = (time.perf_counter() - clock) * 1000
+        call = self._call(
+            plan,
+            entry,
+            attempt=attempt,
+            item_index=item_index,
+            tier_used=tier_used,
+            escalation_reason=escalation_reason,
+            started=started,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            latency_ms=round(latency_ms, 3),
+            outcome=outcome,
+            error=error,
+        )
+        return call, value
+
+    def _call(
+        self,
+        plan: StepPlan,
+        entry: ModelEntry,
+        *,
+        attempt: int,
+        item_index: int | None,
+        tier_used: str,
+        escalation_reason: str | None,
+        started: datetime,
+        prompt_tokens: int,
+        completion_tokens: int,
+        latency_ms: float,
+        outcome: str,
+        error: str | None,
+    ) -> Call:
         cost, reference = self._pricer.cost(entry.model, prompt_tokens, completion_tokens)
-        call = Call(
+        return Call(
             attempt=attempt,
             item_index=item_index,
             tier_asked=plan.tier,
@@ -227,13 +294,17 @@ class StepRunner:
             completion_tokens=completion_tokens,
             cost_usd=cost,
             reference_cost_usd=reference,
-            latency_ms=round(latency_ms, 3),
+            latency_ms=latency_ms,
             outcome=outcome,
             error=error,
             escalation_reason=escalation_reason,
             created_at=started,
         )
-        return call, value
+
+
+def _estimate_tokens(messages: list[dict[str, str]]) -> int:
+    """An upper estimate of prompt tokens: tokenizers average about 4 characters a token."""
+    return sum(len(m["content"]) for m in messages) // 3 + 8 * len(messages)
 
 
 def verify(plan: StepPlan, text: str, context: dict[str, Any]) -> Any:

@@ -89,6 +89,9 @@ class Config(_Strict):
     prices: dict[str, PriceOverride] = {}
     escalation: Escalation = Escalation()
     max_steps: int = Field(default=200, ge=1)
+    # A run's executor renews its lease every third of this; a lease older
+    # than this means the executor died, and a sweeper hands the run on.
+    lease_ttl_s: float = Field(default=60.0, gt=0)
     agents_dir: str = "agents"
     workflows_dir: str = "workflows"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from conftest import Project
 
+from orchestrator.store.database import head_revision
 from orchestrator.testing import OllamaServer, OpenAIServer, Reply
 
 
@@ -164,5 +165,5 @@ def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     )
     proc = tierflow("db", "upgrade", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "at revision 0001" in proc.stdout
+    assert f"at revision {head_revision()}" in proc.stdout
     assert (tmp_path / "fresh.db").exists()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
 
 from orchestrator.ledger import Call, StepRecord
 from orchestrator.store.tables import model_calls, runs, step_runs
@@ -14,6 +14,16 @@ from orchestrator.store.tables import model_calls, runs, step_runs
 CALL_FIELDS = tuple(field.name for field in fields(Call))
 _INSERT_STEP = insert(step_runs)
 _INSERT_CALL = insert(model_calls)
+_SETTLE_CALL = (
+    update(model_calls)
+    .where(
+        model_calls.c.run_id == bindparam("b_run_id"),
+        model_calls.c.step_id == bindparam("b_step_id"),
+        model_calls.c.attempt == bindparam("b_attempt"),
+        model_calls.c.state == "pending",
+    )
+    .values({name: bindparam(name) for name in (*CALL_FIELDS, "state")})
+)
 
 
 def now() -> datetime:
@@ -65,23 +75,140 @@ class Store:
             "finished_at": record.finished_at,
         }
         call_rows = [
-            {
-                "run_id": run_id,
-                "step_id": record.step_id,
-                "workflow": workflow,
-                "workflow_hash": content_hash,
-                "agent": record.agent,
-                "day": call.created_at.astimezone(UTC).date(),
-                **{name: getattr(call, name) for name in CALL_FIELDS},
-            }
-            for call in record.calls
+            self._call_row(run_id, workflow, content_hash, record, call) for call in record.calls
         ]
-        # Plain insert() with parameters, not .values(): the compiled statement
-        # is cached, which matters on the per-step hot path.
+        # Plain insert()/update() with parameters, not .values(): the compiled
+        # statement is cached, which matters on the per-step hot path.
         with self.engine.begin() as connection:
             connection.execute(_INSERT_STEP, step_row)
-            if call_rows:
-                connection.execute(_INSERT_CALL, call_rows)
+            for row in call_rows:
+                # The call's pending row (written before the request) is settled;
+                # a call recorded without one is inserted settled.
+                if connection.execute(_SETTLE_CALL, row).rowcount == 0:
+                    columns = {key: value for key, value in row.items() if not key.startswith("b_")}
+                    connection.execute(_INSERT_CALL, columns)
+
+    def open_call(
+        self, *, run_id: str, workflow: str, content_hash: str, agent: str, step_id: str, call: Call
+    ) -> None:
+        """Write a call as pending before its request goes out, with worst-case usage."""
+        row = {
+            "run_id": run_id,
+            "step_id": step_id,
+            "workflow": workflow,
+            "workflow_hash": content_hash,
+            "agent": agent,
+            "day": call.created_at.astimezone(UTC).date(),
+            "state": "pending",
+            **{name: getattr(call, name) for name in CALL_FIELDS},
+        }
+        with self.engine.begin() as connection:
+            connection.execute(_INSERT_CALL, row)
+
+    @staticmethod
+    def _call_row(
+        run_id: str, workflow: str, content_hash: str, record: StepRecord, call: Call
+    ) -> dict[str, Any]:
+        return {
+            "run_id": run_id,
+            "step_id": record.step_id,
+            "workflow": workflow,
+            "workflow_hash": content_hash,
+            "agent": record.agent,
+            "day": call.created_at.astimezone(UTC).date(),
+            "state": "settled",
+            "b_run_id": run_id,
+            "b_step_id": record.step_id,
+            "b_attempt": call.attempt,
+            **{name: getattr(call, name) for name in CALL_FIELDS},
+        }
+
+    def acquire_lease(self, run_id: str, *, owner: str, ttl_s: float) -> bool:
+        """Take (or renew) the run's lease unless a live lease belongs to someone else.
+
+        Only queued or running runs can be leased, so a finished run never runs again.
+        """
+        moment = now()
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                update(runs)
+                .where(
+                    runs.c.id == run_id,
+                    runs.c.status.in_(("queued", "running")),
+                    or_(
+                        runs.c.lease_owner.is_(None),
+                        runs.c.lease_owner == owner,
+                        runs.c.lease_expires_at < moment,
+                    ),
+                )
+                .values(
+                    status="running",
+                    lease_owner=owner,
+                    lease_expires_at=moment + timedelta(seconds=ttl_s),
+                )
+            )
+        return result.rowcount == 1
+
+    def renew_lease(self, run_id: str, *, owner: str, ttl_s: float) -> bool:
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.lease_owner == owner)
+                .values(lease_expires_at=now() + timedelta(seconds=ttl_s))
+            )
+        return result.rowcount == 1
+
+    def stale_runs(self, *, queued_for_s: float) -> list[str]:
+        """Runs a sweeper should enqueue again: running with a stale lease, or queued
+        and unclaimed for ``queued_for_s`` (their message may be lost)."""
+        moment = now()
+        query = select(runs.c.id).where(
+            or_(
+                and_(runs.c.status == "running", runs.c.lease_expires_at < moment),
+                and_(
+                    runs.c.status == "queued",
+                    runs.c.lease_owner.is_(None),
+                    runs.c.created_at < moment - timedelta(seconds=queued_for_s),
+                ),
+            )
+        )
+        with self.engine.connect() as connection:
+            return list(connection.execute(query).scalars())
+
+    def prepare_resume(self, run_id: str) -> tuple[dict[str, Any], dict[str, int]]:
+        """Finished steps' outputs and each step's last attempt, for a run being resumed.
+
+        Call this holding the run's lease. Calls left pending by a dead process
+        become abandoned (they may have been billed, so their estimate stays in
+        the spend), and unfinished step records are cleared for their re-run.
+        """
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(model_calls)
+                .where(model_calls.c.run_id == run_id, model_calls.c.state == "pending")
+                .values(state="abandoned", outcome="abandoned", error="its process died mid-call")
+            )
+            connection.execute(
+                delete(step_runs).where(
+                    step_runs.c.run_id == run_id,
+                    step_runs.c.status.not_in(("succeeded", "skipped")),
+                )
+            )
+            done = dict(
+                connection.execute(
+                    select(step_runs.c.step_id, step_runs.c.output).where(
+                        step_runs.c.run_id == run_id
+                    )
+                ).all()
+            )
+            attempts = dict(
+                connection.execute(
+                    select(model_calls.c.step_id, func.max(model_calls.c.attempt))
+                    .where(model_calls.c.run_id == run_id)
+                    .group_by(model_calls.c.step_id)
+                ).all()
+            )
+        return done, attempts
 
     def finish_run(
         self, run_id: str, *, status: str, outputs: Any = None, error: str | None = None
@@ -90,8 +217,21 @@ class Store:
             connection.execute(
                 update(runs)
                 .where(runs.c.id == run_id)
-                .values(status=status, outputs=outputs, error=error, finished_at=now())
+                .values(
+                    status=status,
+                    outputs=outputs,
+                    error=error,
+                    finished_at=now(),
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
             )
+
+    def run_row(self, run_id: str) -> dict[str, Any] | None:
+        """The run's own row (no steps or calls), or None."""
+        with self.engine.connect() as connection:
+            row = connection.execute(select(runs).where(runs.c.id == run_id)).mappings().first()
+        return None if row is None else dict(row)
 
     def run(self, run_id: str) -> dict[str, Any] | None:
         """The run with its steps and calls, or None. A unique id prefix is accepted."""

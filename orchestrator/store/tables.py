@@ -73,6 +73,9 @@ runs = Table(
     Column("error", Text),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
+    # The worker executing the run holds a lease; a stale lease means it died.
+    Column("lease_owner", String(200)),
+    Column("lease_expires_at", DateTime(timezone=True)),
     Index(None, "workflow", "created_at"),
     Index(None, "status"),
 )
@@ -114,6 +117,9 @@ model_calls = Table(
     Column("reference_cost_usd", Money),
     Column("latency_ms", Float, nullable=False),
     Column("outcome", String(20), nullable=False),
+    # pending: written before the request; settled: its real usage is known;
+    # abandoned: its process died mid-call, so the worst-case estimate stays.
+    Column("state", String(10), nullable=False, server_default="settled"),
     Column("error", Text),
     Column("escalation_reason", Text),
     Column("created_at", DateTime(timezone=True), nullable=False),

@@ -1,0 +1,152 @@
+"""Crash safety: pending ledger rows, leases, and resuming a run whose process was killed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import Project, tiers_for
+from sqlalchemy import select
+
+from orchestrator.runner import Runner
+from orchestrator.settings import load_settings
+from orchestrator.spec import find_workflow, load_workflow
+from orchestrator.store.tables import model_calls
+from orchestrator.testing import OllamaServer, OpenAIServer, Reply
+
+
+def two_steps(project: Project) -> None:
+    project.workflow(
+        {
+            "name": "two",
+            "steps": [
+                {"id": "first", "agent": "helper", "tier": "light", "prompt": "first"},
+                {
+                    "id": "second",
+                    "agent": "helper",
+                    "tier": "light",
+                    "needs": ["first"],
+                    "prompt": "second",
+                },
+            ],
+        }
+    )
+
+
+def wait_for(predicate, *, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def states(project: Project) -> list[tuple[str, int, str]]:
+    store = project.store()
+    try:
+        with store.engine.connect() as connection:
+            rows = connection.execute(
+                select(model_calls.c.step_id, model_calls.c.attempt, model_calls.c.state).order_by(
+                    model_calls.c.id
+                )
+            ).all()
+    finally:
+        store.engine.dispose()
+    return [tuple(row) for row in rows]  # type: ignore[misc]
+
+
+def resume(project: Project, run_id: str):  # type: ignore[no-untyped-def]
+    settings = load_settings(project.config)
+    workflow = load_workflow(find_workflow("two", settings), settings)
+    store = project.store()
+    try:
+        return asyncio.run(Runner(settings=settings, store=store).execute(workflow, run_id))
+    finally:
+        store.engine.dispose()
+
+
+def test_killed_run_resumes_without_rerunning_finished_steps(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    project = Project(
+        tmp_path, {"tiers": tiers_for(ollama, frontier, timeout_s=30), "lease_ttl_s": 1}
+    )
+    two_steps(project)
+    ollama.responder = lambda body: (
+        Reply(text="slow", delay_s=30, prompt_tokens=7, completion_tokens=3)
+        if body["messages"][-1]["content"] == "second"
+        else Reply(text="one", prompt_tokens=5, completion_tokens=2)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "two"],
+        cwd=project.root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: ("second", 1, "pending") in states(project))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    [run] = project.store().runs()
+    assert run["status"] == "running"  # what a dead process leaves behind
+
+    ollama.responder = lambda body: Reply(text="two", prompt_tokens=7, completion_tokens=3)
+    time.sleep(1.2)  # let the dead process's lease go stale
+    result = resume(project, run["id"])
+    assert result is not None and result.status == "succeeded"
+    assert result.outputs == {"first": "one", "second": "two"}
+    prompts = [r["messages"][-1]["content"] for r in ollama.chat_requests()]
+    assert prompts.count("first") == 1  # the finished step was not asked again
+    assert states(project) == [
+        ("first", 1, "settled"),
+        ("second", 1, "abandoned"),
+        ("second", 2, "settled"),
+    ]
+    abandoned = [c for c in project.calls(run["id"]) if c["state"] == "abandoned"][0]
+    # The abandoned call keeps its worst-case estimate: recorded spend never falls below real spend.
+    assert abandoned["completion_tokens"] == 64 and abandoned["reference_cost_usd"] > 0
+
+
+def test_a_live_lease_stops_a_second_executor(project: Project, ollama: OllamaServer) -> None:
+    two_steps(project)
+    settings = load_settings(project.config)
+    workflow = load_workflow(find_workflow("two", settings), settings)
+    store = project.store()
+    runner = Runner(settings=settings, store=store)
+    run_id = runner.create(workflow, {})
+    assert store.acquire_lease(run_id, owner="someone-else", ttl_s=60)
+    assert asyncio.run(runner.execute(workflow, run_id)) is None
+    assert ollama.requests == []
+    store.engine.dispose()
+
+
+def test_a_finished_run_is_never_executed_again(project: Project, ollama: OllamaServer) -> None:
+    two_steps(project)
+    result = project.run("two")
+    assert result.status == "succeeded"
+    asked = len(ollama.chat_requests())
+    assert resume(project, result.run_id) is None
+    assert len(ollama.chat_requests()) == asked
+
+
+def test_every_call_is_pending_before_its_request(project: Project, ollama: OllamaServer) -> None:
+    two_steps(project)
+    seen: list[list[tuple[str, int, str]]] = []
+
+    def record_ledger(body: dict) -> Reply:
+        seen.append(states(project))
+        return Reply(text="ok")
+
+    ollama.responder = record_ledger
+    result = project.run("two")
+    assert result.status == "succeeded"
+    assert seen[0][-1] == ("first", 1, "pending")
+    assert seen[1][-1] == ("second", 1, "pending")
+    assert states(project) == [("first", 1, "settled"), ("second", 1, "settled")]
