@@ -11,7 +11,7 @@ import asyncio
 import os
 import socket
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -64,7 +64,11 @@ class Runner:
         self, workflow: LoadedWorkflow, inputs: Mapping[str, Any], *, status: str = "queued"
     ) -> str:
         """Record a new run; bad inputs raise ``UserError`` before anything is written."""
-        values = workflow.resolve_inputs(inputs)
+        return self._create(workflow, workflow.resolve_inputs(inputs), status=status)
+
+    def _create(
+        self, workflow: LoadedWorkflow, values: dict[str, Any], *, status: str, leased: bool = False
+    ) -> str:
         run_id = uuid.uuid4().hex
         version = workflow.spec.version
         self._store.create_run(
@@ -74,15 +78,16 @@ class Runner:
             content_hash=workflow.content_hash,
             inputs=values,
             status=status,
+            lease_owner=self._owner if leased else None,
+            lease_ttl_s=self._settings.config.lease_ttl_s,
         )
         return run_id
 
     async def run(self, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> RunResult:
-        """Record and run ``workflow`` here, to the end."""
-        run_id = self.create(workflow, inputs, status="running")
-        result = await self.execute(workflow, run_id)
-        assert result is not None  # nobody else can hold a lease on a run just created
-        return result
+        """Record and run ``workflow`` here, to the end. Bad inputs raise ``UserError`` first."""
+        values = workflow.resolve_inputs(inputs)
+        run_id = self._create(workflow, values, status="running", leased=True)
+        return await self._leased(self._execute(workflow, run_id, values, {}, {}), run_id)
 
     async def execute(self, workflow: LoadedWorkflow, run_id: str) -> RunResult | None:
         """Run (or resume) a recorded run, holding its lease while it runs.
@@ -94,9 +99,24 @@ class Runner:
         ttl = self._settings.config.lease_ttl_s
         if not self._store.acquire_lease(run_id, owner=self._owner, ttl_s=ttl):
             return None
-        heartbeat = asyncio.create_task(self._keep_lease(run_id, ttl))
+        row = self._store.run_row(run_id)
+        assert row is not None
+        if row["workflow_hash"] != workflow.content_hash:
+            error = f"{workflow.path} changed since run {run_id} was queued"
+            self._store.finish_run(run_id, status="failed", error=error)
+            return RunResult(
+                run_id=run_id, workflow=workflow.name, status="failed", outputs={}, error=error
+            )
+        done, last_attempts = self._store.prepare_resume(run_id)
+        return await self._leased(
+            self._execute(workflow, run_id, row["inputs"], done, last_attempts), run_id
+        )
+
+    async def _leased(self, work: Coroutine[Any, Any, RunResult], run_id: str) -> RunResult:
+        """Await ``work`` while a heartbeat keeps this process's lease on the run fresh."""
+        heartbeat = asyncio.create_task(self._keep_lease(run_id, self._settings.config.lease_ttl_s))
         try:
-            return await self._execute(workflow, run_id)
+            return await work
         finally:
             heartbeat.cancel()
             if self._owns_clients:
@@ -107,17 +127,14 @@ class Runner:
             await asyncio.sleep(ttl / 3)
             self._store.renew_lease(run_id, owner=self._owner, ttl_s=ttl)
 
-    async def _execute(self, workflow: LoadedWorkflow, run_id: str) -> RunResult:
-        row = self._store.run_row(run_id)
-        assert row is not None
-        if row["workflow_hash"] != workflow.content_hash:
-            error = f"{workflow.path} changed since run {run_id} was queued"
-            self._store.finish_run(run_id, status="failed", error=error)
-            return RunResult(
-                run_id=run_id, workflow=workflow.name, status="failed", outputs={}, error=error
-            )
-        values = row["inputs"]
-        done, last_attempts = self._store.prepare_resume(run_id)
+    async def _execute(
+        self,
+        workflow: LoadedWorkflow,
+        run_id: str,
+        values: dict[str, Any],
+        done: dict[str, Any],
+        last_attempts: dict[str, int],
+    ) -> RunResult:
         result = RunResult(run_id=run_id, workflow=workflow.name, status="running", outputs={})
         steps = StepRunner(
             settings=self._settings,

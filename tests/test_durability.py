@@ -109,7 +109,7 @@ def test_killed_run_resumes_without_rerunning_finished_steps(
         ("second", 1, "abandoned"),
         ("second", 2, "settled"),
     ]
-    abandoned = [c for c in project.calls(run["id"]) if c["state"] == "abandoned"][0]
+    abandoned = next(c for c in project.calls(run["id"]) if c["state"] == "abandoned")
     # The abandoned call keeps its worst-case estimate: recorded spend never falls below real spend.
     assert abandoned["completion_tokens"] == 64 and abandoned["reference_cost_usd"] > 0
 

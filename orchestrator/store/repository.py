@@ -43,7 +43,11 @@ class Store:
         content_hash: str,
         inputs: dict[str, Any],
         status: str = "running",
+        lease_owner: str | None = None,
+        lease_ttl_s: float = 0.0,
     ) -> None:
+        """Record a new run; with ``lease_owner`` the creator holds its lease from the start."""
+        moment = now()
         with self.engine.begin() as connection:
             connection.execute(
                 insert(runs).values(
@@ -53,7 +57,11 @@ class Store:
                     workflow_hash=content_hash,
                     status=status,
                     inputs=inputs,
-                    created_at=now(),
+                    created_at=moment,
+                    lease_owner=lease_owner,
+                    lease_expires_at=moment + timedelta(seconds=lease_ttl_s)
+                    if lease_owner
+                    else None,
                 )
             )
 
