@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from orchestrator.runner import RunResult
 
-__all__ = ["arun", "run"]
+__all__ = ["arun", "enqueue", "get_run", "run"]
 
 
 def run(
@@ -37,3 +37,19 @@ async def arun(
     from orchestrator import runner
 
     return await runner.arun(workflow, inputs, config=config)
+
+
+def enqueue(
+    workflow: str, inputs: Mapping[str, Any] | None = None, *, config: str | None = None
+) -> str:
+    """Queue a run of ``workflow`` for a ``tierflow worker``; returns its run id at once."""
+    from orchestrator import runner
+
+    return runner.enqueue(workflow, inputs, config=config)
+
+
+def get_run(run_id: str, *, config: str | None = None) -> dict[str, Any] | None:
+    """The recorded run (status, inputs, outputs, steps, ledger rows), or None."""
+    from orchestrator import runner
+
+    return runner.get_run(run_id, config=config)

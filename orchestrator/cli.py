@@ -172,6 +172,45 @@ def run(
         raise typer.Exit(1)
 
 
+@app.command()
+def enqueue(
+    workflow: Annotated[
+        str, typer.Argument(help="A workflow name (workflows/NAME.yaml) or a path.")
+    ],
+    inputs: Annotated[
+        list[str] | None, typer.Option("--input", "-i", help="key=value; repeatable.")
+    ] = None,
+    inputs_file: Annotated[
+        Path | None, typer.Option("--inputs", help="A JSON file of inputs.")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Queue a run for a worker; prints the run id as the last line."""
+    from orchestrator.runner import enqueue as enqueue_workflow
+    from orchestrator.spec import find_workflow, load_workflow
+
+    settings = _settings(config)
+    loaded = load_workflow(find_workflow(workflow, settings), settings)
+    values = _gather_inputs(loaded.spec.inputs, inputs or [], inputs_file)
+    typer.echo(enqueue_workflow(str(loaded.path), values, config=config))
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Runs executed at once by this worker.")] = 2,
+    queues: Annotated[
+        str | None, typer.Option(help="Comma-separated queues (default: the configured one).")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Execute queued runs until stopped (Celery worker, with the stale-lease sweeper)."""
+    from orchestrator.queue import run_worker
+
+    run_worker(
+        _settings(config), concurrency=concurrency, queues=queues.split(",") if queues else None
+    )
+
+
 class _nothing:
     def __enter__(self) -> None:
         return None

@@ -77,6 +77,7 @@ class Runner:
             version=None if version is None else str(version),
             content_hash=workflow.content_hash,
             inputs=values,
+            path=str(workflow.path.resolve()),
             status=status,
             lease_owner=self._owner if leased else None,
             lease_ttl_s=self._settings.config.lease_ttl_s,
@@ -214,6 +215,40 @@ def open_store(settings: Settings) -> Store:
 
     url = settings.database_url
     return Store(open_engine(url, migrate=url.startswith("sqlite")))
+
+
+def enqueue(
+    workflow: str, inputs: Mapping[str, Any] | None = None, *, config: str | None = None
+) -> str:
+    """Record a queued run of ``workflow`` and publish it for a worker; returns the run id."""
+    from orchestrator.queue import enqueue_run
+    from orchestrator.settings import load_settings
+    from orchestrator.spec import find_workflow, load_workflow
+
+    settings = load_settings(config)
+    loaded = load_workflow(find_workflow(workflow, settings), settings)
+    store = open_store(settings)
+    try:
+        run_id = Runner(settings=settings, store=store).create(loaded, inputs or {})
+        try:
+            enqueue_run(settings, run_id, steps=len(loaded.steps))
+        except RunError as exc:
+            store.finish_run(run_id, status="failed", error=str(exc))
+            raise
+        return run_id
+    finally:
+        store.engine.dispose()
+
+
+def get_run(run_id: str, *, config: str | None = None) -> dict[str, Any] | None:
+    """A run with its steps and ledger rows, as ``tierflow show --json`` prints it."""
+    from orchestrator.settings import load_settings
+
+    store = open_store(load_settings(config))
+    try:
+        return store.run(run_id)
+    finally:
+        store.engine.dispose()
 
 
 async def arun(

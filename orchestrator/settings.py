@@ -92,6 +92,7 @@ class Config(_Strict):
     # A run's executor renews its lease every third of this; a lease older
     # than this means the executor died, and a sweeper hands the run on.
     lease_ttl_s: float = Field(default=60.0, gt=0)
+    queue: str = Field(default="tierflow", pattern=r"^[A-Za-z0-9_.-]+$")  # Celery's default queue
     agents_dir: str = "agents"
     workflows_dir: str = "workflows"
 

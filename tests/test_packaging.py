@@ -40,8 +40,8 @@ def test_every_dependency_is_pinned() -> None:
 
 
 def test_public_surface() -> None:
-    assert orchestrator.__all__ == ["arun", "run"]
-    assert callable(orchestrator.run) and callable(orchestrator.arun)
+    assert orchestrator.__all__ == ["arun", "enqueue", "get_run", "run"]
+    assert all(callable(getattr(orchestrator, name)) for name in orchestrator.__all__)
 
 
 def test_importing_the_package_is_light() -> None:

@@ -1,4 +1,4 @@
-"""Leases on runs; a state (pending, settled, abandoned) on ledger rows.
+"""Leases and the workflow's path on runs; a state (pending, settled, abandoned) on ledger rows.
 
 Revision ID: 0002
 Revises: 0001
@@ -18,6 +18,7 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table("runs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("workflow_path", sa.String(length=1000), nullable=True))
         batch_op.add_column(sa.Column("lease_owner", sa.String(length=200), nullable=True))
         batch_op.add_column(
             sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True)
@@ -34,3 +35,4 @@ def downgrade() -> None:
     with op.batch_alter_table("runs", schema=None) as batch_op:
         batch_op.drop_column("lease_expires_at")
         batch_op.drop_column("lease_owner")
+        batch_op.drop_column("workflow_path")

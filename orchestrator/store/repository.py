@@ -6,7 +6,7 @@ from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Engine, bindparam, delete, func, insert, or_, select, update
 
 from orchestrator.ledger import Call, StepRecord
 from orchestrator.store.tables import model_calls, runs, step_runs
@@ -42,6 +42,7 @@ class Store:
         version: str | None,
         content_hash: str,
         inputs: dict[str, Any],
+        path: str | None = None,
         status: str = "running",
         lease_owner: str | None = None,
         lease_ttl_s: float = 0.0,
@@ -55,6 +56,7 @@ class Store:
                     workflow=workflow,
                     workflow_version=version,
                     workflow_hash=content_hash,
+                    workflow_path=path,
                     status=status,
                     inputs=inputs,
                     created_at=moment,
@@ -166,20 +168,9 @@ class Store:
             )
         return result.rowcount == 1
 
-    def stale_runs(self, *, queued_for_s: float) -> list[str]:
-        """Runs a sweeper should enqueue again: running with a stale lease, or queued
-        and unclaimed for ``queued_for_s`` (their message may be lost)."""
-        moment = now()
-        query = select(runs.c.id).where(
-            or_(
-                and_(runs.c.status == "running", runs.c.lease_expires_at < moment),
-                and_(
-                    runs.c.status == "queued",
-                    runs.c.lease_owner.is_(None),
-                    runs.c.created_at < moment - timedelta(seconds=queued_for_s),
-                ),
-            )
-        )
+    def stale_runs(self) -> list[str]:
+        """Running runs whose lease went stale: their executor died, so a sweeper hands them on."""
+        query = select(runs.c.id).where(runs.c.status == "running", runs.c.lease_expires_at < now())
         with self.engine.connect() as connection:
             return list(connection.execute(query).scalars())
 

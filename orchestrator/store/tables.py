@@ -67,6 +67,7 @@ runs = Table(
     Column("workflow", String(100), nullable=False),
     Column("workflow_version", String(50)),
     Column("workflow_hash", String(64), nullable=False),
+    Column("workflow_path", String(1000)),  # where a worker finds the file again
     Column("status", String(16), nullable=False),
     Column("inputs", JSON, nullable=False),
     Column("outputs", JSON),
