@@ -104,7 +104,11 @@ def execute_by_id(settings: Settings, run_id: str) -> str:
     if row["status"] not in ("queued", "running"):
         return row["status"]  # type: ignore[no-any-return]
     workflow = load_workflow(row["workflow_path"], settings)
-    result = asyncio.run(Runner(settings=settings, store=store).execute(workflow, run_id))
+    try:
+        result = asyncio.run(Runner(settings=settings, store=store).execute(workflow, run_id))
+    except asyncio.CancelledError:  # the lease was lost mid-run; its new holder carries on
+        log.warning("run %s: lease lost to another worker; stopped here", run_id)
+        return "lease-lost"
     if result is None:
         log.info("run %s is leased by another worker or finished; skipped", run_id)
         return "skipped"

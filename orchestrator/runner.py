@@ -114,19 +114,28 @@ class Runner:
         )
 
     async def _leased(self, work: Coroutine[Any, Any, RunResult], run_id: str) -> RunResult:
-        """Await ``work`` while a heartbeat keeps this process's lease on the run fresh."""
-        heartbeat = asyncio.create_task(self._keep_lease(run_id, self._settings.config.lease_ttl_s))
+        """Await ``work`` while a heartbeat keeps this process's lease on the run fresh.
+
+        If the lease is lost (this process stalled past the TTL and another
+        worker took the run over), the work is cancelled: one run, one executor.
+        """
+        task = asyncio.ensure_future(work)
+        heartbeat = asyncio.create_task(
+            self._keep_lease(run_id, self._settings.config.lease_ttl_s, task)
+        )
         try:
-            return await work
+            return await task
         finally:
             heartbeat.cancel()
             if self._owns_clients:
                 await self._clients.aclose()
 
-    async def _keep_lease(self, run_id: str, ttl: float) -> None:
+    async def _keep_lease(self, run_id: str, ttl: float, work: asyncio.Future[Any]) -> None:
         while True:
             await asyncio.sleep(ttl / 3)
-            self._store.renew_lease(run_id, owner=self._owner, ttl_s=ttl)
+            if not self._store.renew_lease(run_id, owner=self._owner, ttl_s=ttl):
+                work.cancel()
+                return
 
     async def _execute(
         self,
@@ -200,11 +209,18 @@ class Runner:
             }
         except BaseException as exc:
             self._store.finish_run(
-                run_id, status="failed", error=f"interrupted: {type(exc).__name__}"
+                run_id,
+                status="failed",
+                error=f"interrupted: {type(exc).__name__}",
+                owner=self._owner,
             )
             raise
         self._store.finish_run(
-            run_id, status=result.status, outputs=result.outputs, error=result.error
+            run_id,
+            status=result.status,
+            outputs=result.outputs,
+            error=result.error,
+            owner=self._owner,
         )
         return result
 

@@ -126,3 +126,29 @@ def test_run_inputs_outputs_and_status_round_trip(store: Store) -> None:
     )
     assert [r["id"] for r in store.runs(status="succeeded")] == ["abcdef123456"]
     assert store.runs(workflow="other") == []
+
+
+def test_leases_fence_the_end_of_a_run(store: Store) -> None:
+    store.create_run(
+        run_id="r2", workflow="wf", version=None, content_hash="h", inputs={}, status="queued"
+    )
+    assert store.acquire_lease("r2", owner="a", ttl_s=60)
+    assert not store.acquire_lease("r2", owner="b", ttl_s=60)  # a live lease is exclusive
+    assert store.stale_runs() == []
+    assert not store.finish_run("r2", status="succeeded", owner="b")
+    assert store.finish_run("r2", status="succeeded", owner="a")
+    found = store.run("r2")
+    assert found is not None and found["status"] == "succeeded" and found["lease_owner"] is None
+    assert not store.acquire_lease(
+        "r2", owner="a", ttl_s=60
+    )  # finished runs are never leased again
+
+
+def test_a_stale_lease_can_be_taken_over(store: Store) -> None:
+    store.create_run(
+        run_id="r3", workflow="wf", version=None, content_hash="h", inputs={}, status="queued"
+    )
+    assert store.acquire_lease("r3", owner="a", ttl_s=-1)  # already expired
+    assert store.stale_runs() == ["r3"]
+    assert store.acquire_lease("r3", owner="b", ttl_s=60)
+    assert not store.renew_lease("r3", owner="a", ttl_s=60)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,11 @@ def open_engine(url: str, *, migrate: bool = False) -> Engine:
                     f"database {safe_url(url)} is at revision {current or 'none'}, not"
                     f" {head_revision()}: run 'tierflow db upgrade'"
                 )
-            upgrade(engine)
+            with _migration_lock(engine):
+                # Another process (two workers starting together) may have
+                # migrated while this one waited for the lock.
+                if current_revision(engine) != head_revision():
+                    upgrade(engine)
     except OperationalError as exc:
         engine.dispose()
         raise UserError(f"database {safe_url(url)}: cannot connect: {_first_line(exc)}") from None
@@ -50,6 +57,21 @@ def open_engine(url: str, *, migrate: bool = False) -> Engine:
         engine.dispose()
         raise
     return engine
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """Serialise migrations between processes on one machine (a lock file beside SQLite)."""
+    database = engine.url.database
+    if engine.url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        yield  # PostgreSQL: Alembic's DDL runs in one transaction there
+        return
+    with open(f"{database}.migrate-lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _engine_options(url: str) -> dict[str, Any]:

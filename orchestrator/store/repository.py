@@ -210,13 +210,22 @@ class Store:
         return done, attempts
 
     def finish_run(
-        self, run_id: str, *, status: str, outputs: Any = None, error: str | None = None
-    ) -> None:
+        self,
+        run_id: str,
+        *,
+        status: str,
+        outputs: Any = None,
+        error: str | None = None,
+        owner: str | None = None,
+    ) -> bool:
+        """Record the run's end and drop its lease. With ``owner``, only while that
+        owner still holds the lease: a worker that lost its run cannot overwrite it."""
+        query = update(runs).where(runs.c.id == run_id)
+        if owner is not None:
+            query = query.where(runs.c.lease_owner == owner)
         with self.engine.begin() as connection:
-            connection.execute(
-                update(runs)
-                .where(runs.c.id == run_id)
-                .values(
+            result = connection.execute(
+                query.values(
                     status=status,
                     outputs=outputs,
                     error=error,
@@ -225,6 +234,7 @@ class Store:
                     lease_expires_at=None,
                 )
             )
+        return result.rowcount == 1
 
     def run_row(self, run_id: str) -> dict[str, Any] | None:
         """The run's own row (no steps or calls), or None."""
