@@ -121,7 +121,16 @@ class StepRunner:
                     plan, {**context, "item": item}, record, attempts, item_index=index
                 )
 
-        return list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
+        tasks = [asyncio.ensure_future(one(i, item)) for i, item in enumerate(items)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            # One item failed (or the step was cancelled): stop the others rather
+            # than leave them running past the end of the step.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     def _ladder(self, plan: StepPlan) -> list[tuple[str, Tier]]:
         tiers = list(self._settings.config.tiers.items())

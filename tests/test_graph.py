@@ -283,3 +283,42 @@ def test_max_steps_caps_fan_out(tmp_path, ollama: OllamaServer, frontier: OpenAI
     assert result.status == "failed"
     assert "max_steps" in (result.error or "")
     assert len(ollama.chat_requests()) <= 3
+
+
+def test_a_failed_parallel_branch_leaves_no_call_unaccounted(
+    project: Project, ollama: OllamaServer
+) -> None:
+    def answer(body: dict) -> Reply:
+        prompt = last_prompt(body)
+        if prompt == "fails":
+            return Reply(status=500, text="broken")
+        return Reply(text="slow", delay_s=1.0)
+
+    ollama.responder = answer
+    project.write(
+        "tierflow.yaml",
+        {
+            "tiers": {
+                "light": {
+                    "local": True,
+                    "models": [{"model": "ollama/llama3.2:1b", "api_base": ollama.url}],
+                }
+            },
+            "database": f"sqlite:///{project.root / 'tierflow.db'}",
+        },
+    )
+    project.workflow(
+        {
+            "name": "race",
+            "steps": [
+                {"id": "bad", "agent": "helper", "tier": "light", "prompt": "fails"},
+                {"id": "slow", "agent": "helper", "tier": "light", "prompt": "takes a while"},
+            ],
+        }
+    )
+    result = project.run("race")
+    assert result.status == "failed"
+    calls = {c["step_id"]: c for c in project.calls(result.run_id)}
+    assert calls["bad"]["state"] == "settled" and calls["bad"]["outcome"] == "error"
+    # The slow branch was cancelled mid-call: its request may have been billed.
+    assert calls["slow"]["state"] == "abandoned"

@@ -97,6 +97,17 @@ class Store:
                 if connection.execute(_SETTLE_CALL, row).rowcount == 0:
                     columns = {key: value for key, value in row.items() if not key.startswith("b_")}
                     connection.execute(_INSERT_CALL, columns)
+            if record.status != "succeeded":
+                # Calls cut off by a cancellation never settle; they may have been billed.
+                connection.execute(
+                    update(model_calls)
+                    .where(
+                        model_calls.c.run_id == run_id,
+                        model_calls.c.step_id == record.step_id,
+                        model_calls.c.state == "pending",
+                    )
+                    .values(state="abandoned", outcome="abandoned", error="cancelled mid-call")
+                )
 
     def open_call(
         self, *, run_id: str, workflow: str, content_hash: str, agent: str, step_id: str, call: Call
