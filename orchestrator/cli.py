@@ -196,6 +196,20 @@ def enqueue(
 
 
 @app.command()
+def cancel(
+    run_id: Annotated[str, typer.Argument(help="The run to stop.")],
+    config: ConfigOption = None,
+) -> None:
+    """Cancel a queued or running run; a running one stops before its next step."""
+    status = _store(_settings(config)).cancel_run(run_id)
+    if status is None:
+        raise UserError(f"no run {run_id!r}")
+    if status != "cancelled":
+        raise UserError(f"run {run_id} already {status}")
+    typer.echo(f"cancelled {run_id}")
+
+
+@app.command()
 def worker(
     concurrency: Annotated[int, typer.Option(help="Runs executed at once by this worker.")] = 2,
     queues: Annotated[

@@ -4,6 +4,7 @@
     ├── UserError                 you configured it wrong: exit code 2, no run starts
     │   └── SpecError             a file or input failed validation (FILE:LINE: field: message)
     └── RunError                  a run started and failed: exit code 1
+        ├── RunCancelled          someone cancelled the run; it stopped between steps
         ├── StepFailed            a step exhausted its tier ladder
         └── ModelError            one model call failed; the scheduler escalates on it
             ├── ModelUnavailable  no credentials, or the server is unreachable (tier skipped)
@@ -41,6 +42,10 @@ class SpecError(UserError):
 
 class RunError(TierflowError):
     """A run started and failed. The CLI exits with code 1."""
+
+
+class RunCancelled(RunError):
+    """The run was cancelled (``tierflow cancel``) and stopped before its next step."""
 
 
 class StepFailed(RunError):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from orchestrator.errors import RunError, StepFailed
+from orchestrator.errors import RunCancelled, RunError, StepFailed
 from orchestrator.graph import OUTPUTS, compile_graph
 from orchestrator.ledger import Pricer, StepRecord
 from orchestrator.models import Clients
@@ -59,6 +59,7 @@ class Runner:
         self._on_step = on_step
         self._graphs: dict[str, Any] = {}  # compiled once per workflow content
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._cancelled: set[str] = set()
 
     def create(
         self, workflow: LoadedWorkflow, inputs: Mapping[str, Any], *, status: str = "queued"
@@ -133,9 +134,12 @@ class Runner:
     async def _keep_lease(self, run_id: str, ttl: float, work: asyncio.Future[Any]) -> None:
         while True:
             await asyncio.sleep(ttl / 3)
-            if not self._store.renew_lease(run_id, owner=self._owner, ttl_s=ttl):
+            status = self._store.renew_lease(run_id, owner=self._owner, ttl_s=ttl)
+            if status is None:
                 work.cancel()
                 return
+            if status == "cancelled":
+                self._cancelled.add(run_id)  # the run stops before its next step
 
     async def _execute(
         self,
@@ -166,6 +170,8 @@ class Runner:
         async def run_step(plan: StepPlan, outputs: dict[str, Any]) -> Any:
             if plan.id in done:  # finished before this process took the run over
                 return done[plan.id]
+            if run_id in self._cancelled:
+                raise RunCancelled(f"run {run_id} was cancelled before step '{plan.id}'")
             context = {
                 "inputs": values,
                 "steps": {step_id: {"output": output} for step_id, output in outputs.items()},
@@ -175,12 +181,14 @@ class Runner:
             try:
                 await steps.run(plan, context, record)
             finally:  # a cancelled step still has its calls written
-                self._store.record_step(
+                status = self._store.record_step(
                     run_id=run_id,
                     workflow=workflow.name,
                     content_hash=workflow.content_hash,
                     record=record,
                 )
+                if status == "cancelled":
+                    self._cancelled.add(run_id)
                 result.steps.append(record)
             if self._on_step is not None:
                 self._on_step(record)
@@ -202,7 +210,8 @@ class Runner:
             result.outputs = state[OUTPUTS]
             result.status = "succeeded"
         except RunError as exc:
-            result.status, result.error = "failed", str(exc)
+            result.status = "cancelled" if isinstance(exc, RunCancelled) else "failed"
+            result.error = str(exc)
             result.outputs = {
                 **done,
                 **{s.step_id: s.output for s in result.steps if s.status == "succeeded"},

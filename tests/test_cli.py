@@ -167,3 +167,18 @@ def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert f"at revision {head_revision()}" in proc.stdout
     assert (tmp_path / "fresh.db").exists()
+
+
+def test_cancel_command(project: Project, ollama: OllamaServer) -> None:
+    typed_project(project)
+    settings_path = str(project.config)
+    import orchestrator
+
+    ollama.reply("a")
+    proc = tierflow("run", "pair", "-i", "text=x", "--json", cwd=project.root)
+    finished = json.loads(proc.stdout)["run_id"]
+    done = tierflow("cancel", finished, cwd=project.root)
+    assert done.returncode == 2 and f"run {finished} already" in done.stderr
+    missing = tierflow("cancel", "nope", cwd=project.root)
+    assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
+    assert orchestrator.get_run(finished, config=settings_path) is not None

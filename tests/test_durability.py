@@ -150,3 +150,38 @@ def test_every_call_is_pending_before_its_request(project: Project, ollama: Olla
     assert seen[0][-1] == ("first", 1, "pending")
     assert seen[1][-1] == ("second", 1, "pending")
     assert states(project) == [("first", 1, "settled"), ("second", 1, "settled")]
+
+
+def test_cancel_stops_a_running_run_before_its_next_step(
+    project: Project, ollama: OllamaServer
+) -> None:
+    two_steps(project)
+    store = project.store()
+
+    def answer(body: dict) -> Reply:
+        [run] = store.runs()
+        store.cancel_run(run["id"])  # while the first step is in flight
+        return Reply(text="one")
+
+    ollama.responder = answer
+    result = project.run("two")
+    store.engine.dispose()
+    assert result.status == "cancelled"
+    assert [r["messages"][-1]["content"] for r in ollama.chat_requests()] == ["first"]
+    [run] = project.store().runs()
+    assert run["status"] == "cancelled"
+    assert states(project) == [("first", 1, "settled")]  # what it spent stays recorded
+
+
+def test_a_cancelled_queued_run_is_never_executed(project: Project, ollama: OllamaServer) -> None:
+    two_steps(project)
+    settings = load_settings(project.config)
+    workflow = load_workflow(find_workflow("two", settings), settings)
+    store = project.store()
+    runner = Runner(settings=settings, store=store)
+    run_id = runner.create(workflow, {})
+    assert store.cancel_run(run_id) == "cancelled"
+    assert asyncio.run(runner.execute(workflow, run_id)) is None
+    assert ollama.requests == []
+    assert store.cancel_run(run_id) == "cancelled"  # cancelling twice is harmless
+    store.engine.dispose()

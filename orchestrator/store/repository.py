@@ -69,8 +69,12 @@ class Store:
 
     def record_step(
         self, *, run_id: str, workflow: str, content_hash: str, record: StepRecord
-    ) -> None:
-        """The step's result and all its ledger rows, in one transaction."""
+    ) -> str | None:
+        """The step's result and all its ledger rows, in one transaction.
+
+        Returns the run's status as of that transaction, so the executor sees a
+        cancellation before it starts another step.
+        """
         answer = record.answer
         step_row = {
             "run_id": run_id,
@@ -108,6 +112,7 @@ class Store:
                     )
                     .values(state="abandoned", outcome="abandoned", error="cancelled mid-call")
                 )
+            return connection.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
 
     def open_call(
         self, *, run_id: str, workflow: str, content_hash: str, agent: str, step_id: str, call: Call
@@ -170,14 +175,30 @@ class Store:
             )
         return result.rowcount == 1
 
-    def renew_lease(self, run_id: str, *, owner: str, ttl_s: float) -> bool:
+    def renew_lease(self, run_id: str, *, owner: str, ttl_s: float) -> str | None:
+        """Extend ``owner``'s lease; returns the run's status, or None if the lease is lost."""
         with self.engine.begin() as connection:
             result = connection.execute(
                 update(runs)
                 .where(runs.c.id == run_id, runs.c.lease_owner == owner)
                 .values(lease_expires_at=now() + timedelta(seconds=ttl_s))
             )
-        return result.rowcount == 1
+            if result.rowcount != 1:
+                return None
+            return connection.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
+
+    def cancel_run(self, run_id: str) -> str | None:
+        """Cancel a queued or running run; returns its status afterwards, or None if unknown.
+
+        A queued run is never picked up; a running one stops before its next step.
+        """
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.status.in_(("queued", "running")))
+                .values(status="cancelled", finished_at=now())
+            )
+            return connection.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
 
     def stale_runs(self) -> list[str]:
         """Running runs whose lease went stale: their executor died, so a sweeper hands them on."""
