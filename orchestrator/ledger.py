@@ -13,16 +13,6 @@ from typing import Any
 
 from orchestrator.settings import Settings
 
-OUTCOMES = (
-    "ok",
-    "error",
-    "timeout",
-    "invalid_output",
-    "low_confidence",
-    "budget_blocked",
-    "unavailable",
-)
-
 
 @dataclass(frozen=True)
 class Call:
@@ -66,10 +56,6 @@ class StepRecord:
     @property
     def cost_usd(self) -> Decimal:
         return sum((call.cost_usd for call in self.calls), Decimal(0))
-
-    @property
-    def tokens(self) -> int:
-        return sum(call.prompt_tokens + call.completion_tokens for call in self.calls)
 
 
 class Pricer:

@@ -1,8 +1,10 @@
 """A whole run: record it, compile the graph, run its steps, record each as it ends.
 
-``tierflow run``, the Python API and (later) queue workers all come through
-``Runner.run``. Each step's result and its ledger rows are written in one
-transaction the moment the step ends, so a run that fails keeps what it spent.
+``tierflow run``, the Python API and queue workers all come through
+``Runner.execute``. The executor holds the run's lease. Each call is written
+pending before its request, and each step's result is written with its settled
+calls in one transaction when the step ends. A run whose process died resumes
+from its finished steps.
 """
 
 from __future__ import annotations

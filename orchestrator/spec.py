@@ -117,9 +117,6 @@ class LoadedWorkflow:
     def name(self) -> str:
         return self.spec.name
 
-    def step(self, step_id: str) -> StepPlan:
-        return next(plan for plan in self.steps if plan.id == step_id)
-
     def resolve_inputs(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Inputs with defaults applied, checked against the declared types."""
         declared = self.spec.inputs
