@@ -186,13 +186,13 @@ def enqueue(
     config: ConfigOption = None,
 ) -> None:
     """Queue a run for a worker; prints the run id as the last line."""
-    from orchestrator.runner import enqueue as enqueue_workflow
+    from orchestrator.runner import enqueue_loaded
     from orchestrator.spec import find_workflow, load_workflow
 
     settings = _settings(config)
     loaded = load_workflow(find_workflow(workflow, settings), settings)
     values = _gather_inputs(loaded.spec.inputs, inputs or [], inputs_file)
-    typer.echo(enqueue_workflow(str(loaded.path), values, config=config))
+    typer.echo(enqueue_loaded(settings, loaded, values))
 
 
 @app.command()

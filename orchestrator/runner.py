@@ -1,7 +1,7 @@
 """A whole run: record it, compile the graph, run its steps, record each as it ends.
 
-``tierflow run``, the Python API and queue workers all come through
-``Runner.execute``. The executor holds the run's lease. Each call is written
+``tierflow run``, the Python API and queue workers all run steps through
+``Runner._execute``. The executor holds the run's lease. Each call is written
 pending before its request, and each step's result is written with its settled
 calls in one transaction when the step ends. A run whose process died resumes
 from its finished steps.
@@ -248,17 +248,23 @@ def enqueue(
     workflow: str, inputs: Mapping[str, Any] | None = None, *, config: str | None = None
 ) -> str:
     """Record a queued run of ``workflow`` and publish it for a worker; returns the run id."""
-    from orchestrator.queue import enqueue_run
     from orchestrator.settings import load_settings
     from orchestrator.spec import find_workflow, load_workflow
 
     settings = load_settings(config)
     loaded = load_workflow(find_workflow(workflow, settings), settings)
+    return enqueue_loaded(settings, loaded, inputs or {})
+
+
+def enqueue_loaded(settings: Settings, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> str:
+    """``enqueue`` for a workflow already loaded. A broker that refuses fails the run."""
+    from orchestrator.queue import enqueue_run
+
     store = open_store(settings)
     try:
-        run_id = Runner(settings=settings, store=store).create(loaded, inputs or {})
+        run_id = Runner(settings=settings, store=store).create(workflow, inputs)
         try:
-            enqueue_run(settings, run_id, steps=len(loaded.steps))
+            enqueue_run(settings, run_id, steps=len(workflow.steps))
         except RunError as exc:
             store.finish_run(run_id, status="failed", error=str(exc))
             raise
