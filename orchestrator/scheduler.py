@@ -99,7 +99,10 @@ class StepRunner:
         except RunError as exc:
             record.status, record.error = "failed", str(exc)
         except asyncio.CancelledError:
-            record.status, record.error = "cancelled", "cancelled while a parallel step failed"
+            record.status, record.error = (
+                "cancelled",
+                "cancelled mid-step (a parallel step failed, or the lease was lost)",
+            )
             raise
         finally:
             record.finished_at = _now()
