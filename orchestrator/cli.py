@@ -8,6 +8,7 @@ so ``tierflow --help`` stays instant.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
     from orchestrator.ledger import StepRecord
     from orchestrator.settings import Settings
+    from orchestrator.spec import LoadedWorkflow
     from orchestrator.store import Store
 
 app = typer.Typer(
@@ -46,6 +48,13 @@ ConfigOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+WorkflowArgument = Annotated[
+    str, typer.Argument(help="A workflow name (workflows/NAME.yaml) or a path.")
+]
+InputOption = Annotated[
+    list[str] | None, typer.Option("--input", "-i", help="key=value; repeatable.")
+]
+InputsFileOption = Annotated[Path | None, typer.Option("--inputs", help="A JSON file of inputs.")]
 T = TypeVar("T")
 
 
@@ -128,32 +137,26 @@ def schema(
 
 @app.command()
 def run(
-    workflow: Annotated[
-        str, typer.Argument(help="A workflow name (workflows/NAME.yaml) or a path.")
-    ],
-    inputs: Annotated[
-        list[str] | None, typer.Option("--input", "-i", help="key=value; repeatable.")
-    ] = None,
-    inputs_file: Annotated[
-        Path | None, typer.Option("--inputs", help="A JSON file of inputs.")
-    ] = None,
+    workflow: WorkflowArgument,
+    inputs: InputOption = None,
+    inputs_file: InputsFileOption = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run a workflow here and now, then print its outputs and what it spent."""
     from orchestrator.runner import Runner
-    from orchestrator.spec import find_workflow, load_workflow
 
-    settings = _settings(config)
-    loaded = load_workflow(find_workflow(workflow, settings), settings)
-    values = _gather_inputs(loaded.spec.inputs, inputs or [], inputs_file)
-    loaded.resolve_inputs(values)  # bad inputs stop here, before a run is recorded
+    settings, loaded, values = _load_with_inputs(config, workflow, inputs, inputs_file)
     store = _store(settings)
     console = _console(stderr=as_json)
     runner = Runner(
         settings=settings, store=store, on_step=None if as_json else _step_printer(console)
     )
-    with console.status(f"running {loaded.name}…", spinner="dots") if not as_json else _nothing():
+    with (
+        console.status(f"running {loaded.name}…", spinner="dots")
+        if not as_json
+        else contextlib.nullcontext()
+    ):
         result = asyncio.run(runner.run(loaded, values))
     if as_json:
         _print_json(
@@ -174,24 +177,15 @@ def run(
 
 @app.command()
 def enqueue(
-    workflow: Annotated[
-        str, typer.Argument(help="A workflow name (workflows/NAME.yaml) or a path.")
-    ],
-    inputs: Annotated[
-        list[str] | None, typer.Option("--input", "-i", help="key=value; repeatable.")
-    ] = None,
-    inputs_file: Annotated[
-        Path | None, typer.Option("--inputs", help="A JSON file of inputs.")
-    ] = None,
+    workflow: WorkflowArgument,
+    inputs: InputOption = None,
+    inputs_file: InputsFileOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Queue a run for a worker; prints the run id as the last line."""
     from orchestrator.runner import enqueue_loaded
-    from orchestrator.spec import find_workflow, load_workflow
 
-    settings = _settings(config)
-    loaded = load_workflow(find_workflow(workflow, settings), settings)
-    values = _gather_inputs(loaded.spec.inputs, inputs or [], inputs_file)
+    settings, loaded, values = _load_with_inputs(config, workflow, inputs, inputs_file)
     typer.echo(enqueue_loaded(settings, loaded, values))
 
 
@@ -225,12 +219,17 @@ def worker(
     )
 
 
-class _nothing:
-    def __enter__(self) -> None:
-        return None
+def _load_with_inputs(
+    config: str | None, workflow: str, pairs: list[str] | None, inputs_file: Path | None
+) -> tuple[Settings, LoadedWorkflow, dict[str, Any]]:
+    """Settings, the checked workflow and its inputs; bad inputs stop here, before any run."""
+    from orchestrator.spec import find_workflow, load_workflow
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+    settings = _settings(config)
+    loaded = load_workflow(find_workflow(workflow, settings), settings)
+    values = _gather_inputs(loaded.spec.inputs, pairs or [], inputs_file)
+    loaded.resolve_inputs(values)
+    return settings, loaded, values
 
 
 def _gather_inputs(

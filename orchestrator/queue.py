@@ -42,7 +42,12 @@ def make_app(settings: Settings) -> Any:
         folder = broker_folder(settings)
         folder.mkdir(parents=True, exist_ok=True)
         url = "filesystem://"
-        transport = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+        transport = {
+            "data_folder_in": str(folder),
+            "data_folder_out": str(folder),
+            # kombu's default is ./control, in whatever directory the process runs.
+            "control_folder": str(folder / "control"),
+        }
     elif url.startswith(("redis://", "rediss://")):
         # Redis redelivers an unacked message after this long; the lease makes a
         # redelivery harmless, and the sweeper is faster than this anyway.

@@ -10,6 +10,7 @@ down, not pulled) is recorded and skipped without using up an attempt.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import re
@@ -218,18 +219,20 @@ class StepRunner:
             timeout_s=timeout,
             json_schema=plan.step.output,
         )
-        started = _now()
+        make_call = functools.partial(
+            self._call,
+            plan,
+            entry,
+            attempt=attempt,
+            item_index=item_index,
+            tier_used=tier_used,
+            escalation_reason=escalation_reason,
+            started=_now(),
+        )
         if self._on_call_start is not None:
             self._on_call_start(
                 plan,
-                self._call(
-                    plan,
-                    entry,
-                    attempt=attempt,
-                    item_index=item_index,
-                    tier_used=tier_used,
-                    escalation_reason=escalation_reason,
-                    started=started,
+                make_call(
                     prompt_tokens=_estimate_tokens(messages),
                     completion_tokens=plan.max_tokens,
                     latency_ms=0.0,
@@ -263,14 +266,7 @@ class StepRunner:
             # response, say) is still a failed call: record it and escalate.
             outcome, error = "error", f"{type(exc).__name__}: {str(exc)[:300]}"
         latency_ms = (time.perf_counter() - clock) * 1000
-        call = self._call(
-            plan,
-            entry,
-            attempt=attempt,
-            item_index=item_index,
-            tier_used=tier_used,
-            escalation_reason=escalation_reason,
-            started=started,
+        call = make_call(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             latency_ms=round(latency_ms, 3),

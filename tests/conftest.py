@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy import select
 
 from orchestrator.ledger import StepRecord
 from orchestrator.runner import Runner, RunResult, open_store
 from orchestrator.settings import load_settings
-from orchestrator.spec import find_workflow, load_workflow
+from orchestrator.spec import LoadedWorkflow, find_workflow, load_workflow
 from orchestrator.store import Store
+from orchestrator.store.tables import model_calls
 from orchestrator.testing import OllamaServer, OpenAIServer
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -112,20 +115,37 @@ class Project:
         data.setdefault("inputs", {"text": {"type": "string", "default": "hello"}})
         return self.write(f"workflows/{data['name']}.yaml", data)
 
-    def run(
-        self, name: str, inputs: dict[str, Any] | None = None, *, on_step: Any = None
-    ) -> RunResult:
+    def runner(self, name: str) -> tuple[Runner, LoadedWorkflow, Store]:
+        """A runner on this project's store, and the loaded workflow ``name``.
+
+        The caller disposes of ``store.engine``.
+        """
         settings = load_settings(self.config)
         loaded = load_workflow(find_workflow(name, settings), settings)
         store = self.store()
+        return Runner(settings=settings, store=store), loaded, store
+
+    def run(self, name: str, inputs: dict[str, Any] | None = None) -> RunResult:
+        runner, loaded, store = self.runner(name)
         try:
-            runner = Runner(settings=settings, store=store, on_step=on_step)
             return asyncio.run(runner.run(loaded, inputs or {}))
         finally:
             store.engine.dispose()
 
     def store(self) -> Store:
         return open_store(load_settings(self.config))
+
+    def ledger_states(self) -> list[tuple[str, int, str]]:
+        """(step, attempt, state) of every ledger row, in the order written."""
+        store = self.store()
+        try:
+            with store.engine.connect() as connection:
+                query = select(
+                    model_calls.c.step_id, model_calls.c.attempt, model_calls.c.state
+                ).order_by(model_calls.c.id)
+                return [(row[0], row[1], row[2]) for row in connection.execute(query)]
+        finally:
+            store.engine.dispose()
 
     def calls(self, run_id: str) -> list[dict[str, Any]]:
         store = self.store()
@@ -170,6 +190,33 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ledger.db'}"
     return str(request.getfixturevalue("postgres_url"))
+
+
+def write_two_steps(project: Project) -> None:
+    """Workflow ``two``: step ``first``, then ``second``, on the light tier."""
+    project.workflow(
+        {
+            "name": "two",
+            "steps": [
+                {"id": "first", "agent": "helper", "tier": "light", "prompt": "first"},
+                {
+                    "id": "second",
+                    "agent": "helper",
+                    "tier": "light",
+                    "needs": ["first"],
+                    "prompt": "second",
+                },
+            ],
+        }
+    )
+
+
+def wait_for(predicate: Callable[[], bool], *, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
 
 
 def statuses(records: list[StepRecord]) -> dict[str, str]:

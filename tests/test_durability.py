@@ -10,62 +10,16 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import Project, tiers_for
-from sqlalchemy import select
+from conftest import Project, tiers_for, wait_for, write_two_steps
 
-from orchestrator.runner import Runner
-from orchestrator.settings import load_settings
-from orchestrator.spec import find_workflow, load_workflow
-from orchestrator.store.tables import model_calls
+from orchestrator.runner import RunResult
 from orchestrator.testing import OllamaServer, OpenAIServer, Reply
 
 
-def two_steps(project: Project) -> None:
-    project.workflow(
-        {
-            "name": "two",
-            "steps": [
-                {"id": "first", "agent": "helper", "tier": "light", "prompt": "first"},
-                {
-                    "id": "second",
-                    "agent": "helper",
-                    "tier": "light",
-                    "needs": ["first"],
-                    "prompt": "second",
-                },
-            ],
-        }
-    )
-
-
-def wait_for(predicate, *, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-
-
-def states(project: Project) -> list[tuple[str, int, str]]:
-    store = project.store()
+def resume(project: Project, run_id: str) -> RunResult | None:
+    runner, workflow, store = project.runner("two")
     try:
-        with store.engine.connect() as connection:
-            rows = connection.execute(
-                select(model_calls.c.step_id, model_calls.c.attempt, model_calls.c.state).order_by(
-                    model_calls.c.id
-                )
-            ).all()
-    finally:
-        store.engine.dispose()
-    return [tuple(row) for row in rows]  # type: ignore[misc]
-
-
-def resume(project: Project, run_id: str):  # type: ignore[no-untyped-def]
-    settings = load_settings(project.config)
-    workflow = load_workflow(find_workflow("two", settings), settings)
-    store = project.store()
-    try:
-        return asyncio.run(Runner(settings=settings, store=store).execute(workflow, run_id))
+        return asyncio.run(runner.execute(workflow, run_id))
     finally:
         store.engine.dispose()
 
@@ -76,7 +30,7 @@ def test_killed_run_resumes_without_rerunning_finished_steps(
     project = Project(
         tmp_path, {"tiers": tiers_for(ollama, frontier, timeout_s=30), "lease_ttl_s": 1}
     )
-    two_steps(project)
+    write_two_steps(project)
     ollama.responder = lambda body: (
         Reply(text="slow", delay_s=30, prompt_tokens=7, completion_tokens=3)
         if body["messages"][-1]["content"] == "second"
@@ -90,7 +44,7 @@ def test_killed_run_resumes_without_rerunning_finished_steps(
         start_new_session=True,
     )
     try:
-        wait_for(lambda: ("second", 1, "pending") in states(project))
+        wait_for(lambda: ("second", 1, "pending") in project.ledger_states())
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -104,7 +58,7 @@ def test_killed_run_resumes_without_rerunning_finished_steps(
     assert result.outputs == {"first": "one", "second": "two"}
     prompts = [r["messages"][-1]["content"] for r in ollama.chat_requests()]
     assert prompts.count("first") == 1  # the finished step was not asked again
-    assert states(project) == [
+    assert project.ledger_states() == [
         ("first", 1, "settled"),
         ("second", 1, "abandoned"),
         ("second", 2, "settled"),
@@ -115,11 +69,8 @@ def test_killed_run_resumes_without_rerunning_finished_steps(
 
 
 def test_a_live_lease_stops_a_second_executor(project: Project, ollama: OllamaServer) -> None:
-    two_steps(project)
-    settings = load_settings(project.config)
-    workflow = load_workflow(find_workflow("two", settings), settings)
-    store = project.store()
-    runner = Runner(settings=settings, store=store)
+    write_two_steps(project)
+    runner, workflow, store = project.runner("two")
     run_id = runner.create(workflow, {})
     assert store.acquire_lease(run_id, owner="someone-else", ttl_s=60)
     assert asyncio.run(runner.execute(workflow, run_id)) is None
@@ -128,7 +79,7 @@ def test_a_live_lease_stops_a_second_executor(project: Project, ollama: OllamaSe
 
 
 def test_a_finished_run_is_never_executed_again(project: Project, ollama: OllamaServer) -> None:
-    two_steps(project)
+    write_two_steps(project)
     result = project.run("two")
     assert result.status == "succeeded"
     asked = len(ollama.chat_requests())
@@ -137,11 +88,11 @@ def test_a_finished_run_is_never_executed_again(project: Project, ollama: Ollama
 
 
 def test_every_call_is_pending_before_its_request(project: Project, ollama: OllamaServer) -> None:
-    two_steps(project)
+    write_two_steps(project)
     seen: list[list[tuple[str, int, str]]] = []
 
     def record_ledger(body: dict) -> Reply:
-        seen.append(states(project))
+        seen.append(project.ledger_states())
         return Reply(text="ok")
 
     ollama.responder = record_ledger
@@ -149,13 +100,13 @@ def test_every_call_is_pending_before_its_request(project: Project, ollama: Olla
     assert result.status == "succeeded"
     assert seen[0][-1] == ("first", 1, "pending")
     assert seen[1][-1] == ("second", 1, "pending")
-    assert states(project) == [("first", 1, "settled"), ("second", 1, "settled")]
+    assert project.ledger_states() == [("first", 1, "settled"), ("second", 1, "settled")]
 
 
 def test_cancel_stops_a_running_run_before_its_next_step(
     project: Project, ollama: OllamaServer
 ) -> None:
-    two_steps(project)
+    write_two_steps(project)
     store = project.store()
 
     def answer(body: dict) -> Reply:
@@ -170,15 +121,12 @@ def test_cancel_stops_a_running_run_before_its_next_step(
     assert [r["messages"][-1]["content"] for r in ollama.chat_requests()] == ["first"]
     [run] = project.store().runs()
     assert run["status"] == "cancelled"
-    assert states(project) == [("first", 1, "settled")]  # what it spent stays recorded
+    assert project.ledger_states() == [("first", 1, "settled")]  # what it spent stays recorded
 
 
 def test_a_cancelled_queued_run_is_never_executed(project: Project, ollama: OllamaServer) -> None:
-    two_steps(project)
-    settings = load_settings(project.config)
-    workflow = load_workflow(find_workflow("two", settings), settings)
-    store = project.store()
-    runner = Runner(settings=settings, store=store)
+    write_two_steps(project)
+    runner, workflow, store = project.runner("two")
     run_id = runner.create(workflow, {})
     assert store.cancel_run(run_id) == "cancelled"
     assert asyncio.run(runner.execute(workflow, run_id)) is None

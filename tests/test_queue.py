@@ -14,13 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Project, missing_service, tiers_for
-from sqlalchemy import select
+from conftest import Project, missing_service, tiers_for, wait_for, write_two_steps
 
 import orchestrator
 from orchestrator.queue import TASK, make_app
 from orchestrator.settings import load_settings
-from orchestrator.store.tables import model_calls
 from orchestrator.testing import OllamaServer, OpenAIServer, Reply
 
 BROKERS = {
@@ -59,21 +57,7 @@ def queued(
     if broker:
         config["broker"] = broker
     project = Project(tmp_path / "p", config)
-    project.workflow(
-        {
-            "name": "two",
-            "steps": [
-                {"id": "first", "agent": "helper", "tier": "light", "prompt": "first"},
-                {
-                    "id": "second",
-                    "agent": "helper",
-                    "tier": "light",
-                    "needs": ["first"],
-                    "prompt": "second",
-                },
-            ],
-        }
-    )
+    write_two_steps(project)
     return project
 
 
@@ -127,30 +111,10 @@ def start_worker(project: Project, workers: list[Worker]) -> Worker:
     return worker
 
 
-def wait_for(predicate: Any, *, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-
-
 def status(project: Project, run_id: str) -> str:
     run = orchestrator.get_run(run_id, config=str(project.config))
     assert run is not None
     return str(run["status"])
-
-
-def ledger(project: Project) -> list[tuple[str, int, str]]:
-    store = project.store()
-    try:
-        with store.engine.connect() as connection:
-            query = select(
-                model_calls.c.step_id, model_calls.c.attempt, model_calls.c.state
-            ).order_by(model_calls.c.id)
-            return [tuple(row) for row in connection.execute(query).all()]  # type: ignore[misc]
-    finally:
-        store.engine.dispose()
 
 
 def test_enqueued_run_is_executed_by_a_worker(
@@ -170,7 +134,7 @@ def test_enqueued_run_is_executed_by_a_worker(
     wait_for(lambda: status(queued, run_id) == "succeeded")
     run = orchestrator.get_run(run_id, config=str(queued.config))
     assert run is not None and run["outputs"] == {"first": "FIRST", "second": "SECOND"}
-    assert ledger(queued) == [("first", 1, "settled"), ("second", 1, "settled")]
+    assert queued.ledger_states() == [("first", 1, "settled"), ("second", 1, "settled")]
 
 
 def test_a_killed_worker_leaves_the_run_to_another(
@@ -187,12 +151,12 @@ def test_a_killed_worker_leaves_the_run_to_another(
     ollama.responder = answer
     doomed = start_worker(queued, workers)
     run_id = orchestrator.enqueue("two", config=str(queued.config))
-    wait_for(lambda: ("second", 1, "pending") in ledger(queued))
+    wait_for(lambda: ("second", 1, "pending") in queued.ledger_states())
     doomed.kill(signal.SIGKILL)  # mid-step, waiting on the slow model
     start_worker(queued, workers)  # its sweeper finds the stale lease and enqueues the run again
     wait_for(lambda: status(queued, run_id) == "succeeded")
     assert asked.count("first") == 1  # the finished step never ran again
-    assert ledger(queued) == [
+    assert queued.ledger_states() == [
         ("first", 1, "settled"),
         ("second", 1, "abandoned"),
         ("second", 2, "settled"),
@@ -212,7 +176,7 @@ def test_a_redelivered_message_does_not_call_the_model_twice(
     start_worker(queued, workers)
     start_worker(queued, workers)
     run_id = orchestrator.enqueue("two", config=str(queued.config))
-    wait_for(lambda: ("first", 1, "pending") in ledger(queued))
+    wait_for(lambda: ("first", 1, "pending") in queued.ledger_states())
     # The broker hands the same run to the idle worker, as Redis does after its visibility timeout.
     app = make_app(load_settings(queued.config))
     app.send_task(TASK, args=[run_id])
@@ -220,6 +184,6 @@ def test_a_redelivered_message_does_not_call_the_model_twice(
     wait_for(lambda: status(queued, run_id) == "succeeded")
     time.sleep(1)  # give the duplicate time to be consumed
     assert asked == ["first", "second"]
-    assert ledger(queued) == [("first", 1, "settled"), ("second", 1, "settled")]
+    assert queued.ledger_states() == [("first", 1, "settled"), ("second", 1, "settled")]
     logs = "".join(w.log.read_text() for w in workers)
     assert "skipped" in logs
