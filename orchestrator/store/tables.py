@@ -77,6 +77,10 @@ runs = Table(
     # The worker executing the run holds a lease; a stale lease means it died.
     Column("lease_owner", String(200)),
     Column("lease_expires_at", DateTime(timezone=True)),
+    # A queued run waits on this queue; the sweeper publishes it again if its
+    # message was lost (a broker restart), at most once per period.
+    Column("queue", String(200)),
+    Column("enqueued_at", DateTime(timezone=True)),
     Index(None, "workflow", "created_at"),
     Index(None, "status"),
 )
