@@ -206,17 +206,42 @@ def cancel(
 @app.command()
 def worker(
     concurrency: Annotated[int, typer.Option(help="Runs executed at once by this worker.")] = 2,
+    tiers: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated tiers whose steps this worker runs (default: all)."),
+    ] = None,
     queues: Annotated[
-        str | None, typer.Option(help="Comma-separated queues (default: the configured one).")
+        str | None,
+        typer.Option(help="Comma-separated queues (default: those of the tiers it runs)."),
     ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Execute queued runs until stopped (Celery worker, with the stale-lease sweeper)."""
-    from orchestrator.queue import run_worker
+    from orchestrator.loading import suggest
+    from orchestrator.queue import check_tier_queues, run_worker
 
+    settings = _settings(config)
+    served = tiers.split(",") if tiers else None
+    if served is not None:
+        for tier in served:
+            if tier not in settings.config.tiers:
+                hint = suggest(tier, settings.tier_names)
+                raise UserError(f"--tiers: no tier '{tier}' in the configuration{hint}")
+        check_tier_queues(settings, served)
     run_worker(
-        _settings(config), concurrency=concurrency, queues=queues.split(",") if queues else None
+        settings,
+        concurrency=concurrency,
+        queues=queues.split(",") if queues else None,
+        tiers=served,
     )
+
+
+@app.command()
+def beat(config: ConfigOption = None) -> None:
+    """Enqueue workflows on their `schedule:` (cron, UTC) until stopped (Celery beat)."""
+    from orchestrator.queue import run_beat
+
+    run_beat(_settings(config))
 
 
 def _load_with_inputs(

@@ -5,6 +5,13 @@ same code ``tierflow run`` uses. Messages are JSON only. Workers ack late and
 take one message at a time; a run is protected from double execution by its
 lease in the database, not by the broker.
 
+Tier-affine queues: each tier may name a queue, and ``tierflow worker --tiers
+light`` consumes only the queues of those tiers. A task runs the steps its
+worker serves; when a step needs another tier, the run is published on that
+tier's queue and another worker carries on (see ``Runner``). One task per run
+segment, not per step: a coordinator waiting on step tasks would hold a worker
+slot idle, and the run's lease already orders its steps.
+
 The default broker is kombu's filesystem transport in ``.tierflow/broker`` next
 to tierflow.yaml, so one machine needs no server. We chose it over kombu's
 SQLAlchemy transport because it adds no writer to the SQLite file that holds
@@ -19,20 +26,24 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.settings import Settings
 
+if TYPE_CHECKING:
+    from orchestrator.spec import LoadedWorkflow
+
 log = logging.getLogger("tierflow.queue")
 TASK = "tierflow.execute_run"
+SCHEDULED = "tierflow.enqueue_scheduled"
 
 
 def broker_folder(settings: Settings) -> Path:
     return settings.root / ".tierflow" / "broker"
 
 
-def make_app(settings: Settings) -> Any:
-    """A Celery app for ``settings``; its one task executes runs from this configuration."""
+def make_app(settings: Settings, tiers: list[str] | None = None) -> Any:
+    """A Celery app for ``settings``; its task executes runs on ``tiers`` (None: all)."""
     from celery import Celery
 
     app = Celery("tierflow", set_as_current=False)
@@ -70,9 +81,24 @@ def make_app(settings: Settings) -> Any:
 
     @app.task(name=TASK)  # type: ignore[untyped-decorator]
     def execute_run(run_id: str) -> str:
-        return execute_by_id(settings, run_id)
+        return execute_by_id(settings, run_id, tiers=tiers, app=app)
+
+    @app.task(name=SCHEDULED)  # type: ignore[untyped-decorator]
+    def enqueue_scheduled(path: str, inputs: dict[str, Any]) -> str:
+        from orchestrator.runner import enqueue_loaded
+        from orchestrator.spec import load_workflow
+
+        return enqueue_loaded(settings, load_workflow(path, settings), inputs)
 
     return app
+
+
+def first_queue(settings: Settings, workflow: LoadedWorkflow) -> str:
+    """The queue of the tier the workflow's first step starts on."""
+    from orchestrator.scheduler import ladder
+
+    climb = ladder(settings, workflow.steps[0])
+    return settings.queue_of(climb[0][0]) if climb else settings.config.queue
 
 
 def time_limit_s(settings: Settings, steps: int) -> float:
@@ -96,8 +122,13 @@ def _store(settings: Settings) -> Any:
     return _stores[pid]
 
 
-def execute_by_id(settings: Settings, run_id: str) -> str:
-    """What a worker does with a message: execute the run unless it is leased or finished."""
+def execute_by_id(
+    settings: Settings, run_id: str, *, tiers: list[str] | None = None, app: Any = None
+) -> str:
+    """What a worker does with a message: execute the run unless it is leased or finished.
+
+    A run handed to another tier is published on that tier's queue through ``app``.
+    """
     from orchestrator.runner import Runner
     from orchestrator.spec import load_workflow
 
@@ -110,50 +141,76 @@ def execute_by_id(settings: Settings, run_id: str) -> str:
         return row["status"]  # type: ignore[no-any-return]
     workflow = load_workflow(row["workflow_path"], settings)
     try:
-        result = asyncio.run(Runner(settings=settings, store=store).execute(workflow, run_id))
+        runner = Runner(settings=settings, store=store, tiers=tiers)
+        result = asyncio.run(runner.execute(workflow, run_id))
     except asyncio.CancelledError:  # the lease was lost mid-run; its new holder carries on
         log.warning("run %s: lease lost to another worker; stopped here", run_id)
         return "lease-lost"
     if result is None:
         log.info("run %s is leased by another worker or finished; skipped", run_id)
         return "skipped"
+    if result.queue is not None and app is not None:
+        log.info("run %s: handed to queue %s", run_id, result.queue)
+        # If this publish is lost, the sweeper publishes the queued run again.
+        publish(app, run_id, queue=result.queue, time_limit_s=row["time_limit_s"])
     return result.status
 
 
-def enqueue_run(settings: Settings, run_id: str, *, steps: int) -> None:
-    """Publish the run's message; raises ``RunError`` if the broker cannot take it."""
+def publish(app: Any, run_id: str, *, queue: str, time_limit_s: float | None) -> None:
+    """Send the task that executes ``run_id`` to ``queue``'s workers."""
+    limits = (
+        {}
+        if time_limit_s is None
+        else {"time_limit": time_limit_s, "soft_time_limit": time_limit_s - 30}
+    )
+    app.send_task(
+        TASK,
+        args=[run_id],
+        queue=queue,
+        retry=True,
+        retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+        **limits,
+    )
+
+
+def enqueue_run(settings: Settings, run_id: str, *, queue: str, time_limit_s: float) -> None:
+    """Publish a new run's message; raises ``RunError`` if the broker cannot take it."""
     from orchestrator.errors import RunError
 
-    limit = time_limit_s(settings, steps)
     app = make_app(settings)
     try:
-        app.send_task(
-            TASK,
-            args=[run_id],
-            time_limit=limit,
-            soft_time_limit=limit - 30,
-            retry=True,
-            retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
-        )
+        publish(app, run_id, queue=queue, time_limit_s=time_limit_s)
     except Exception as exc:  # kombu's connection errors vary by transport
         raise RunError(f"could not enqueue run {run_id}: {type(exc).__name__}: {exc}") from None
     finally:
         app.close()  # the producer pool's connection
 
 
+QUEUED_FOR_TTLS = 5  # a queued run untouched for this many lease TTLs is published again
+
+
 def start_sweeper(settings: Settings) -> threading.Thread:
-    """Re-enqueue runs whose lease went stale, checking every third of the lease TTL."""
-    interval = settings.config.lease_ttl_s / 3
+    """Publish again, every third of the lease TTL, runs whose message may be lost.
+
+    Those are runs whose lease went stale (their worker died) and runs queued
+    for longer than ``QUEUED_FOR_TTLS`` lease TTLs (a broker that lost its
+    messages in a restart). A duplicate message is harmless: the lease decides.
+    """
+    ttl = settings.config.lease_ttl_s
 
     def sweep() -> None:
         app = make_app(settings)
         store = _store(settings)
         event = threading.Event()
-        while not event.wait(interval):
+        while not event.wait(ttl / 3):
             try:
-                for run_id in store.stale_runs():
-                    log.warning("run %s: its lease went stale; enqueued again", run_id)
-                    app.send_task(TASK, args=[run_id])
+                for row in store.runs_to_publish(
+                    lease_ttl_s=ttl, queued_for_s=QUEUED_FOR_TTLS * ttl
+                ):
+                    why = "its lease went stale" if row["status"] == "running" else "still queued"
+                    log.warning("run %s: %s; published again", row["id"], why)
+                    queue = row["queue"] or settings.config.queue
+                    publish(app, row["id"], queue=queue, time_limit_s=row["time_limit_s"])
             except Exception:  # a broker or database blip: try again next round
                 log.exception("sweeper round failed")
 
@@ -162,11 +219,17 @@ def start_sweeper(settings: Settings) -> threading.Thread:
     return thread
 
 
-def run_worker(settings: Settings, *, concurrency: int, queues: list[str] | None) -> None:
-    """Run a Celery worker in this process until it is stopped."""
+def run_worker(
+    settings: Settings, *, concurrency: int, queues: list[str] | None, tiers: list[str] | None
+) -> None:
+    """Run a Celery worker in this process until it is stopped.
+
+    It executes steps on ``tiers`` (None: all) and consumes ``queues``
+    (default: the queues of those tiers).
+    """
     from celery import signals
 
-    app = make_app(settings)
+    app = make_app(settings, tiers)
     signals.worker_ready.connect(lambda **_: start_sweeper(settings), weak=False)
     argv = [
         "worker",
@@ -175,6 +238,58 @@ def run_worker(settings: Settings, *, concurrency: int, queues: list[str] | None
         "--without-gossip",
         "--without-mingle",
         f"--hostname=tierflow-{os.getpid()}@%h",
-        f"--queues={','.join(queues or [settings.config.queue])}",
+        f"--queues={','.join(queues or settings.queues_of(tiers))}",
     ]
     app.worker_main(argv=argv)
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Celery beat entries for the ``schedule:`` of every workflow in ``workflows_dir``.
+
+    Each entry's task creates the run and publishes it, on the queue of the
+    tier its first step starts on, so a worker that can start it records it.
+    """
+    from orchestrator.spec import crontab_of, load_workflow
+
+    entries = {}
+    for path in sorted((settings.root / settings.config.workflows_dir).glob("*.yaml")):
+        workflow = load_workflow(path, settings)
+        for index, schedule in enumerate(workflow.spec.schedule, start=1):
+            entries[f"{workflow.name}#{index}"] = {
+                "task": SCHEDULED,
+                "schedule": crontab_of(schedule.cron),
+                "args": [str(path.resolve()), schedule.inputs],
+                "options": {"queue": first_queue(settings, workflow)},
+            }
+    return entries
+
+
+def run_beat(settings: Settings) -> None:
+    """Run Celery beat in this process: it enqueues scheduled workflows until stopped."""
+    from orchestrator.errors import UserError
+
+    entries = beat_schedule(settings)
+    if not entries:
+        folder = settings.root / settings.config.workflows_dir
+        raise UserError(f"no workflow in {folder} has a schedule: nothing for beat to do")
+    app = make_app(settings)
+    app.conf.update(beat_schedule=entries, timezone="UTC", enable_utc=True)
+    state = settings.root / ".tierflow" / "beat-schedule"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    app.start(argv=["beat", "--loglevel=INFO", f"--schedule={state}"])
+
+
+def check_tier_queues(settings: Settings, tiers: list[str]) -> None:
+    """Refuse a worker for ``tiers`` whose queues also carry steps of other tiers.
+
+    It would take those runs and hand them back to the same queue, round and round.
+    """
+    from orchestrator.errors import UserError
+
+    for tier in settings.tier_names:
+        queue = settings.queue_of(tier)
+        if tier not in tiers and queue in settings.queues_of(tiers):
+            raise UserError(
+                f"--tiers {','.join(tiers)}: queue '{queue}' also carries tier '{tier}';"
+                f" give tier '{tier}' a queue of its own in tierflow.yaml (tiers.{tier}.queue)"
+            )

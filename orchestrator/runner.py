@@ -5,6 +5,10 @@
 pending before its request, and each step's result is written with its settled
 calls in one transaction when the step ends. A run whose process died resumes
 from its finished steps.
+
+A queue worker may serve only some tiers. When a step needs another tier, the
+steps still running here finish, the run goes back to the queue of that tier
+(status queued, lease dropped), and the worker that takes it resumes it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import asyncio
 import os
 import socket
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -22,7 +27,7 @@ from orchestrator.errors import RunCancelled, RunError, StepFailed
 from orchestrator.graph import OUTPUTS, compile_graph
 from orchestrator.ledger import Pricer, StepRecord
 from orchestrator.models import Clients
-from orchestrator.scheduler import StepRunner
+from orchestrator.scheduler import NeedsTier, StepRunner
 from orchestrator.settings import Settings
 from orchestrator.spec import LoadedWorkflow, StepPlan
 from orchestrator.store import Store
@@ -32,9 +37,10 @@ from orchestrator.store import Store
 class RunResult:
     run_id: str
     workflow: str
-    status: str  # succeeded or failed
+    status: str  # succeeded, failed, cancelled, or queued when handed to another tier's queue
     outputs: dict[str, Any]
     error: str | None = None
+    queue: str | None = None  # where a handed-off run waits now
     steps: list[StepRecord] = field(default_factory=list)
 
     @property
@@ -42,8 +48,49 @@ class RunResult:
         return sum((step.cost_usd for step in self.steps), Decimal(0))
 
 
+class _HandedOff(Exception):
+    def __init__(self, tier: str) -> None:
+        self.tier = tier
+
+
+class _HandOffGate:
+    """Where steps wait once one of them needs a tier this process does not serve.
+
+    Steps already running finish first (cancelling them would waste paid
+    calls); steps not yet started do not start. When none is running, each
+    waiting step raises ``_HandedOff`` for the first tier asked for.
+    """
+
+    def __init__(self) -> None:
+        self.tiers: list[str] = []
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        self._running += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                self._idle.set()
+
+    async def wait(self, tier: str | None = None) -> None:
+        if tier is not None:
+            self.tiers.append(tier)
+        await self._idle.wait()
+        raise _HandedOff(self.tiers[0])
+
+
 class Runner:
-    """Runs workflows against one store. ``on_step`` is told of each step as it ends."""
+    """Runs workflows against one store. ``on_step`` is told of each step as it ends.
+
+    ``tiers`` are the tiers this process serves; None (the default) serves all,
+    and such a runner never hands a run off.
+    """
 
     def __init__(
         self,
@@ -52,6 +99,7 @@ class Runner:
         store: Store,
         clients: Clients | None = None,
         on_step: Callable[[StepRecord], None] | None = None,
+        tiers: Collection[str] | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -62,15 +110,37 @@ class Runner:
         self._graphs: dict[str, Any] = {}  # compiled once per workflow content
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._cancelled: set[str] = set()
+        self._tiers = tiers
 
     def create(
-        self, workflow: LoadedWorkflow, inputs: Mapping[str, Any], *, status: str = "queued"
+        self,
+        workflow: LoadedWorkflow,
+        inputs: Mapping[str, Any],
+        *,
+        queue: str | None = None,
+        time_limit_s: float | None = None,
     ) -> str:
-        """Record a new run; bad inputs raise ``UserError`` before anything is written."""
-        return self._create(workflow, workflow.resolve_inputs(inputs), status=status)
+        """Record a new queued run, about to be published on ``queue``.
+
+        Bad inputs raise ``UserError`` before anything is written.
+        """
+        return self._create(
+            workflow,
+            workflow.resolve_inputs(inputs),
+            status="queued",
+            queue=queue,
+            time_limit_s=time_limit_s,
+        )
 
     def _create(
-        self, workflow: LoadedWorkflow, values: dict[str, Any], *, status: str, leased: bool = False
+        self,
+        workflow: LoadedWorkflow,
+        values: dict[str, Any],
+        *,
+        status: str,
+        leased: bool = False,
+        queue: str | None = None,
+        time_limit_s: float | None = None,
     ) -> str:
         run_id = uuid.uuid4().hex
         version = workflow.spec.version
@@ -84,6 +154,8 @@ class Runner:
             status=status,
             lease_owner=self._owner if leased else None,
             lease_ttl_s=self._settings.config.lease_ttl_s,
+            queue=queue,
+            time_limit_s=time_limit_s,
         )
         return run_id
 
@@ -91,7 +163,7 @@ class Runner:
         """Record and run ``workflow`` here, to the end. Bad inputs raise ``UserError`` first."""
         values = workflow.resolve_inputs(inputs)
         run_id = self._create(workflow, values, status="running", leased=True)
-        return await self._leased(self._execute(workflow, run_id, values, {}, {}), run_id)
+        return await self._leased(self._execute(workflow, run_id, values, {}, {}, {}), run_id)
 
     async def execute(self, workflow: LoadedWorkflow, run_id: str) -> RunResult | None:
         """Run (or resume) a recorded run, holding its lease while it runs.
@@ -111,9 +183,9 @@ class Runner:
             return RunResult(
                 run_id=run_id, workflow=workflow.name, status="failed", outputs={}, error=error
             )
-        done, last_attempts = self._store.prepare_resume(run_id)
+        done, last_attempts, handed_on = self._store.prepare_resume(run_id)
         return await self._leased(
-            self._execute(workflow, run_id, row["inputs"], done, last_attempts), run_id
+            self._execute(workflow, run_id, row["inputs"], done, last_attempts, handed_on), run_id
         )
 
     async def _leased(self, work: Coroutine[Any, Any, RunResult], run_id: str) -> RunResult:
@@ -150,6 +222,7 @@ class Runner:
         values: dict[str, Any],
         done: dict[str, Any],
         last_attempts: dict[str, int],
+        handed_on: dict[str, dict[str, Any]],
     ) -> RunResult:
         result = RunResult(run_id=run_id, workflow=workflow.name, status="running", outputs={})
         steps = StepRunner(
@@ -166,32 +239,43 @@ class Runner:
                 call=call,
             ),
             last_attempts=last_attempts,
+            tiers=self._tiers,
+            handed_on=handed_on,
         )
         run_info = {"id": run_id, "workflow": workflow.name}
+        gate = _HandOffGate()
 
         async def run_step(plan: StepPlan, outputs: dict[str, Any]) -> Any:
             if plan.id in done:  # finished before this process took the run over
                 return done[plan.id]
             if run_id in self._cancelled:
                 raise RunCancelled(f"run {run_id} was cancelled before step '{plan.id}'")
+            if gate.tiers:  # the run is leaving this worker: start nothing new
+                await gate.wait()
             context = {
                 "inputs": values,
                 "steps": {step_id: {"output": output} for step_id, output in outputs.items()},
                 "run": run_info,
             }
             record = steps.start(plan)
-            try:
-                await steps.run(plan, context, record)
-            finally:  # a cancelled step still has its calls written
-                status = self._store.record_step(
-                    run_id=run_id,
-                    workflow=workflow.name,
-                    content_hash=workflow.content_hash,
-                    record=record,
-                )
-                if status == "cancelled":
-                    self._cancelled.add(run_id)
-                result.steps.append(record)
+            needs: NeedsTier | None = None
+            with gate.running():
+                try:
+                    await steps.run(plan, context, record)
+                except NeedsTier as exc:
+                    needs = exc
+                finally:  # a cancelled step still has its calls written
+                    status = self._store.record_step(
+                        run_id=run_id,
+                        workflow=workflow.name,
+                        content_hash=workflow.content_hash,
+                        record=record,
+                    )
+                    if status == "cancelled":
+                        self._cancelled.add(run_id)
+                    result.steps.append(record)
+            if needs is not None:
+                await gate.wait(needs.tier)
             if self._on_step is not None:
                 self._on_step(record)
             if record.status == "failed":
@@ -211,6 +295,14 @@ class Runner:
             )
             result.outputs = state[OUTPUTS]
             result.status = "succeeded"
+        except _HandedOff as exc:
+            queue = self._settings.queue_of(exc.tier)
+            if self._store.hand_off(run_id, owner=self._owner, queue=queue):
+                result.status, result.queue = "queued", queue
+            else:  # cancelled meanwhile, or this process lost its lease
+                row = self._store.run_row(run_id)
+                result.status = row["status"] if row else "failed"
+            return result
         except RunError as exc:
             result.status = "cancelled" if isinstance(exc, RunCancelled) else "failed"
             result.error = str(exc)
@@ -258,13 +350,16 @@ def enqueue(
 
 def enqueue_loaded(settings: Settings, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> str:
     """``enqueue`` for a workflow already loaded. A broker that refuses fails the run."""
-    from orchestrator.queue import enqueue_run
+    from orchestrator.queue import enqueue_run, first_queue, time_limit_s
 
     store = open_store(settings)
+    queue, limit = first_queue(settings, workflow), time_limit_s(settings, len(workflow.steps))
     try:
-        run_id = Runner(settings=settings, store=store).create(workflow, inputs)
+        run_id = Runner(settings=settings, store=store).create(
+            workflow, inputs, queue=queue, time_limit_s=limit
+        )
         try:
-            enqueue_run(settings, run_id, steps=len(workflow.steps))
+            enqueue_run(settings, run_id, queue=queue, time_limit_s=limit)
         except RunError as exc:
             store.finish_run(run_id, status="failed", error=str(exc))
             raise

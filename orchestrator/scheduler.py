@@ -5,6 +5,11 @@ marked ``local`` for a sensitive step). Within a tier, models are tried in order
 on error or timeout; output that fails the step's schema or checks moves the
 step straight to the next tier. A model that is unavailable (no key, server
 down, not pulled) is recorded and skipped without using up an attempt.
+
+A queue worker serves only some tiers. A step that starts on, or escalates to,
+a tier it does not serve raises ``NeedsTier``: the run is handed to that tier's
+queue, and the step continues there where it stopped. Items of a ``for_each``
+step escalate in place, on the worker that holds the step.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,6 +42,29 @@ class InvalidOutput(Exception):
     pass
 
 
+class NeedsTier(Exception):
+    """The step continues on ``tier``, which this worker does not serve."""
+
+    def __init__(self, tier: str, *, used: int = 0, reason: str | None = None) -> None:
+        super().__init__(f"continues on tier '{tier}'")
+        self.tier, self.used, self.reason = tier, used, reason
+
+    def as_record(self) -> dict[str, Any]:
+        """What the step's record keeps, so the next worker carries on from here."""
+        return {"tier": self.tier, "used": self.used, "reason": self.reason}
+
+
+def ladder(settings: Settings, plan: StepPlan, start: str | None = None) -> list[tuple[str, Tier]]:
+    """The tiers ``plan`` may use, in order, from ``start`` (default: the step's own tier)."""
+    tiers = list(settings.config.tiers.items())
+    first = start or (tiers[0][0] if plan.tier == AUTO_TIER else plan.tier)
+    climb = tiers[[name for name, _ in tiers].index(first) :]
+    if plan.step.sensitive:
+        # Fail closed: a sensitive prompt only ever reaches tiers marked local.
+        climb = [(name, tier) for name, tier in climb if tier.local]
+    return climb
+
+
 OnCallStart = Callable[[StepPlan, Call], None]
 
 
@@ -46,6 +74,8 @@ class StepRunner:
     ``on_call_start`` sees each call before its request goes out, with
     worst-case usage (the ledger writes it as pending). ``last_attempts`` holds
     the attempt numbers a resumed run already used, so numbers never repeat.
+    ``tiers`` are the tiers this process serves (None: all of them), and
+    ``handed_on`` the ``NeedsTier.as_record()`` of steps another worker handed here.
     """
 
     def __init__(
@@ -57,6 +87,8 @@ class StepRunner:
         max_calls: int,
         on_call_start: OnCallStart | None = None,
         last_attempts: dict[str, int] | None = None,
+        tiers: Collection[str] | None = None,
+        handed_on: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self._settings = settings
         self._clients = clients
@@ -64,6 +96,8 @@ class StepRunner:
         self._units_left = max_calls
         self._on_call_start = on_call_start
         self._last_attempts = last_attempts or {}
+        self._tiers = tiers
+        self._handed_on = handed_on or {}
 
     @staticmethod
     def start(plan: StepPlan) -> StepRecord:
@@ -83,13 +117,22 @@ class StepRunner:
         """Run ``plan`` into ``record``: succeeded, skipped or failed, with every call made.
 
         If the task is cancelled (a parallel step failed), the record says
-        cancelled and still holds the calls already made, for the ledger.
+        cancelled and still holds the calls already made, for the ledger. If
+        the step needs a tier this process does not serve, the record says
+        handed_off, its output says where to carry on, and ``NeedsTier`` is raised.
         """
         attempts = itertools.count(self._last_attempts.get(plan.id, 0) + 1)
         try:
             if plan.when is not None and not plan.when.evaluate(context):
                 record.status = "skipped"
-            elif plan.for_each is not None:
+                return
+            climb = self._ladder(plan)
+            if climb and not self._serves(climb[0][0]):
+                resumed = self._handed_on.get(plan.id, {})
+                raise NeedsTier(
+                    climb[0][0], used=resumed.get("used", 0), reason=resumed.get("reason")
+                )
+            if plan.for_each is not None:
                 record.output = await self._fan_out(plan, context, record, attempts)
                 record.status = "succeeded"
             else:
@@ -99,6 +142,9 @@ class StepRunner:
             record.status, record.error = "failed", f"template error: {exc}"
         except RunError as exc:
             record.status, record.error = "failed", str(exc)
+        except NeedsTier as need:
+            record.status, record.output, record.error = "handed_off", need.as_record(), str(need)
+            raise
         except asyncio.CancelledError:
             record.status, record.error = (
                 "cancelled",
@@ -137,13 +183,10 @@ class StepRunner:
             raise
 
     def _ladder(self, plan: StepPlan) -> list[tuple[str, Tier]]:
-        tiers = list(self._settings.config.tiers.items())
-        start = 0 if plan.tier == AUTO_TIER else [name for name, _ in tiers].index(plan.tier)
-        ladder = tiers[start:]
-        if plan.step.sensitive:
-            # Fail closed: a sensitive prompt only ever reaches tiers marked local.
-            ladder = [(name, tier) for name, tier in ladder if tier.local]
-        return ladder
+        return ladder(self._settings, plan, self._handed_on.get(plan.id, {}).get("tier"))
+
+    def _serves(self, tier: str) -> bool:
+        return self._tiers is None or tier in self._tiers
 
     async def _answer(
         self,
@@ -162,10 +205,15 @@ class StepRunner:
             messages.append({"role": "system", "content": plan.system.render(context)})
         messages.append({"role": "user", "content": plan.prompt.render(context)})
         escalation = self._settings.config.escalation
-        used = 0
-        escalation_reason: str | None = None
+        resumed = self._handed_on.get(plan.id, {}) if item_index is None else {}
+        used: int = resumed.get("used", 0)
+        escalation_reason: str | None = resumed.get("reason")
         failures: list[str] = []
         for tier_name, tier in self._ladder(plan):
+            if used >= escalation.max_attempts:
+                break
+            if item_index is None and not self._serves(tier_name):
+                raise NeedsTier(tier_name, used=used, reason=escalation_reason)
             for entry in tier.models:
                 if used >= escalation.max_attempts:
                     break

@@ -46,9 +46,15 @@ class ModelEntry(_Strict):
         return pricing.is_local_provider(self.model) or self.api_base is not None
 
 
+QUEUE_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
+
 class Tier(_Strict):
     models: list[ModelEntry] = Field(min_length=1)
     local: bool = False
+    # Workers started with `--tiers NAME` consume this tier's queue; without
+    # one, the tier's steps go to the configuration's default queue.
+    queue: str | None = Field(default=None, pattern=QUEUE_PATTERN)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -92,7 +98,7 @@ class Config(_Strict):
     # A run's executor renews its lease every third of this; a lease older
     # than this means the executor died, and a sweeper hands the run on.
     lease_ttl_s: float = Field(default=60.0, gt=0)
-    queue: str = Field(default="tierflow", pattern=r"^[A-Za-z0-9_.-]+$")  # Celery's default queue
+    queue: str = Field(default="tierflow", pattern=QUEUE_PATTERN)  # Celery's default queue
     agents_dir: str = "agents"
     workflows_dir: str = "workflows"
 
@@ -123,6 +129,17 @@ class Settings:
     @property
     def tier_names(self) -> list[str]:
         return list(self.config.tiers)
+
+    def queue_of(self, tier: str) -> str:
+        """The queue whose workers run steps on ``tier``."""
+        return self.config.tiers[tier].queue or self.config.queue
+
+    def queues_of(self, tiers: list[str] | None) -> list[str]:
+        """The queues a worker serving ``tiers`` (None: every tier) consumes, in order."""
+        queues = [self.queue_of(tier) for tier in tiers or self.tier_names]
+        if tiers is None:
+            queues.insert(0, self.config.queue)
+        return list(dict.fromkeys(queues))
 
     def price_of(self, model: str) -> pricing.Price:
         """Override, else free for local providers, else litellm's table."""

@@ -76,6 +76,37 @@ class Step(_Strict):
         return schema
 
 
+CRON_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
+
+
+class Schedule(_Strict):
+    """``tierflow beat`` enqueues the workflow with ``inputs`` when ``cron`` (UTC) is due."""
+
+    cron: str
+    inputs: dict[str, Any] = {}
+
+    @field_validator("cron")
+    @classmethod
+    def _is_cron(cls, cron: str) -> str:
+        if len(cron.split()) != 5:
+            raise ValueError("five fields: minute hour day-of-month month day-of-week (UTC)")
+        crontab_of(cron)  # raises ValueError naming the bad field
+        return cron
+
+
+def crontab_of(cron: str) -> Any:
+    """Celery's ``crontab`` for a five-field cron line."""
+    from celery.schedules import crontab
+
+    fields = dict(zip(CRON_FIELDS, cron.split(), strict=True))
+    for name, value in fields.items():
+        try:
+            crontab(**{name: value})
+        except ValueError as exc:
+            raise ValueError(f"{name.replace('_', '-')} '{value}': {exc}") from None
+    return crontab(**fields)
+
+
 class Workflow(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     version: int | str | None = None
@@ -83,6 +114,7 @@ class Workflow(_Strict):
     inputs: dict[str, InputSpec] = {}
     steps: list[Step] = Field(min_length=1)
     max_steps: int | None = Field(default=None, ge=1)
+    schedule: list[Schedule] = []
 
 
 @dataclass(frozen=True)
@@ -119,33 +151,40 @@ class LoadedWorkflow:
 
     def resolve_inputs(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Inputs with defaults applied, checked against the declared types."""
-        declared = self.spec.inputs
-        problems = []
-        for name in given:
-            if name not in declared:
-                problems.append(f"input '{name}': not declared{suggest(name, declared)}")
-        values = {}
-        for name, spec in declared.items():
-            if name in given:
-                values[name] = given[name]
-            elif spec.required:
-                problems.append(f"input '{name}': required ({spec.type})")
-            else:
-                values[name] = spec.default
-        if not problems:
-            schema = {
-                "type": "object",
-                "properties": {
-                    name: spec.model_dump(exclude={"default", "description"}, exclude_none=True)
-                    for name, spec in declared.items()
-                },
-            }
-            for error in jsonschema.Draft202012Validator(schema).iter_errors(values):
-                where = ".".join(str(part) for part in error.absolute_path)
-                problems.append(f"input '{where}': {error.message}")
+        values, problems = _resolve_inputs(self.spec.inputs, given)
         if problems:
             raise UserError(f"{self.path}: " + "; ".join(problems))
         return values
+
+
+def _resolve_inputs(
+    declared: dict[str, InputSpec], given: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """``given`` with defaults applied, and what is wrong with it."""
+    problems = []
+    for name in given:
+        if name not in declared:
+            problems.append(f"input '{name}': not declared{suggest(name, declared)}")
+    values = {}
+    for name, spec in declared.items():
+        if name in given:
+            values[name] = given[name]
+        elif spec.required:
+            problems.append(f"input '{name}': required ({spec.type})")
+        else:
+            values[name] = spec.default
+    if not problems:
+        schema = {
+            "type": "object",
+            "properties": {
+                name: spec.model_dump(exclude={"default", "description"}, exclude_none=True)
+                for name, spec in declared.items()
+            },
+        }
+        for error in jsonschema.Draft202012Validator(schema).iter_errors(values):
+            where = ".".join(str(part) for part in error.absolute_path)
+            problems.append(f"input '{where}': {error.message}")
+    return values, problems
 
 
 def find_workflow(name_or_path: str, settings: Settings) -> Path:
@@ -229,6 +268,9 @@ class _Checker:
             plan = self._plan_step(index, ancestors.get(self.spec.steps[index].id, set()))
             if plan is not None:
                 plans.append(plan)
+        for index, schedule in enumerate(self.spec.schedule):
+            for problem in _resolve_inputs(self.spec.inputs, schedule.inputs)[1]:
+                self.report(("schedule", index, "inputs"), problem)
         limit = self.spec.max_steps or self.settings.config.max_steps
         if len(self.spec.steps) > limit:
             self.report(("steps",), f"{len(self.spec.steps)} steps is over max_steps ({limit})")

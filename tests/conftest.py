@@ -115,15 +115,17 @@ class Project:
         data.setdefault("inputs", {"text": {"type": "string", "default": "hello"}})
         return self.write(f"workflows/{data['name']}.yaml", data)
 
-    def runner(self, name: str) -> tuple[Runner, LoadedWorkflow, Store]:
-        """A runner on this project's store, and the loaded workflow ``name``.
+    def runner(
+        self, name: str, *, tiers: list[str] | None = None
+    ) -> tuple[Runner, LoadedWorkflow, Store]:
+        """A runner serving ``tiers`` on this project's store, and the loaded workflow ``name``.
 
         The caller disposes of ``store.engine``.
         """
         settings = load_settings(self.config)
         loaded = load_workflow(find_workflow(name, settings), settings)
         store = self.store()
-        return Runner(settings=settings, store=store), loaded, store
+        return Runner(settings=settings, store=store, tiers=tiers), loaded, store
 
     def run(self, name: str, inputs: dict[str, Any] | None = None) -> RunResult:
         runner, loaded, store = self.runner(name)

@@ -17,7 +17,7 @@ import pytest
 from conftest import Project, missing_service, tiers_for, wait_for, write_two_steps
 
 import orchestrator
-from orchestrator.queue import TASK, make_app
+from orchestrator.queue import TASK, beat_schedule, make_app
 from orchestrator.settings import load_settings
 from orchestrator.testing import OllamaServer, OpenAIServer, Reply
 
@@ -64,7 +64,7 @@ def queued(
 class Worker:
     """A `tierflow worker` subprocess in its own process group."""
 
-    def __init__(self, project: Project, log: Path) -> None:
+    def __init__(self, project: Project, log: Path, *options: str) -> None:
         self.log = log
         self._out = log.open("w")
         self.proc = subprocess.Popen(
@@ -77,6 +77,7 @@ class Worker:
                 "1",
                 "--config",
                 str(project.config),
+                *options,
             ],
             cwd=project.root,
             stdout=self._out,
@@ -105,8 +106,8 @@ def workers(tmp_path: Path) -> Iterator[list[Worker]]:
         worker.kill(signal.SIGTERM)
 
 
-def start_worker(project: Project, workers: list[Worker]) -> Worker:
-    worker = Worker(project, project.root / f"worker{len(workers)}.log")
+def start_worker(project: Project, workers: list[Worker], *options: str) -> Worker:
+    worker = Worker(project, project.root / f"worker{len(workers)}.log", *options)
     workers.append(worker)
     return worker
 
@@ -187,3 +188,211 @@ def test_a_redelivered_message_does_not_call_the_model_twice(
     assert queued.ledger_states() == [("first", 1, "settled"), ("second", 1, "settled")]
     logs = "".join(w.log.read_text() for w in workers)
     assert "skipped" in logs
+
+
+def test_steps_of_one_run_go_to_the_workers_of_their_tiers(
+    tmp_path: Path,
+    broker: str | None,
+    ollama: OllamaServer,
+    frontier: OpenAIServer,
+    workers: list[Worker],
+) -> None:
+    suffix = uuid.uuid4().hex[:10]
+    tiers = tiers_for(ollama, frontier, timeout_s=60)
+    tiers["light"]["queue"] = f"gpu-{suffix}"
+    tiers["frontier"]["queue"] = f"cpu-{suffix}"
+    config: dict[str, Any] = {"tiers": tiers, "lease_ttl_s": 1.5, "queue": f"default-{suffix}"}
+    if broker:
+        config["broker"] = broker
+    project = Project(tmp_path / "p", config)
+    project.workflow(
+        {
+            "name": "mixed",
+            "steps": [
+                {"id": "draft", "agent": "helper", "tier": "light", "prompt": "draft"},
+                {
+                    "id": "review",
+                    "agent": "helper",
+                    "tier": "frontier",
+                    "needs": ["draft"],
+                    "prompt": "review",
+                },
+            ],
+        }
+    )
+    ollama.reply("drafted")
+    frontier.reply("reviewed")
+    gpu = start_worker(project, workers, "--tiers", "light")
+    cpu = start_worker(project, workers, "--tiers", "frontier")
+    run_id = orchestrator.enqueue("mixed", config=str(project.config))
+    wait_for(lambda: status(project, run_id) == "succeeded")
+    assert [(c["step_id"], c["tier_used"]) for c in project.calls(run_id)] == [
+        ("draft", "light"),
+        ("review", "frontier"),
+    ]
+    # The light worker ran the draft and handed the run on; the frontier worker finished it.
+    assert f"handed to queue cpu-{suffix}" in gpu.log.read_text()
+    assert "tierflow.execute_run[" in cpu.log.read_text()
+    assert "handed to queue" not in cpu.log.read_text()
+
+
+def restart_redis() -> None:
+    """Stop the local Redis without saving, and start it again from its configuration: empty."""
+    import redis
+
+    conf = Path("/etc/redis/redis.conf")
+    if not conf.exists():
+        missing_service("no /etc/redis/redis.conf to restart Redis from")
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    try:
+        client.shutdown(nosave=True)
+    except redis.ConnectionError:
+        pass  # it closes the connection as it goes down
+    finally:
+        client.close()
+    wait_for(lambda: not reachable("redis://"), timeout=10)
+    subprocess.run(["redis-server", str(conf), "--save", ""], check=True)
+    wait_for(lambda: reachable("redis://"), timeout=10)
+
+
+def test_queued_runs_finish_after_redis_restarts_empty(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer, workers: list[Worker]
+) -> None:
+    import redis
+
+    if not reachable("redis://"):
+        missing_service("redis is not running on 127.0.0.1")
+    queue = f"tierflow-test-{uuid.uuid4().hex[:10]}"
+    project = Project(
+        tmp_path / "p",
+        {
+            "tiers": tiers_for(ollama, frontier, timeout_s=60),
+            "lease_ttl_s": 1,
+            "queue": queue,
+            "broker": BROKERS["redis"],
+        },
+    )
+    write_two_steps(project)
+    ollama.reply("ok")
+    run_ids = [orchestrator.enqueue("two", config=str(project.config)) for _ in range(3)]
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    assert client.llen(queue) == 3
+    client.close()
+
+    restart_redis()
+    client = redis.Redis(host="127.0.0.1", port=6379)
+    assert client.llen(queue) == 0  # the messages are gone with the restart
+    client.close()
+
+    start_worker(project, workers)  # its sweeper publishes the runs still queued
+    wait_for(lambda: all(status(project, run_id) == "succeeded" for run_id in run_ids))
+    assert sorted(project.ledger_states()) == sorted(
+        [("first", 1, "settled"), ("second", 1, "settled")] * 3
+    )
+
+
+@pytest.fixture
+def scheduled(tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer) -> Project:
+    """A project on the embedded broker whose workflow ``nightly`` has two schedules."""
+    project = Project(
+        tmp_path / "p",
+        {"tiers": tiers_for(ollama, frontier, timeout_s=60), "queue": "tierflow-scheduled"},
+    )
+    project.workflow(
+        {
+            "name": "nightly",
+            "steps": [{"id": "summary", "agent": "helper", "tier": "light"}],
+            "schedule": [
+                {"cron": "*/15 6-18 * * 1-5", "inputs": {"text": "weekday"}},
+                {"cron": "0 3 1 * *"},
+            ],
+        }
+    )
+    return project
+
+
+def test_beat_has_one_entry_per_schedule(scheduled: Project) -> None:
+    entries = beat_schedule(load_settings(scheduled.config))
+    assert list(entries) == ["nightly#1", "nightly#2"]
+    weekday = entries["nightly#1"]
+    assert weekday["args"] == [
+        str(scheduled.root / "workflows" / "nightly.yaml"),
+        {"text": "weekday"},
+    ]
+    assert weekday["options"] == {"queue": "tierflow-scheduled"}
+    cron = weekday["schedule"]
+    assert (cron.minute, cron.hour, cron.day_of_week) == (
+        {0, 15, 30, 45},
+        set(range(6, 19)),
+        set(range(1, 6)),
+    )
+    monthly = entries["nightly#2"]["schedule"]
+    assert (monthly.minute, monthly.hour, monthly.day_of_month) == ({0}, {3}, {1})
+
+
+def test_a_scheduled_run_is_recorded_and_executed(
+    scheduled: Project, ollama: OllamaServer, workers: list[Worker]
+) -> None:
+    ollama.responder = lambda body: Reply(text=body["messages"][-1]["content"].upper())
+    log = scheduled.root / "beat.log"
+    with log.open("w") as out:
+        beat = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "beat", "--config", str(scheduled.config)],
+            cwd=scheduled.root,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_for(lambda: "beat: Starting" in log.read_text() or beat.poll() is not None)
+        finally:
+            os.killpg(beat.pid, signal.SIGTERM)
+            beat.wait(timeout=15)
+    assert "beat: Starting" in log.read_text() and "Traceback" not in log.read_text()
+    # What beat sends when an entry is due (a cron line is due at most once a minute).
+    start_worker(scheduled, workers)
+    entry = beat_schedule(load_settings(scheduled.config))["nightly#1"]
+    app = make_app(load_settings(scheduled.config))
+    app.send_task(entry["task"], args=entry["args"], **entry["options"])
+    app.close()
+    store = scheduled.store()
+    try:
+        wait_for(lambda: [r["status"] for r in store.runs()] == ["succeeded"])
+        [run] = store.runs()
+    finally:
+        store.engine.dispose()
+    found = orchestrator.get_run(run["id"], config=str(scheduled.config))
+    assert found is not None and found["outputs"] == {"summary": "WEEKDAY"}
+
+
+def test_beat_without_schedules_says_so(project: Project) -> None:
+    write_two_steps(project)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "beat", "--config", str(project.config)],
+        capture_output=True,
+        text=True,
+        cwd=project.root,
+    )
+    assert proc.returncode == 2
+    assert "has a schedule: nothing for beat to do" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("tiers", "message"),
+    [
+        ("lihgt", "--tiers: no tier 'lihgt' in the configuration (did you mean 'light'?)"),
+        ("light", "queue 'tierflow' also carries tier 'frontier'; give tier 'frontier' a queue"),
+    ],
+)
+def test_worker_refuses_tiers_it_cannot_serve_alone(
+    project: Project, tiers: str, message: str
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "worker", "--tiers", tiers],
+        capture_output=True,
+        text=True,
+        cwd=project.root,
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -134,7 +135,7 @@ def test_leases_fence_the_end_of_a_run(store: Store) -> None:
     )
     assert store.acquire_lease("r2", owner="a", ttl_s=60)
     assert not store.acquire_lease("r2", owner="b", ttl_s=60)  # a live lease is exclusive
-    assert store.stale_runs() == []
+    assert store.runs_to_publish(lease_ttl_s=0, queued_for_s=0) == []  # its lease is live
     assert not store.finish_run("r2", status="succeeded", owner="b")
     assert store.finish_run("r2", status="succeeded", owner="a")
     found = store.run("r2")
@@ -149,6 +150,31 @@ def test_a_stale_lease_can_be_taken_over(store: Store) -> None:
         run_id="r3", workflow="wf", version=None, content_hash="h", inputs={}, status="queued"
     )
     assert store.acquire_lease("r3", owner="a", ttl_s=-1)  # already expired
-    assert store.stale_runs() == ["r3"]
+    assert [row["id"] for row in store.runs_to_publish(lease_ttl_s=0, queued_for_s=0)] == ["r3"]
     assert store.acquire_lease("r3", owner="b", ttl_s=60)
     assert not store.renew_lease("r3", owner="a", ttl_s=60)
+
+
+def test_runs_whose_message_may_be_lost_are_claimed_once_per_period(store: Store) -> None:
+    store.create_run(
+        run_id="q1",
+        workflow="wf",
+        version=None,
+        content_hash="h",
+        inputs={},
+        status="queued",
+        queue="gpu",
+        time_limit_s=120.0,
+    )
+    assert store.runs_to_publish(lease_ttl_s=60, queued_for_s=60) == []  # just published
+    time.sleep(0.05)
+    [row] = store.runs_to_publish(lease_ttl_s=60, queued_for_s=0.01)
+    assert (row["id"], row["queue"], row["time_limit_s"]) == ("q1", "gpu", 120.0)
+    # Claiming moved its publication time to now: another sweeper does not publish it too.
+    assert store.runs_to_publish(lease_ttl_s=60, queued_for_s=0.04) == []
+    assert store.acquire_lease("q1", owner="w", ttl_s=60)
+    assert store.hand_off("q1", owner="w", queue="cpu")
+    found = store.run_row("q1")
+    assert found is not None
+    assert (found["status"], found["queue"], found["lease_owner"]) == ("queued", "cpu", None)
+    assert not store.hand_off("q1", owner="w", queue="cpu")  # it no longer holds the run

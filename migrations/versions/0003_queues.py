@@ -1,4 +1,4 @@
-"""The queue a run waits on and when it was last published there.
+"""The queue a run waits on, when it was last published there, and its task's time limit.
 
 Revision ID: 0003
 Revises: 0002
@@ -20,9 +20,11 @@ def upgrade() -> None:
     with op.batch_alter_table("runs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("queue", sa.String(length=200), nullable=True))
         batch_op.add_column(sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column("time_limit_s", sa.Float(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("runs", schema=None) as batch_op:
+        batch_op.drop_column("time_limit_s")
         batch_op.drop_column("enqueued_at")
         batch_op.drop_column("queue")

@@ -6,7 +6,7 @@ from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
 
 from orchestrator.ledger import Call, StepRecord
 from orchestrator.store.tables import model_calls, runs, step_runs
@@ -46,8 +46,13 @@ class Store:
         status: str = "running",
         lease_owner: str | None = None,
         lease_ttl_s: float = 0.0,
+        queue: str | None = None,
+        time_limit_s: float | None = None,
     ) -> None:
-        """Record a new run; with ``lease_owner`` the creator holds its lease from the start."""
+        """Record a new run; with ``lease_owner`` the creator holds its lease from the start.
+
+        ``queue`` is where the run's message is about to be published.
+        """
         moment = now()
         with self.engine.begin() as connection:
             connection.execute(
@@ -64,6 +69,9 @@ class Store:
                     lease_expires_at=moment + timedelta(seconds=lease_ttl_s)
                     if lease_owner
                     else None,
+                    queue=queue,
+                    enqueued_at=moment if queue else None,
+                    time_limit_s=time_limit_s,
                 )
             )
 
@@ -200,20 +208,84 @@ class Store:
             )
             return connection.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
 
-    def stale_runs(self) -> list[str]:
-        """Running runs whose lease went stale: their executor died, so a sweeper hands them on."""
-        query = select(runs.c.id).where(runs.c.status == "running", runs.c.lease_expires_at < now())
-        with self.engine.connect() as connection:
-            return list(connection.execute(query).scalars())
+    def hand_off(self, run_id: str, *, owner: str, queue: str) -> bool:
+        """Queue a running run again, for ``queue``'s workers, dropping ``owner``'s lease.
 
-    def prepare_resume(self, run_id: str) -> tuple[dict[str, Any], dict[str, int]]:
-        """Finished steps' outputs and each step's last attempt, for a run being resumed.
+        False if ``owner`` no longer holds the run, or it was cancelled.
+        """
+        with self.engine.begin() as connection:
+            moved = connection.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.lease_owner == owner, runs.c.status == "running")
+                .values(
+                    status="queued",
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    queue=queue,
+                    enqueued_at=now(),
+                )
+            )
+            return moved.rowcount == 1
+
+    def runs_to_publish(self, *, lease_ttl_s: float, queued_for_s: float) -> list[dict[str, Any]]:
+        """Runs whose message may be lost, each claimed for publishing once more.
+
+        They are running runs whose lease went stale (their executor died), and
+        queued runs waiting for longer than ``queued_for_s`` (a broker that
+        restarted empty). A run is claimed by moving its ``enqueued_at`` to now,
+        so concurrent sweepers publish it once, and a long backlog gets at most
+        one extra message per run per period.
+        """
+        moment = now()
+        published = func.coalesce(runs.c.enqueued_at, runs.c.created_at)
+        query = select(
+            runs.c.id, runs.c.status, runs.c.enqueued_at, runs.c.queue, runs.c.time_limit_s
+        ).where(
+            or_(
+                and_(
+                    runs.c.status == "running",
+                    runs.c.lease_expires_at < moment,
+                    published < moment - timedelta(seconds=lease_ttl_s),
+                ),
+                and_(
+                    runs.c.status == "queued",
+                    published < moment - timedelta(seconds=queued_for_s),
+                ),
+            )
+        )
+        claimed = []
+        with self.engine.begin() as connection:
+            for row in connection.execute(query).mappings().all():
+                before = runs.c.enqueued_at
+                unchanged = (
+                    before.is_(None) if row["enqueued_at"] is None else before == row["enqueued_at"]
+                )
+                taken = connection.execute(
+                    update(runs)
+                    .where(runs.c.id == row["id"], runs.c.status == row["status"], unchanged)
+                    .values(enqueued_at=moment)
+                )
+                if taken.rowcount == 1:
+                    claimed.append(dict(row))
+        return claimed
+
+    def prepare_resume(
+        self, run_id: str
+    ) -> tuple[dict[str, Any], dict[str, int], dict[str, dict[str, Any]]]:
+        """Finished steps' outputs, each step's last attempt, and where handed-off steps carry on.
 
         Call this holding the run's lease. Calls left pending by a dead process
         become abandoned (they may have been billed, so their estimate stays in
         the spend), and unfinished step records are cleared for their re-run.
         """
         with self.engine.begin() as connection:
+            handed_on = dict(
+                connection.execute(
+                    select(step_runs.c.step_id, step_runs.c.output).where(
+                        step_runs.c.run_id == run_id, step_runs.c.status == "handed_off"
+                    )
+                ).all()
+            )
             connection.execute(
                 update(model_calls)
                 .where(model_calls.c.run_id == run_id, model_calls.c.state == "pending")
@@ -239,7 +311,7 @@ class Store:
                     .group_by(model_calls.c.step_id)
                 ).all()
             )
-        return done, attempts
+        return done, attempts, handed_on
 
     def finish_run(
         self,

@@ -81,6 +81,7 @@ runs = Table(
     # message was lost (a broker restart), at most once per period.
     Column("queue", String(200)),
     Column("enqueued_at", DateTime(timezone=True)),
+    Column("time_limit_s", Float),  # a hard limit for each task that executes it
     Index(None, "workflow", "created_at"),
     Index(None, "status"),
 )
