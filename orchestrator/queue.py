@@ -109,17 +109,34 @@ def time_limit_s(settings: Settings, steps: int) -> float:
     return steps * settings.config.escalation.max_attempts * slowest + 60
 
 
-_stores: dict[int, Any] = {}
+class _WorkerProcess:
+    """What a worker process keeps from one task to the next, made after the fork.
+
+    One event loop, so the model clients and their connections (and Ollama's
+    model list) outlive a run; one runner, so each workflow's graph is compiled
+    once; and loaded workflows.
+    """
+
+    def __init__(self, settings: Settings, tiers: list[str] | None) -> None:
+        from orchestrator.models import Clients
+        from orchestrator.runner import Runner, open_store
+        from orchestrator.spec import WorkflowCache
+
+        self.settings = settings
+        self.store = open_store(settings)
+        self.loop = asyncio.new_event_loop()
+        self.runner = Runner(settings=settings, store=self.store, clients=Clients(), tiers=tiers)
+        self.workflows = WorkflowCache(settings)
 
 
-def _store(settings: Settings) -> Any:
-    # One engine per worker process, made after the fork.
-    from orchestrator.runner import open_store
+_processes: dict[int, _WorkerProcess] = {}
 
+
+def _process(settings: Settings, tiers: list[str] | None = None) -> _WorkerProcess:
     pid = os.getpid()
-    if pid not in _stores:
-        _stores[pid] = open_store(settings)
-    return _stores[pid]
+    if pid not in _processes:
+        _processes[pid] = _WorkerProcess(settings, tiers)
+    return _processes[pid]
 
 
 def execute_by_id(
@@ -129,20 +146,23 @@ def execute_by_id(
 
     A run handed to another tier is published on that tier's queue through ``app``.
     """
-    from orchestrator.runner import Runner
-    from orchestrator.spec import load_workflow
+    from orchestrator.errors import TierflowError
 
-    store = _store(settings)
+    process = _process(settings, tiers)
+    store = process.store
     row = store.run_row(run_id)
     if row is None:
         log.warning("run %s: no such run", run_id)
         return "unknown"
     if row["status"] not in ("queued", "running"):
         return row["status"]  # type: ignore[no-any-return]
-    workflow = load_workflow(row["workflow_path"], settings)
     try:
-        runner = Runner(settings=settings, store=store, tiers=tiers)
-        result = asyncio.run(runner.execute(workflow, run_id))
+        workflow = process.workflows.load(row["workflow_path"])
+    except TierflowError as exc:  # the file went away or broke after the run was queued
+        store.finish_run(run_id, status="failed", error=str(exc))
+        return "failed"
+    try:
+        result = process.loop.run_until_complete(process.runner.execute(workflow, run_id))
     except asyncio.CancelledError:  # the lease was lost mid-run; its new holder carries on
         log.warning("run %s: lease lost to another worker; stopped here", run_id)
         return "lease-lost"
@@ -173,17 +193,14 @@ def publish(app: Any, run_id: str, *, queue: str, time_limit_s: float | None) ->
     )
 
 
-def enqueue_run(settings: Settings, run_id: str, *, queue: str, time_limit_s: float) -> None:
+def enqueue_run(app: Any, run_id: str, *, queue: str, time_limit_s: float) -> None:
     """Publish a new run's message; raises ``RunError`` if the broker cannot take it."""
     from orchestrator.errors import RunError
 
-    app = make_app(settings)
     try:
         publish(app, run_id, queue=queue, time_limit_s=time_limit_s)
     except Exception as exc:  # kombu's connection errors vary by transport
         raise RunError(f"could not enqueue run {run_id}: {type(exc).__name__}: {exc}") from None
-    finally:
-        app.close()  # the producer pool's connection
 
 
 QUEUED_FOR_TTLS = 5  # a queued run untouched for this many lease TTLs is published again
@@ -200,7 +217,7 @@ def start_sweeper(settings: Settings) -> threading.Thread:
 
     def sweep() -> None:
         app = make_app(settings)
-        store = _store(settings)
+        store = _process(settings).store
         event = threading.Event()
         while not event.wait(ttl / 3):
             try:

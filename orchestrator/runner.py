@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import RunCancelled, RunError, StepFailed
@@ -336,36 +337,74 @@ def open_store(settings: Settings) -> Store:
     return Store(open_engine(url, migrate=url.startswith("sqlite")))
 
 
-def enqueue(
-    workflow: str, inputs: Mapping[str, Any] | None = None, *, config: str | None = None
-) -> str:
-    """Record a queued run of ``workflow`` and publish it for a worker; returns the run id."""
-    from orchestrator.settings import load_settings
-    from orchestrator.spec import find_workflow, load_workflow
+class Enqueuer:
+    """Records queued runs and publishes them, keeping its store, broker connection
+    and loaded workflows from one run to the next. ``close`` releases them."""
 
-    settings = load_settings(config)
-    loaded = load_workflow(find_workflow(workflow, settings), settings)
-    return enqueue_loaded(settings, loaded, inputs or {})
+    def __init__(self, settings: Settings) -> None:
+        from orchestrator.queue import make_app
+        from orchestrator.spec import WorkflowCache
 
+        self.settings = settings
+        self.workflows = WorkflowCache(settings)
+        self._store = open_store(settings)
+        self._app = make_app(settings)
 
-def enqueue_loaded(settings: Settings, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> str:
-    """``enqueue`` for a workflow already loaded. A broker that refuses fails the run."""
-    from orchestrator.queue import enqueue_run, first_queue, time_limit_s
+    def enqueue(self, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> str:
+        """Record a queued run and publish it; a broker that refuses fails the run."""
+        from orchestrator.queue import enqueue_run, first_queue, time_limit_s
 
-    store = open_store(settings)
-    queue, limit = first_queue(settings, workflow), time_limit_s(settings, len(workflow.steps))
-    try:
-        run_id = Runner(settings=settings, store=store).create(
+        settings = self.settings
+        queue, limit = first_queue(settings, workflow), time_limit_s(settings, len(workflow.steps))
+        run_id = Runner(settings=settings, store=self._store).create(
             workflow, inputs, queue=queue, time_limit_s=limit
         )
         try:
-            enqueue_run(settings, run_id, queue=queue, time_limit_s=limit)
+            enqueue_run(self._app, run_id, queue=queue, time_limit_s=limit)
         except RunError as exc:
-            store.finish_run(run_id, status="failed", error=str(exc))
+            self._store.finish_run(run_id, status="failed", error=str(exc))
             raise
         return run_id
+
+    def close(self) -> None:
+        self._app.close()  # the producer pool's connection
+        self._store.engine.dispose()
+
+
+_enqueuers: dict[tuple[Any, ...], Enqueuer] = {}
+
+
+def enqueue(
+    workflow: str, inputs: Mapping[str, Any] | None = None, *, config: str | None = None
+) -> str:
+    """Record a queued run of ``workflow`` and publish it for a worker; returns the run id.
+
+    Repeated calls in one process reuse one ``Enqueuer`` per configuration
+    (made again if the file or TIERFLOW_* variables change).
+    """
+    from orchestrator.settings import find_config_path, load_settings
+    from orchestrator.spec import find_workflow
+
+    path = find_config_path(config)
+    key = (
+        None if path is None else (str(path.resolve()), path.stat().st_mtime_ns),
+        Path.cwd() if path is None else None,
+        *(os.environ.get(name) for name in ("TIERFLOW_DATABASE_URL", "TIERFLOW_BROKER_URL")),
+    )
+    enqueuer = _enqueuers.get(key)
+    if enqueuer is None:
+        enqueuer = _enqueuers[key] = Enqueuer(load_settings(config))
+    loaded = enqueuer.workflows.load(find_workflow(workflow, enqueuer.settings))
+    return enqueuer.enqueue(loaded, inputs or {})
+
+
+def enqueue_loaded(settings: Settings, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> str:
+    """Enqueue one run of a workflow already loaded, with connections made for it alone."""
+    enqueuer = Enqueuer(settings)
+    try:
+        return enqueuer.enqueue(workflow, inputs)
     finally:
-        store.engine.dispose()
+        enqueuer.close()
 
 
 def get_run(run_id: str, *, config: str | None = None) -> dict[str, Any] | None:

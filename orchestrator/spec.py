@@ -234,6 +234,39 @@ def load_workflow(path: str | Path, settings: Settings) -> LoadedWorkflow:
     )
 
 
+class WorkflowCache:
+    """Loaded workflows, loaded again when the file or one of its agents changes.
+
+    For processes that load the same workflows over and over: queue workers and
+    repeated ``enqueue`` calls. A file is judged unchanged by its size and mtime.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._loaded: dict[str, tuple[tuple[tuple[int, int] | None, ...], LoadedWorkflow]] = {}
+
+    def load(self, path: str | Path) -> LoadedWorkflow:
+        cached = self._loaded.get(str(path))
+        if cached is not None and cached[0] == self._stamps(cached[1]):
+            return cached[1]
+        workflow = load_workflow(path, self._settings)
+        self._loaded[str(path)] = (self._stamps(workflow), workflow)
+        return workflow
+
+    def _stamps(self, workflow: LoadedWorkflow) -> tuple[tuple[int, int] | None, ...]:
+        agents = self._settings.root / self._settings.config.agents_dir
+        files = [workflow.path, *(agents / f"{plan.agent.name}.yaml" for plan in workflow.steps)]
+        return tuple(_stamp(path) for path in files)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
 class _Checker:
     """Cross-file checks: agents, tiers, needs, cycles, templates and their references."""
 

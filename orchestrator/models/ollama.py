@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -9,9 +10,19 @@ from orchestrator.errors import ModelCallError, ModelTimeout, ModelUnavailable
 from orchestrator.models.base import ModelClient, ModelReply, ModelRequest
 
 
+@functools.cache
+def _tls() -> Any:
+    """One TLS context for every client in the process: building one reads the CA
+    bundle, about 30 ms, which httpx would otherwise do for each client."""
+    import httpx
+
+    return httpx.create_ssl_context()
+
+
 class OllamaClient(ModelClient):
-    """One Ollama server. The first call lists its models (``/api/tags``) once, so a
-    model that was never pulled is reported as unavailable rather than as an error."""
+    """One Ollama server. Its model list (``/api/tags``) is read on the first call and
+    again when a model is missing from it, so a model that was never pulled is
+    reported as unavailable rather than as an error, and one pulled later is found."""
 
     def __init__(self, *, host: str | None = None) -> None:
         import httpx
@@ -20,7 +31,8 @@ class OllamaClient(ModelClient):
         self._ollama = ollama
         self._httpx = httpx
         self._host_arg = host
-        self._client = ollama.AsyncClient(host=host)  # for /api/tags; no read timeout needed
+        # For /api/tags; no read timeout needed.
+        self._client = ollama.AsyncClient(host=host, verify=_tls())
         self._timed: dict[float, Any] = {}
         self._host = host or os.environ.get("OLLAMA_HOST") or "127.0.0.1:11434"
         self._pulled: set[str] | None = None
@@ -32,7 +44,7 @@ class OllamaClient(ModelClient):
         if client is None:
             # ollama's chat() takes no per-call timeout, so keep one client per timeout.
             client = self._timed[request.timeout_s] = self._ollama.AsyncClient(
-                host=self._host_arg, timeout=request.timeout_s
+                host=self._host_arg, timeout=request.timeout_s, verify=_tls()
             )
         try:
             response = await client.chat(
@@ -61,7 +73,7 @@ class OllamaClient(ModelClient):
             await client.close()
 
     async def _check_pulled(self, model: str) -> None:
-        if self._pulled is None:
+        if self._pulled is None or _tagged(model) not in self._pulled:
             try:
                 listing = await self._client.list()
             except ConnectionError:
