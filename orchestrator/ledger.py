@@ -32,6 +32,8 @@ class Call:
     error: str | None
     escalation_reason: str | None
     created_at: datetime
+    reserved_usd: Decimal | None = None  # held against budgets before the request
+    local: bool = False  # served by a local tier
 
 
 @dataclass
@@ -67,12 +69,14 @@ class Pricer:
         self._cache: dict[str, Any] = {}
 
     def cost(
-        self, model: str, prompt_tokens: int, completion_tokens: int
+        self, model: str, prompt_tokens: int, completion_tokens: int, seconds: float = 0.0
     ) -> tuple[Decimal, Decimal | None]:
+        """The call's cost (tokens, plus machine time for a local model priced per
+        hour), and what its tokens would have cost on the reference model."""
         price = self._cache.get(model)
         if price is None:
             price = self._cache[model] = self._settings.price_of(model)
         reference = (
             self._reference.cost(prompt_tokens, completion_tokens) if self._reference else None
         )
-        return price.cost(prompt_tokens, completion_tokens), reference
+        return price.cost(prompt_tokens, completion_tokens, seconds), reference

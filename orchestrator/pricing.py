@@ -24,21 +24,28 @@ LOCAL_PROVIDERS = frozenset({"ollama", "llamacpp"})
 
 @dataclass(frozen=True)
 class Price:
-    """USD per token, for prompt and completion tokens."""
+    """USD per prompt token and per completion token, and for a local model, per
+    second of the machine it holds (its hourly price spread over its calls' time)."""
 
     input: Decimal
     output: Decimal
+    per_second: Decimal = Decimal(0)
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
-        return self.input * prompt_tokens + self.output * completion_tokens
+    def cost(self, prompt_tokens: int, completion_tokens: int, seconds: float = 0.0) -> Decimal:
+        tokens = self.input * prompt_tokens + self.output * completion_tokens
+        if not self.per_second:
+            return tokens
+        return tokens + _quantize(self.per_second * Decimal(str(round(seconds, 6))))
 
     @classmethod
     def per_token(cls, input: Any, output: Any) -> Price:
         return cls(_quantize(Decimal(str(input))), _quantize(Decimal(str(output))))
 
     @classmethod
-    def per_million(cls, input: Decimal, output: Decimal) -> Price:
-        return cls(_quantize(input / MILLION), _quantize(output / MILLION))
+    def per_million(cls, input: Decimal, output: Decimal, per_hour: Decimal = Decimal(0)) -> Price:
+        return cls(
+            _quantize(input / MILLION), _quantize(output / MILLION), _quantize(per_hour / 3600)
+        )
 
 
 FREE = Price(Decimal(0), Decimal(0))

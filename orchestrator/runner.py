@@ -20,13 +20,15 @@ import uuid
 from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from orchestrator import budgets
 from orchestrator.errors import RunCancelled, RunError, StepFailed
 from orchestrator.graph import OUTPUTS, compile_graph
-from orchestrator.ledger import Pricer, StepRecord
+from orchestrator.ledger import Call, Pricer, StepRecord
 from orchestrator.models import Clients
 from orchestrator.scheduler import NeedsTier, StepRunner
 from orchestrator.settings import Settings
@@ -216,6 +218,48 @@ class Runner:
             if status == "cancelled":
                 self._cancelled.add(run_id)  # the run stops before its next step
 
+    def _reserve(
+        self, workflow: LoadedWorkflow, run_id: str, plan: StepPlan, call: Call
+    ) -> str | None:
+        """Reserve ``call`` against the budgets and write it pending; why not, if refused."""
+        day = call.created_at.astimezone(UTC).date()
+        limits = budgets.limits(self._settings, workflow, run_id, day)
+        refused = self._store.open_call(
+            run_id=run_id,
+            workflow=workflow.name,
+            content_hash=workflow.content_hash,
+            agent=plan.agent.name,
+            step_id=plan.id,
+            call=call,
+            limits=limits,
+        )
+        if refused is None:
+            return None
+        spent, reserved = self._store.usage([refused.key]).get(refused.key, (Decimal(0),) * 2)
+        return (
+            f"the {refused.label} of {_usd(refused.usd)} would be passed:"
+            f" {_usd(spent)} spent, {_usd(reserved)} reserved,"
+            f" and this call may cost up to {_usd(call.cost_usd)} on {call.model}"
+        )
+
+    def _tier_cap(self, workflow: LoadedWorkflow, run_id: str) -> str | None:
+        """The budget's ``downgrade_to`` once any of the workflow's own limits is
+        ``downgrade_at`` used (spent plus reserved), else None."""
+        budget = workflow.spec.budget
+        if budget.downgrade_to is None or budget.downgrade_at is None:
+            return None
+        today = datetime.now(UTC).date()
+        own = [
+            limit for limit in budgets.limits(self._settings, workflow, run_id, today) if limit.own
+        ]
+        usage = self._store.usage([limit.key for limit in own])
+        shares = [sum(usage[limit.key]) / limit.usd for limit in own if limit.key in usage]
+        return (
+            budget.downgrade_to
+            if max(shares, default=0) >= Decimal(str(budget.downgrade_at))
+            else None
+        )
+
     async def _execute(
         self,
         workflow: LoadedWorkflow,
@@ -231,17 +275,11 @@ class Runner:
             clients=self._clients,
             pricer=self._pricer,
             max_calls=workflow.spec.max_steps or self._settings.config.max_steps,
-            on_call_start=lambda plan, call: self._store.open_call(
-                run_id=run_id,
-                workflow=workflow.name,
-                content_hash=workflow.content_hash,
-                agent=plan.agent.name,
-                step_id=plan.id,
-                call=call,
-            ),
+            on_call_start=lambda plan, call: self._reserve(workflow, run_id, plan, call),
             last_attempts=last_attempts,
             tiers=self._tiers,
             handed_on=handed_on,
+            tier_cap=lambda plan: self._tier_cap(workflow, run_id),
         )
         run_info = {"id": run_id, "workflow": workflow.name}
         gate = _HandOffGate()
@@ -327,6 +365,10 @@ class Runner:
             owner=self._owner,
         )
         return result
+
+
+def _usd(amount: Decimal) -> str:
+    return f"${amount:.6f}".rstrip("0").rstrip(".")
 
 
 def open_store(settings: Settings) -> Store:

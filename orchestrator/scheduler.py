@@ -21,7 +21,9 @@ import json
 import re
 import time
 from collections.abc import Callable, Collection, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import jsonschema
@@ -54,25 +56,36 @@ class NeedsTier(Exception):
         return {"tier": self.tier, "used": self.used, "reason": self.reason}
 
 
-def ladder(settings: Settings, plan: StepPlan, start: str | None = None) -> list[tuple[str, Tier]]:
-    """The tiers ``plan`` may use, in order, from ``start`` (default: the step's own tier)."""
+def ladder(
+    settings: Settings, plan: StepPlan, start: str | None = None, *, cap: str | None = None
+) -> list[tuple[str, Tier]]:
+    """The tiers ``plan`` may use, in order, from ``start`` (default: the step's own
+    tier) up to ``cap`` (default: the strongest). A start above the cap starts at it."""
     tiers = list(settings.config.tiers.items())
-    first = start or (tiers[0][0] if plan.tier == AUTO_TIER else plan.tier)
-    climb = tiers[[name for name, _ in tiers].index(first) :]
+    names = [name for name, _ in tiers]
+    first = names.index(start or (names[0] if plan.tier == AUTO_TIER else plan.tier))
+    last = len(tiers) if cap is None else names.index(cap) + 1
+    climb = tiers[min(first, last - 1) : last]
     if plan.step.sensitive:
         # Fail closed: a sensitive prompt only ever reaches tiers marked local.
         climb = [(name, tier) for name, tier in climb if tier.local]
     return climb
 
 
-OnCallStart = Callable[[StepPlan, Call], None]
+# Told of each call before its request, with its worst-case usage; returns why
+# the call may not go out (a budget would be passed), or None.
+OnCallStart = Callable[[StepPlan, Call], str | None]
+TierCap = Callable[[StepPlan], str | None]
 
 
 class StepRunner:
     """Runs steps of one run. ``max_calls`` caps model-calling units (steps and items).
 
     ``on_call_start`` sees each call before its request goes out, with
-    worst-case usage (the ledger writes it as pending). ``last_attempts`` holds
+    worst-case usage (the ledger reserves it against budgets and writes it
+    pending); a refusal, or a failure to record it, stops the call: fail closed.
+    ``tier_cap`` names the highest tier a step may use now (a budget's
+    ``downgrade_to`` once ``downgrade_at`` is reached), or None. ``last_attempts`` holds
     the attempt numbers a resumed run already used, so numbers never repeat.
     ``tiers`` are the tiers this process serves (None: all of them), and
     ``handed_on`` the ``NeedsTier.as_record()`` of steps another worker handed here.
@@ -89,6 +102,7 @@ class StepRunner:
         last_attempts: dict[str, int] | None = None,
         tiers: Collection[str] | None = None,
         handed_on: dict[str, dict[str, Any]] | None = None,
+        tier_cap: TierCap | None = None,
     ) -> None:
         self._settings = settings
         self._clients = clients
@@ -98,6 +112,8 @@ class StepRunner:
         self._last_attempts = last_attempts or {}
         self._tiers = tiers
         self._handed_on = handed_on or {}
+        self._tier_cap = tier_cap
+        self._caps: dict[str, str | None] = {}
 
     @staticmethod
     def start(plan: StepPlan) -> StepRecord:
@@ -126,6 +142,8 @@ class StepRunner:
             if plan.when is not None and not plan.when.evaluate(context):
                 record.status = "skipped"
                 return
+            if self._tier_cap is not None:
+                self._caps[plan.id] = self._tier_cap(plan)
             climb = self._ladder(plan)
             if climb and not self._serves(climb[0][0]):
                 resumed = self._handed_on.get(plan.id, {})
@@ -183,7 +201,8 @@ class StepRunner:
             raise
 
     def _ladder(self, plan: StepPlan) -> list[tuple[str, Tier]]:
-        return ladder(self._settings, plan, self._handed_on.get(plan.id, {}).get("tier"))
+        start = self._handed_on.get(plan.id, {}).get("tier")
+        return ladder(self._settings, plan, start, cap=self._caps.get(plan.id))
 
     def _serves(self, tier: str) -> bool:
         return self._tiers is None or tier in self._tiers
@@ -230,6 +249,8 @@ class StepRunner:
                 record.calls.append(call)
                 if call.outcome == "ok":
                     return value
+                if call.outcome == "budget_blocked":
+                    raise StepFailed(f"budget_blocked: {call.error}")
                 failures.append(f"{tier_name}/{entry.model}: {call.outcome}: {call.error}")
                 if call.outcome == "unavailable":
                     continue
@@ -276,18 +297,31 @@ class StepRunner:
             tier_used=tier_used,
             escalation_reason=escalation_reason,
             started=_now(),
+            local=self._settings.config.tiers[tier_used].local,
         )
         if self._on_call_start is not None:
-            self._on_call_start(
-                plan,
-                make_call(
-                    prompt_tokens=_estimate_tokens(messages),
-                    completion_tokens=plan.max_tokens,
-                    latency_ms=0.0,
-                    outcome="pending",
-                    error=None,
-                ),
+            pending = make_call(
+                prompt_tokens=_estimate_tokens(messages),
+                completion_tokens=plan.max_tokens,
+                latency_ms=(timeout + BACKSTOP_S) * 1000,
+                outcome="pending",
+                error=None,
             )
+            make_call = functools.partial(make_call, reserved_usd=pending.cost_usd)
+            try:
+                refusal = self._on_call_start(plan, replace(pending, reserved_usd=pending.cost_usd))
+            except Exception as exc:  # the ledger is unreachable: no record, no request
+                refusal = f"the call could not be reserved in the ledger: {type(exc).__name__}: {str(exc)[:200]}"
+            if refusal is not None:
+                blocked = make_call(
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    latency_ms=0.0,
+                    outcome="budget_blocked",
+                    error=refusal,
+                    reserved_usd=None,
+                )
+                return blocked, None
         clock = time.perf_counter()
         prompt_tokens = completion_tokens = 0
         value: Any = None
@@ -333,13 +367,17 @@ class StepRunner:
         tier_used: str,
         escalation_reason: str | None,
         started: datetime,
+        local: bool,
         prompt_tokens: int,
         completion_tokens: int,
         latency_ms: float,
         outcome: str,
         error: str | None,
+        reserved_usd: Decimal | None = None,
     ) -> Call:
-        cost, reference = self._pricer.cost(entry.model, prompt_tokens, completion_tokens)
+        # A call refused before its request, or never delivered, used no machine time.
+        seconds = 0.0 if outcome in ("unavailable", "budget_blocked") else latency_ms / 1000
+        cost, reference = self._pricer.cost(entry.model, prompt_tokens, completion_tokens, seconds)
         return Call(
             attempt=attempt,
             item_index=item_index,
@@ -355,12 +393,15 @@ class StepRunner:
             error=error,
             escalation_reason=escalation_reason,
             created_at=started,
+            reserved_usd=reserved_usd,
+            local=local,
         )
 
 
 def _estimate_tokens(messages: list[dict[str, str]]) -> int:
-    """An upper estimate of prompt tokens: tokenizers average about 4 characters a token."""
-    return sum(len(m["content"]) for m in messages) // 3 + 8 * len(messages)
+    """An upper bound on prompt tokens, for reservations: a byte-level BPE token
+    holds at least one byte, plus a chat template's tokens around each message."""
+    return sum(len(m["content"].encode()) + 16 for m in messages)
 
 
 def verify(plan: StepPlan, text: str, context: dict[str, Any]) -> Any:

@@ -76,10 +76,18 @@ class Tier(_Strict):
 
 
 class PriceOverride(_Strict):
-    """USD per 1M tokens."""
+    """USD per 1M tokens, and for a local model the machine's USD per hour if it has one."""
 
-    input: Decimal = Field(ge=0)
-    output: Decimal = Field(ge=0)
+    input: Decimal = Field(default=Decimal(0), ge=0)
+    output: Decimal = Field(default=Decimal(0), ge=0)
+    per_hour: Decimal = Field(default=Decimal(0), ge=0)
+
+
+class Budget(_Strict):
+    """Spend limits in USD: per UTC day and per calendar month (UTC)."""
+
+    daily_usd: Decimal | None = Field(default=None, gt=0)
+    monthly_usd: Decimal | None = Field(default=None, gt=0)
 
 
 class Escalation(_Strict):
@@ -93,6 +101,7 @@ class Config(_Strict):
     tiers: dict[str, Tier] = Field(min_length=1)
     reference_model: str | None = None
     prices: dict[str, PriceOverride] = {}
+    budget: Budget = Budget()  # across every workflow
     escalation: Escalation = Escalation()
     max_steps: int = Field(default=200, ge=1)
     # A run's executor renews its lease every third of this; a lease older
@@ -145,7 +154,7 @@ class Settings:
         """Override, else free for local providers, else litellm's table."""
         override = self.config.prices.get(model)
         if override is not None:
-            return pricing.Price.per_million(override.input, override.output)
+            return pricing.Price.per_million(override.input, override.output, override.per_hour)
         if pricing.is_local_provider(model):
             return pricing.FREE
         price = pricing.litellm_price(model)

@@ -11,15 +11,16 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.errors import SpecError, UserError
 from orchestrator.loading import YamlDoc, format_loc, read_yaml, suggest, validate
-from orchestrator.settings import NAME_PATTERN, Settings
+from orchestrator.settings import NAME_PATTERN, Budget, Settings
 from orchestrator.templates import Expression, Template, TemplateProblem
 
 AUTO_TIER = "auto"
@@ -76,6 +77,23 @@ class Step(_Strict):
         return schema
 
 
+class WorkflowBudget(Budget):
+    """The workflow's limits, and a tier cap once any of them is ``downgrade_at`` used."""
+
+    per_run_usd: Decimal | None = Field(default=None, gt=0)
+    downgrade_at: float | None = Field(default=None, gt=0, le=1)
+    downgrade_to: str | None = None
+
+    @model_validator(mode="after")
+    def _downgrade_needs_both(self) -> WorkflowBudget:
+        if (self.downgrade_at is None) != (self.downgrade_to is None):
+            raise ValueError("downgrade_at and downgrade_to go together")
+        limited = (self.per_run_usd, self.daily_usd, self.monthly_usd)
+        if self.downgrade_at is not None and all(usd is None for usd in limited):
+            raise ValueError("downgrade_at needs per_run_usd, daily_usd or monthly_usd")
+        return self
+
+
 CRON_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
 
 
@@ -115,6 +133,7 @@ class Workflow(_Strict):
     steps: list[Step] = Field(min_length=1)
     max_steps: int | None = Field(default=None, ge=1)
     schedule: list[Schedule] = []
+    budget: WorkflowBudget = WorkflowBudget()
 
 
 @dataclass(frozen=True)
@@ -301,6 +320,10 @@ class _Checker:
             plan = self._plan_step(index, ancestors.get(self.spec.steps[index].id, set()))
             if plan is not None:
                 plans.append(plan)
+        cap = self.spec.budget.downgrade_to
+        if cap is not None and cap not in self.settings.config.tiers:
+            names = self.settings.tier_names
+            self.report(("budget", "downgrade_to"), f"unknown tier '{cap}'{suggest(cap, names)}")
         for index, schedule in enumerate(self.spec.schedule):
             for problem in _resolve_inputs(self.spec.inputs, schedule.inputs)[1]:
                 self.report(("schedule", index, "inputs"), problem)

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Engine,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 
+from orchestrator.budgets import Limit, scope_keys
 from orchestrator.ledger import Call, StepRecord
-from orchestrator.store.tables import model_calls, runs, step_runs
+from orchestrator.store.tables import Money, budget_usage, model_calls, runs, step_runs
 
 CALL_FIELDS = tuple(field.name for field in fields(Call))
 _INSERT_STEP = insert(step_runs)
@@ -23,6 +37,16 @@ _SETTLE_CALL = (
         model_calls.c.state == "pending",
     )
     .values({name: bindparam(name) for name in (*CALL_FIELDS, "state")})
+)
+
+
+_MOVE_BUDGET = (
+    update(budget_usage)
+    .where(budget_usage.c.key.in_(bindparam("keys", expanding=True)))
+    .values(
+        reserved_usd=budget_usage.c.reserved_usd - bindparam("released", type_=Money),
+        spent_usd=budget_usage.c.spent_usd + bindparam("spent", type_=Money),
+    )
 )
 
 
@@ -103,29 +127,73 @@ class Store:
         # statement is cached, which matters on the per-step hot path.
         with self.engine.begin() as connection:
             connection.execute(_INSERT_STEP, step_row)
-            for row in call_rows:
-                # The call's pending row (written before the request) is settled;
-                # a call recorded without one is inserted settled.
+            for row, call in zip(call_rows, record.calls, strict=True):
+                # The call's pending row (written before the request) is settled and
+                # its reservation gives way to its cost; a call recorded without
+                # one (refused by a budget, say) is inserted as it is.
                 if connection.execute(_SETTLE_CALL, row).rowcount == 0:
                     columns = {key: value for key, value in row.items() if not key.startswith("b_")}
                     connection.execute(_INSERT_CALL, columns)
+                elif call.reserved_usd is not None:
+                    self._move_budget(
+                        connection, row, released=call.reserved_usd, spent=call.cost_usd
+                    )
             if record.status != "succeeded":
                 # Calls cut off by a cancellation never settle; they may have been billed.
-                connection.execute(
-                    update(model_calls)
-                    .where(
-                        model_calls.c.run_id == run_id,
-                        model_calls.c.step_id == record.step_id,
-                        model_calls.c.state == "pending",
-                    )
-                    .values(state="abandoned", outcome="abandoned", error="cancelled mid-call")
+                self._abandon(
+                    connection,
+                    "cancelled mid-call",
+                    model_calls.c.run_id == run_id,
+                    model_calls.c.step_id == record.step_id,
                 )
             return connection.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
 
-    def open_call(
-        self, *, run_id: str, workflow: str, content_hash: str, agent: str, step_id: str, call: Call
+    @staticmethod
+    def _move_budget(
+        connection: Any, row: dict[str, Any], *, released: Decimal, spent: Decimal
     ) -> None:
-        """Write a call as pending before its request goes out, with worst-case usage."""
+        """Counters of every budget scope the call counts against: reservation out, cost in."""
+        keys = scope_keys(row["run_id"], row["workflow"], row["day"])
+        connection.execute(_MOVE_BUDGET, {"keys": keys, "released": released, "spent": spent})
+
+    def _abandon(self, connection: Any, why: str, *where: Any) -> None:
+        """Pending calls become abandoned: they may have been billed, so their
+        worst-case estimate moves from reserved to spent and stays there."""
+        pending = connection.execute(
+            select(
+                model_calls.c.id,
+                model_calls.c.run_id,
+                model_calls.c.workflow,
+                model_calls.c.day,
+                model_calls.c.cost_usd,
+            ).where(model_calls.c.state == "pending", *where)
+        ).mappings()
+        for row in pending.all():
+            connection.execute(
+                update(model_calls)
+                .where(model_calls.c.id == row["id"])
+                .values(state="abandoned", outcome="abandoned", error=why)
+            )
+            self._move_budget(connection, row, released=row["cost_usd"], spent=row["cost_usd"])
+
+    def open_call(
+        self,
+        *,
+        run_id: str,
+        workflow: str,
+        content_hash: str,
+        agent: str,
+        step_id: str,
+        call: Call,
+        limits: list[Limit] | None = None,
+    ) -> Limit | None:
+        """Reserve a call's worst-case cost and write it pending, before its request.
+
+        In one transaction, the call's cost is added to the reserved amount of
+        every limit, each with a conditional UPDATE that fails if the limit
+        would be passed, and the pending row is written. Returns the limit that
+        refused the call (nothing is written then), or None.
+        """
         row = {
             "run_id": run_id,
             "step_id": step_id,
@@ -136,8 +204,59 @@ class Store:
             "state": "pending",
             **{name: getattr(call, name) for name in CALL_FIELDS},
         }
-        with self.engine.begin() as connection:
+        with self.engine.connect() as connection, connection.begin() as transaction:
+            for limit in limits or []:
+                if not self._reserve(connection, limit, call.cost_usd):
+                    transaction.rollback()
+                    return limit
             connection.execute(_INSERT_CALL, row)
+        return None
+
+    def _reserve(self, connection: Any, limit: Limit, amount: Decimal) -> bool:
+        counter = budget_usage.c
+        if connection.execute(select(counter.key).where(counter.key == limit.key)).first() is None:
+            # The first call in this scope and period: count what the ledger already holds.
+            spent, reserved = connection.execute(
+                select(
+                    func.coalesce(
+                        func.sum(case((model_calls.c.state != "pending", model_calls.c.cost_usd))),
+                        0,
+                        type_=Money,
+                    ),
+                    func.coalesce(
+                        func.sum(case((model_calls.c.state == "pending", model_calls.c.cost_usd))),
+                        0,
+                        type_=Money,
+                    ),
+                ).where(*_scope(limit))
+            ).one()
+            connection.execute(
+                _insert_ignoring_duplicates(connection, budget_usage).values(
+                    key=limit.key, spent_usd=spent, reserved_usd=reserved
+                )
+            )
+        fits = connection.execute(
+            update(budget_usage)
+            .where(
+                counter.key == limit.key,
+                or_(
+                    literal(amount, Money) == 0,
+                    counter.spent_usd + counter.reserved_usd + literal(amount, Money)
+                    <= literal(limit.usd, Money),
+                ),
+            )
+            .values(reserved_usd=counter.reserved_usd + literal(amount, Money))
+        )
+        return bool(fits.rowcount == 1)
+
+    def usage(self, keys: list[str]) -> dict[str, tuple[Decimal, Decimal]]:
+        """(spent, reserved) of the budget counters that exist among ``keys``."""
+        counter = budget_usage.c
+        query = select(counter.key, counter.spent_usd, counter.reserved_usd).where(
+            counter.key.in_(keys)
+        )
+        with self.engine.connect() as connection:
+            return {key: (spent, reserved) for key, spent, reserved in connection.execute(query)}
 
     @staticmethod
     def _call_row(
@@ -150,7 +269,8 @@ class Store:
             "workflow_hash": content_hash,
             "agent": record.agent,
             "day": call.created_at.astimezone(UTC).date(),
-            "state": "settled",
+            # A call that never reached its model (unavailable) released its reservation.
+            "state": "released" if call.outcome == "unavailable" else "settled",
             "b_run_id": run_id,
             "b_step_id": record.step_id,
             "b_attempt": call.attempt,
@@ -286,11 +406,7 @@ class Store:
                     )
                 ).all()
             )
-            connection.execute(
-                update(model_calls)
-                .where(model_calls.c.run_id == run_id, model_calls.c.state == "pending")
-                .values(state="abandoned", outcome="abandoned", error="its process died mid-call")
-            )
+            self._abandon(connection, "its process died mid-call", model_calls.c.run_id == run_id)
             connection.execute(
                 delete(step_runs).where(
                     step_runs.c.run_id == run_id,
@@ -391,3 +507,28 @@ class Store:
             query = query.where(runs.c.status == status)
         with self.engine.connect() as connection:
             return [dict(row) for row in connection.execute(query).mappings()]
+
+
+def _scope(limit: Limit) -> list[Any]:
+    """Conditions selecting the ledger rows in ``limit``'s scope."""
+    conditions = []
+    if limit.run_id is not None:
+        conditions.append(model_calls.c.run_id == limit.run_id)
+    if limit.workflow is not None:
+        conditions.append(model_calls.c.workflow == limit.workflow)
+    if limit.first_day is not None:
+        conditions.append(model_calls.c.day >= limit.first_day)
+    if limit.last_day is not None:
+        conditions.append(model_calls.c.day <= limit.last_day)
+    return conditions
+
+
+def _insert_ignoring_duplicates(connection: Any, table: Any) -> Any:
+    """INSERT … ON CONFLICT DO NOTHING, in the connection's dialect."""
+    if connection.dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert(table).on_conflict_do_nothing()
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert(table).on_conflict_do_nothing()

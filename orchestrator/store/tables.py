@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     Date,
     DateTime,
@@ -121,6 +122,9 @@ model_calls = Table(
     Column("completion_tokens", Integer, nullable=False),
     Column("cost_usd", Money, nullable=False),
     Column("reference_cost_usd", Money),
+    # The worst case reserved before the request; what cost_usd leaves of it was released.
+    Column("reserved_usd", Money),
+    Column("local", Boolean),  # served by a local tier: its cost is not provider spend
     Column("latency_ms", Float, nullable=False),
     Column("outcome", String(20), nullable=False),
     # pending: written before the request; settled: its real usage is known;
@@ -133,4 +137,16 @@ model_calls = Table(
     UniqueConstraint("run_id", "step_id", "attempt"),
     Index(None, "workflow", "day"),
     Index(None, "day"),
+)
+
+# Running totals for each budget scope with a limit ("workflow:NAME:day:2026-11-22"):
+# spent is settled and abandoned cost, reserved is what pending calls hold. A
+# reservation is a conditional UPDATE of these rows, so concurrent runs cannot
+# overspend; they move in the same transactions as the ledger rows they total.
+budget_usage = Table(
+    "budget_usage",
+    metadata,
+    Column("key", String(300), primary_key=True),
+    Column("spent_usd", Money, nullable=False),
+    Column("reserved_usd", Money, nullable=False),
 )

@@ -1,0 +1,90 @@
+"""Budget limits: which scopes a call counts against, and how much each allows.
+
+A workflow's ``budget:`` limits one run, the workflow per UTC day and per
+calendar month; tierflow.yaml's ``budget:`` limits every workflow together per
+day and per month. Each scope with a limit has a counter row in
+``budget_usage``, keyed as below. Before a call, the store reserves the call's
+worst-case cost against every limit in one transaction (see ``Store.open_call``).
+"""
+
+from __future__ import annotations
+
+import calendar
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+
+from orchestrator.settings import Settings
+from orchestrator.spec import LoadedWorkflow
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One limit, and which ledger rows its scope holds (None: no condition)."""
+
+    key: str
+    usd: Decimal
+    label: str
+    own: bool  # the workflow's own budget, as opposed to the global one
+    run_id: str | None = None
+    workflow: str | None = None
+    first_day: date | None = None
+    last_day: date | None = None
+
+
+def scope_keys(run_id: str, workflow: str, day: date) -> list[str]:
+    """The counter keys a call of ``run_id`` on ``day`` counts against, limited or not."""
+    month = f"{day:%Y-%m}"
+    return [
+        f"run:{run_id}",
+        f"workflow:{workflow}:day:{day}",
+        f"workflow:{workflow}:month:{month}",
+        f"all:day:{day}",
+        f"all:month:{month}",
+    ]
+
+
+def limits(settings: Settings, workflow: LoadedWorkflow, run_id: str, day: date) -> list[Limit]:
+    """The limits on a call of ``run_id`` made on ``day``, sorted by key.
+
+    Sorted, so concurrent transactions lock counter rows in the same order.
+    """
+    own = workflow.spec.budget
+    common = settings.config.budget
+    name = workflow.name
+    first = day.replace(day=1)
+    last = day.replace(day=calendar.monthrange(day.year, day.month)[1])
+    run_key, day_key, month_key, all_day_key, all_month_key = scope_keys(run_id, name, day)
+    found = []
+    if own.per_run_usd is not None:
+        label = f"per-run budget of run {run_id}"
+        found.append(Limit(run_key, own.per_run_usd, label, True, run_id=run_id))
+    if own.daily_usd is not None:
+        label = f"daily budget of workflow '{name}' for {day}"
+        found.append(
+            Limit(day_key, own.daily_usd, label, True, workflow=name, first_day=day, last_day=day)
+        )
+    if own.monthly_usd is not None:
+        label = f"monthly budget of workflow '{name}' for {day:%Y-%m}"
+        found.append(
+            Limit(
+                month_key,
+                own.monthly_usd,
+                label,
+                True,
+                workflow=name,
+                first_day=first,
+                last_day=last,
+            )
+        )
+    if common.daily_usd is not None:
+        label = f"global daily budget for {day}"
+        found.append(
+            Limit(all_day_key, common.daily_usd, label, False, first_day=day, last_day=day)
+        )
+    if common.monthly_usd is not None:
+        label = f"global monthly budget for {day:%Y-%m}"
+        found.append(
+            Limit(all_month_key, common.monthly_usd, label, False, first_day=first, last_day=last)
+        )
+    return sorted(found, key=lambda limit: limit.key)

@@ -1,0 +1,262 @@
+"""Budgets: reservations before every call, refusals in the ledger, downgrades, machine prices."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Project, tiers_for, wait_for
+from sqlalchemy import create_engine, func, select, text
+
+from orchestrator.store import open_engine
+from orchestrator.store.tables import budget_usage, model_calls
+from orchestrator.testing import OllamaServer, OpenAIServer, Reply
+
+CONCURRENT_RUNS = """
+import asyncio, sys
+import orchestrator
+
+async def main():
+    runs = [orchestrator.arun("ask", {"text": "hi"}, config=sys.argv[1]) for _ in range(int(sys.argv[2]))]
+    for result in await asyncio.gather(*runs):
+        blocked = "budget_blocked" in (result.error or "")
+        print(result.status + (":budget_blocked" if blocked else ""))
+
+asyncio.run(main())
+"""
+
+# $1 per 1K prompt tokens and $2 per 1K completion tokens on the frontier model.
+PRICES = {"openai/gpt-4o-mini": {"input": 1000, "output": 2000}}
+
+
+def frontier_project(
+    root: Path,
+    ollama: OllamaServer,
+    frontier: OpenAIServer,
+    workflow_budget: dict[str, Any],
+    **config: Any,
+) -> Project:
+    """Workflow ``ask``: one frontier step, under ``workflow_budget``."""
+    project = Project(
+        root, {"tiers": tiers_for(ollama, frontier, timeout_s=30), "prices": PRICES, **config}
+    )
+    project.agent("brief", prompt="{{ inputs.text }}", max_tokens=10)
+    project.workflow(
+        {
+            "name": "ask",
+            "budget": workflow_budget,
+            "steps": [{"id": "answer", "agent": "brief", "tier": "frontier"}],
+        }
+    )
+    return project
+
+
+def ledger(project: Project) -> list[dict[str, Any]]:
+    store = project.store()
+    try:
+        with store.engine.connect() as connection:
+            return [dict(row) for row in connection.execute(select(model_calls)).mappings()]
+    finally:
+        store.engine.dispose()
+
+
+def counters(project: Project) -> dict[str, tuple[Decimal, Decimal]]:
+    store = project.store()
+    try:
+        with store.engine.connect() as connection:
+            rows = connection.execute(select(budget_usage)).all()
+    finally:
+        store.engine.dispose()
+    return {key: (spent, reserved) for key, spent, reserved in rows}
+
+
+def test_concurrent_runs_never_pass_a_shared_budget(
+    tmp_path: Path, database_url: str, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    # Each call reports 10 prompt and 5 completion tokens: it costs exactly $0.02.
+    # Its reservation is its worst case, several times that, so near the limit
+    # runs are refused while others still hold reservations.
+    frontier.responder = lambda body: Reply(
+        text="fine", delay_s=0.2, prompt_tokens=10, completion_tokens=5
+    )
+    budget = Decimal("0.5")
+    project = frontier_project(
+        tmp_path / "p", ollama, frontier, {"daily_usd": str(budget)}, database=database_url
+    )
+    open_engine(database_url, migrate=True).dispose()
+    # 5 processes with 10 runs each in flight at once: reservations race for real.
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_RUNS, str(project.config), "10"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(5)
+    ]
+    statuses = [status for proc in procs for status in proc.communicate(timeout=120)[0].split()]
+    assert len(statuses) == 50, statuses
+    succeeded = statuses.count("succeeded")
+    refused = statuses.count("failed:budget_blocked")
+    assert succeeded + refused == 50, statuses
+    assert succeeded and refused  # the limit was reached, and it held
+    rows = ledger(project)
+    spent = sum((row["cost_usd"] for row in rows), Decimal(0))
+    assert spent == Decimal("0.02") * succeeded <= budget
+    # Every reservation ended exactly once; refused calls never held one.
+    assert sorted({row["state"] for row in rows}) == ["settled"]
+    assert sum(row["outcome"] == "ok" for row in rows) == succeeded == len(frontier.chat_requests())
+    assert sum(row["outcome"] == "budget_blocked" for row in rows) == refused
+    assert all(row["reserved_usd"] is None for row in rows if row["outcome"] == "budget_blocked")
+    assert all(row["reserved_usd"] > row["cost_usd"] for row in rows if row["outcome"] == "ok")
+    [(key, (counted, reserved))] = counters(project).items()
+    assert key.startswith("workflow:ask:day:")
+    assert (counted, reserved) == (spent, Decimal(0))
+
+
+def test_a_refused_call_never_reaches_the_model_and_says_why(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    project = frontier_project(tmp_path / "p", ollama, frontier, {"per_run_usd": "0.001"})
+    result = project.run("ask")
+    assert result.status == "failed"
+    assert "budget_blocked: the per-run budget of run" in (result.error or "")
+    assert "of $0.001 would be passed: $0 spent, $0 reserved" in (result.error or "")
+    assert frontier.chat_requests() == []
+    [row] = ledger(project)
+    assert (row["outcome"], row["cost_usd"], row["prompt_tokens"]) == ("budget_blocked", 0, 0)
+
+
+def test_a_global_monthly_budget_counts_every_workflow(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    frontier.responder = lambda body: Reply(text="fine", prompt_tokens=10, completion_tokens=5)
+    project = frontier_project(tmp_path / "p", ollama, frontier, {}, budget={"monthly_usd": "0.1"})
+    project.workflow(
+        {"name": "other", "steps": [{"id": "answer", "agent": "brief", "tier": "frontier"}]}
+    )
+    results = [project.run(name) for name in ("ask", "other") * 3]
+    # Each run reserves its worst case (about $0.07 here) and spends $0.02.
+    assert [r.status for r in results[:2]] == ["succeeded", "succeeded"]
+    refused = [r for r in results if r.status == "failed"]
+    assert refused and all("global monthly budget" in (r.error or "") for r in refused)
+    assert {r.workflow for r in results if r.status == "succeeded"} == {"ask", "other"}
+    spent = sum((row["cost_usd"] for row in ledger(project)), Decimal(0))
+    assert spent <= Decimal("0.1")
+
+
+def test_past_downgrade_at_steps_run_no_higher_than_the_cap(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    frontier.reply(Reply(text="frontier", prompt_tokens=10, completion_tokens=5))
+    ollama.reply("local")
+    project = frontier_project(
+        tmp_path / "p",
+        ollama,
+        frontier,
+        {"daily_usd": "0.1", "downgrade_at": 0.2, "downgrade_to": "light"},
+    )
+    first = project.run("ask")  # spends $0.02 of $0.10: below 20% when it starts
+    second = project.run("ask")  # starts at 20% used: capped at the light tier
+    assert first.outputs == {"answer": "frontier"}
+    assert second.outputs == {"answer": "local"}
+    assert [(row["tier_asked"], row["tier_used"]) for row in ledger(project)] == [
+        ("frontier", "frontier"),
+        ("frontier", "light"),
+    ]
+
+
+def test_a_ledger_that_refuses_writes_stops_every_call(
+    tmp_path: Path, postgres_url: str, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    project = frontier_project(tmp_path / "p", ollama, frontier, {}, database=postgres_url)
+    open_engine(postgres_url, migrate=True).dispose()  # migrated by its owner
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    role = "tierflow_no_ledger_inserts"
+    with admin.connect() as connection:
+        if not connection.execute(
+            text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}
+        ).first():
+            connection.execute(text(f"CREATE ROLE {role} LOGIN"))
+        connection.execute(text(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}"))
+        connection.execute(text(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}"))
+        connection.execute(text(f"REVOKE INSERT ON model_calls FROM {role}"))
+    admin.dispose()
+    limited = postgres_url.replace("postgres@", f"{role}@", 1)
+    assert limited != postgres_url
+    project = frontier_project(tmp_path / "q", ollama, frontier, {}, database=limited)
+    with pytest.raises(Exception, match="permission denied for table model_calls"):
+        project.run("ask")
+    assert frontier.chat_requests() == []  # no reservation, no request
+
+
+def test_a_local_model_priced_per_hour_costs_its_machine_time(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    ollama.reply(Reply(text="local", delay_s=0.3))
+    project = Project(
+        tmp_path / "p",
+        {
+            "tiers": tiers_for(ollama, frontier),
+            "prices": {"ollama/llama3.2:1b": {"per_hour": 36}},  # $0.01 a second
+        },
+    )
+    project.workflow({"name": "local", "steps": [{"id": "a", "agent": "helper", "tier": "light"}]})
+    assert project.run("local").status == "succeeded"
+    [row] = ledger(project)
+    assert row["local"] is True
+    assert row["latency_ms"] >= 300
+    expected = (Decimal("0.01") * Decimal(str(round(row["latency_ms"] / 1000, 6)))).quantize(
+        Decimal("1e-12")
+    )
+    assert row["cost_usd"] == expected.normalize()
+    store = project.store()
+    try:
+        with store.engine.connect() as connection:
+            assert connection.execute(select(func.count()).select_from(budget_usage)).scalar() == 0
+    finally:
+        store.engine.dispose()
+
+
+def test_a_call_cut_off_by_a_crash_keeps_its_reservation_as_spend(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    frontier.responder = lambda body: Reply(text="slow", delay_s=30)
+    project = frontier_project(tmp_path / "p", ollama, frontier, {"daily_usd": "5"}, lease_ttl_s=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "ask"],
+        cwd=project.root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: ("answer", 1, "pending") in project.ledger_states())
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    [(_, (spent, reserved))] = counters(project).items()
+    [pending] = ledger(project)
+    assert (spent, reserved) == (0, pending["reserved_usd"]) and reserved > 0
+
+    frontier.responder = lambda body: Reply(text="fast", prompt_tokens=10, completion_tokens=5)
+    time.sleep(1.2)  # the dead process's lease goes stale
+    runner, workflow, store = project.runner("ask")
+    try:
+        result = asyncio.run(runner.execute(workflow, store.runs()[0]["id"]))
+    finally:
+        store.engine.dispose()
+    assert result is not None and result.status == "succeeded"
+    abandoned, settled = ledger(project)
+    assert (abandoned["state"], settled["state"]) == ("abandoned", "settled")
+    # The cut-off call may have been billed: its worst case stays in the spend.
+    assert abandoned["cost_usd"] == abandoned["reserved_usd"] == reserved
+    [(_, counted)] = counters(project).items()
+    assert counted == (abandoned["cost_usd"] + settled["cost_usd"], 0)
