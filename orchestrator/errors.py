@@ -57,9 +57,12 @@ class ModelError(RunError):
 
     outcome = "error"
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         super().__init__(reason)
         self.reason = reason
+        # What the call used before it failed: a stream cut midway was still billed.
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
 
 
 class ModelUnavailable(ModelError):

@@ -31,6 +31,7 @@ import jsonschema
 from orchestrator.errors import ModelError, ModelTimeout, RunError, StepFailed
 from orchestrator.ledger import Call, Pricer, StepRecord
 from orchestrator.models import Clients, ModelRequest
+from orchestrator.models.base import prompt_tokens_upper_bound
 from orchestrator.settings import ModelEntry, Settings, Tier
 from orchestrator.spec import AUTO_TIER, StepPlan
 from orchestrator.templates import TemplateProblem
@@ -287,6 +288,7 @@ class StepRunner:
             temperature=plan.agent.temperature,
             timeout_s=timeout,
             json_schema=plan.step.output,
+            stream=entry.stream,
         )
         make_call = functools.partial(
             self._call,
@@ -301,7 +303,7 @@ class StepRunner:
         )
         if self._on_call_start is not None:
             pending = make_call(
-                prompt_tokens=_estimate_tokens(messages),
+                prompt_tokens=prompt_tokens_upper_bound(messages),
                 completion_tokens=plan.max_tokens,
                 latency_ms=(timeout + BACKSTOP_S) * 1000,
                 outcome="pending",
@@ -339,6 +341,7 @@ class StepRunner:
             outcome, error = ModelTimeout.outcome, f"no answer within {timeout:g}s"
         except ModelError as exc:
             outcome, error = exc.outcome, exc.reason
+            prompt_tokens, completion_tokens = exc.prompt_tokens, exc.completion_tokens
         except InvalidOutput as exc:
             outcome, error = "invalid_output", str(exc)
         except TemplateProblem:
@@ -396,12 +399,6 @@ class StepRunner:
             reserved_usd=reserved_usd,
             local=local,
         )
-
-
-def _estimate_tokens(messages: list[dict[str, str]]) -> int:
-    """An upper bound on prompt tokens, for reservations: a byte-level BPE token
-    holds at least one byte, plus a chat template's tokens around each message."""
-    return sum(len(m["content"].encode()) + 16 for m in messages)
 
 
 def verify(plan: StepPlan, text: str, context: dict[str, Any]) -> Any:

@@ -35,6 +35,7 @@ class ModelEntry(_Strict):
     api_base: str | None = None
     api_key_env: str | None = None
     timeout_s: float = Field(default=60.0, gt=0)
+    stream: bool = False  # ask for streamed answers; usage is recorded the same way
 
     @property
     def provider(self) -> str:

@@ -36,6 +36,8 @@ class Reply:
     prompt_tokens: int | None = None  # None: one token per word of the prompt
     completion_tokens: int | None = None  # None: one token per word of the text
     raw: bytes | None = None  # sent as the body instead of a well-formed answer
+    # For a streamed request: the connection drops after this many chunks.
+    abort_after: int | None = None
 
     def usage(self, body: dict[str, Any]) -> tuple[int, int]:
         """Prompt and completion tokens to report for this reply to ``body``."""
@@ -47,6 +49,21 @@ class Reply:
 
 
 Responder = Callable[[dict[str, Any]], Reply]
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A chunked response: ``chunks`` in order, then the end, or a dropped connection."""
+
+    chunks: list[bytes]
+    complete: bool
+    content_type: str
+
+
+def _words(text: str) -> list[str]:
+    """``text`` as stream pieces, one word (with its trailing space) each."""
+    words = text.split(" ")
+    return [word + " " for word in words[:-1]] + [words[-1]]
 
 
 class LoopbackServer:
@@ -104,8 +121,8 @@ class LoopbackServer:
 
     def route(
         self, method: str, path: str, body: dict[str, Any]
-    ) -> tuple[int, dict[str, Any] | bytes]:
-        """Status and JSON payload (or raw bytes) for one request."""
+    ) -> tuple[int, dict[str, Any] | bytes | Stream]:
+        """Status and JSON payload (or raw bytes, or a stream) for one request."""
         raise NotImplementedError
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
@@ -136,6 +153,9 @@ class LoopbackServer:
                 with server._lock:
                     server.requests.append(body)
                 status, payload = server.route(method, body["_path"], body)
+                if isinstance(payload, Stream):
+                    self._send_stream(payload)
+                    return
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 head = (
                     f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
@@ -146,11 +166,29 @@ class LoopbackServer:
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(head + data)
 
+            def _send_stream(self, stream: Stream) -> None:
+                head = (
+                    "HTTP/1.1 200 OK\r\n"
+                    f"Content-Type: {stream.content_type}\r\n"
+                    "Transfer-Encoding: chunked\r\n\r\n"
+                ).encode()
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(head)
+                    for chunk in stream.chunks:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.flush()
+                    if stream.complete:
+                        self.wfile.write(b"0\r\n\r\n")
+                        return
+                # Cut off mid-body, as a crashed or disconnected provider would.
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+
         return Handler
 
 
 class OllamaServer(LoopbackServer):
-    """Speaks Ollama's ``/api/tags`` and non-streamed ``/api/chat``."""
+    """Speaks Ollama's ``/api/tags`` and ``/api/chat``, streamed (NDJSON) or not."""
 
     def __init__(self, *, models: tuple[str, ...] = ("llama3.2:1b",), **options: Any) -> None:
         super().__init__(**options)
@@ -158,7 +196,7 @@ class OllamaServer(LoopbackServer):
 
     def route(
         self, method: str, path: str, body: dict[str, Any]
-    ) -> tuple[int, dict[str, Any] | bytes]:
+    ) -> tuple[int, dict[str, Any] | bytes | Stream]:
         if path == "/api/tags":
             return 200, {
                 "models": [
@@ -183,7 +221,7 @@ class OllamaServer(LoopbackServer):
         if reply.status != 200:
             return reply.status, {"error": reply.text}
         prompt, completion = reply.usage(body)
-        return 200, {
+        final = {
             "model": body["model"],
             "created_at": "2026-11-22T00:00:00Z",
             "message": {"role": "assistant", "content": reply.text},
@@ -193,14 +231,28 @@ class OllamaServer(LoopbackServer):
             "prompt_eval_count": prompt,
             "eval_count": completion,
         }
+        if body.get("stream") is False:
+            return 200, final
+        pieces = [
+            {**final, "message": {"role": "assistant", "content": word}, "done": False}
+            for word in _words(reply.text)
+        ]
+        for piece in pieces:
+            for key in ("done_reason", "total_duration", "prompt_eval_count", "eval_count"):
+                del piece[key]
+        lines = [json.dumps(p).encode() + b"\n" for p in pieces]
+        lines.append(
+            json.dumps({**final, "message": {"role": "assistant", "content": ""}}).encode() + b"\n"
+        )
+        return 200, _cut(lines, reply, "application/x-ndjson")
 
 
 class OpenAIServer(LoopbackServer):
-    """Speaks OpenAI's ``POST /v1/chat/completions`` (non-streamed)."""
+    """Speaks OpenAI's ``POST /v1/chat/completions``, streamed (SSE) or not."""
 
     def route(
         self, method: str, path: str, body: dict[str, Any]
-    ) -> tuple[int, dict[str, Any] | bytes]:
+    ) -> tuple[int, dict[str, Any] | bytes | Stream]:
         if not path.endswith("/chat/completions"):
             return 404, {"error": {"message": f"no route {path}", "type": "invalid_request_error"}}
         reply = self._next_reply(body)
@@ -211,6 +263,13 @@ class OpenAIServer(LoopbackServer):
                 "error": {"message": reply.text, "type": "server_error", "code": None}
             }
         prompt, completion = reply.usage(body)
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        if body.get("stream"):
+            return 200, self._stream(body, reply, usage)
         return 200, {
             "id": f"chatcmpl-{len(self.requests)}",
             "object": "chat.completion",
@@ -223,12 +282,34 @@ class OpenAIServer(LoopbackServer):
                     "finish_reason": "stop",
                 }
             ],
-            "usage": {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            },
+            "usage": usage,
         }
+
+    def _stream(self, body: dict[str, Any], reply: Reply, usage: dict[str, int]) -> Stream:
+        """Server-sent events: a delta per word, then usage if asked for, then [DONE]."""
+        base = {
+            "id": f"chatcmpl-{len(self.requests)}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.get("model", "unknown"),
+        }
+        events = [
+            {**base, "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+            for word in _words(reply.text)
+        ]
+        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append({**base, "choices": [], "usage": usage})
+        lines = [b"data: " + json.dumps(event).encode() + b"\n\n" for event in events]
+        lines.append(b"data: [DONE]\n\n")
+        return _cut(lines, reply, "text/event-stream")
+
+
+def _cut(chunks: list[bytes], reply: Reply, content_type: str) -> Stream:
+    """The stream of ``chunks``, dropped after ``reply.abort_after`` of them if set."""
+    if reply.abort_after is None:
+        return Stream(chunks, complete=True, content_type=content_type)
+    return Stream(chunks[: reply.abort_after], complete=False, content_type=content_type)
 
 
 def main(argv: list[str]) -> None:

@@ -21,6 +21,7 @@ class ModelRequest:
     temperature: float
     timeout_s: float
     json_schema: dict[str, Any] | None = None
+    stream: bool = False  # ask for the answer as a stream, and assemble it
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,12 @@ class ModelReply:
     text: str
     prompt_tokens: int
     completion_tokens: int
+
+
+def prompt_tokens_upper_bound(messages: list[dict[str, str]]) -> int:
+    """At least the prompt's real token count: a byte-level BPE token holds at
+    least one byte, plus a chat template's tokens around each message."""
+    return sum(len(m["content"].encode()) + 16 for m in messages)
 
 
 class ModelClient(ABC):

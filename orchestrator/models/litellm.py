@@ -71,34 +71,84 @@ class LiteLLMClient(ModelClient):
                 "type": "json_schema",
                 "json_schema": {"name": "output", "schema": request.json_schema},
             }
+        options = {
+            "model": self._model,
+            "messages": request.messages,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "timeout": request.timeout_s,
+            "api_base": self._api_base,
+            "api_key": api_key,
+            "response_format": response_format,
+            "drop_params": True,
+            "num_retries": 0,  # the tier ladder is the retry policy
+            "max_retries": 0,
+        }
+        if request.stream:
+            return await self._stream(request, options)
         try:
-            response = await litellm.acompletion(
-                model=self._model,
-                messages=request.messages,
-                max_tokens=request.max_tokens,
-                temperature=request.temperature,
-                timeout=request.timeout_s,
-                api_base=self._api_base,
-                api_key=api_key,
-                response_format=response_format,
-                drop_params=True,
-                num_retries=0,  # the tier ladder is the retry policy
-                max_retries=0,
-            )
-        except litellm.Timeout:
-            raise ModelTimeout(f"{self._model} timed out after {request.timeout_s:g}s") from None
-        except litellm.APIConnectionError as exc:
-            raise ModelUnavailable(f"{self._model} unreachable: {_first_line(exc)}") from None
-        except (litellm.AuthenticationError, litellm.PermissionDeniedError):
-            raise ModelUnavailable(f"{self._model}: credentials refused") from None
-        except self._openai.APIError as exc:  # the base of every other provider error
-            raise ModelCallError(f"{self._model}: {_first_line(exc)}") from None
+            response = await litellm.acompletion(**options)
+        except Exception as exc:
+            raise self._error(exc, request) from None
         usage = getattr(response, "usage", None)
         return ModelReply(
             text=response.choices[0].message.content or "",
             prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
             completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
         )
+
+    async def _stream(self, request: ModelRequest, options: dict[str, Any]) -> ModelReply:
+        """Assemble a streamed answer, with the usage the provider sends at its end.
+
+        A stream cut short (or one whose provider sends no usage) is counted
+        with litellm's tokenizer for the model: the prompt, and the text received.
+        """
+        parts: list[str] = []
+        usage = None
+        try:
+            chunks = await self._litellm.acompletion(
+                **options, stream=True, stream_options={"include_usage": True}
+            )
+            async for chunk in chunks:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    parts.append(chunk.choices[0].delta.content)
+                usage = getattr(chunk, "usage", None) or usage
+        except Exception as exc:
+            if not parts:
+                raise self._error(exc, request) from None
+            prompt, completion = self._count(request, parts)
+            raise ModelCallError(
+                f"{self._model}: the stream broke after {len(parts)} chunks: {_first_line(exc)}",
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+            ) from None
+        text = "".join(parts)
+        if usage is None or not getattr(usage, "prompt_tokens", 0):
+            prompt, completion = self._count(request, parts)
+            return ModelReply(text=text, prompt_tokens=prompt, completion_tokens=completion)
+        return ModelReply(
+            text=text,
+            prompt_tokens=int(usage.prompt_tokens),
+            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+        )
+
+    def _count(self, request: ModelRequest, parts: list[str]) -> tuple[int, int]:
+        count = self._litellm.token_counter
+        prompt = count(model=self._model, messages=request.messages)
+        return int(prompt), int(count(model=self._model, text="".join(parts))) if parts else 0
+
+    def _error(self, exc: Exception, request: ModelRequest) -> Exception:
+        """Ours for a litellm failure; anything else as it is."""
+        litellm = self._litellm
+        if isinstance(exc, litellm.Timeout):
+            return ModelTimeout(f"{self._model} timed out after {request.timeout_s:g}s")
+        if isinstance(exc, litellm.APIConnectionError):
+            return ModelUnavailable(f"{self._model} unreachable: {_first_line(exc)}")
+        if isinstance(exc, litellm.AuthenticationError | litellm.PermissionDeniedError):
+            return ModelUnavailable(f"{self._model}: credentials refused")
+        if isinstance(exc, self._openai.APIError):  # the base of every other provider error
+            return ModelCallError(f"{self._model}: {_first_line(exc)}")
+        return exc
 
     async def aclose(self) -> None:
         # litellm caches HTTP clients per process; they belong to the event loop

@@ -7,7 +7,12 @@ import os
 from typing import Any
 
 from orchestrator.errors import ModelCallError, ModelTimeout, ModelUnavailable
-from orchestrator.models.base import ModelClient, ModelReply, ModelRequest
+from orchestrator.models.base import (
+    ModelClient,
+    ModelReply,
+    ModelRequest,
+    prompt_tokens_upper_bound,
+)
 
 
 @functools.cache
@@ -46,6 +51,8 @@ class OllamaClient(ModelClient):
             client = self._timed[request.timeout_s] = self._ollama.AsyncClient(
                 host=self._host_arg, timeout=request.timeout_s, verify=_tls()
             )
+        if request.stream:
+            return await self._stream(client, request, options)
         try:
             response = await client.chat(
                 model=request.model,
@@ -54,19 +61,59 @@ class OllamaClient(ModelClient):
                 options=options,
                 stream=False,
             )
-        except ConnectionError:
-            raise ModelUnavailable(f"Ollama unreachable at {self._host}") from None
-        except self._ollama.ResponseError as exc:
-            raise ModelCallError(f"Ollama {exc.status_code}: {exc.error}") from None
-        except self._httpx.TimeoutException:
-            raise ModelTimeout(f"Ollama gave no answer within {request.timeout_s:g}s") from None
-        except self._httpx.HTTPError as exc:
-            raise ModelCallError(f"Ollama: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            raise self._error(exc, request) from None
         return ModelReply(
             text=response.message.content or "",
             prompt_tokens=response.prompt_eval_count or 0,
             completion_tokens=response.eval_count or 0,
         )
+
+    async def _stream(
+        self, client: Any, request: ModelRequest, options: dict[str, Any]
+    ) -> ModelReply:
+        """Assemble a streamed answer. Ollama sends one token a chunk and its counts in
+        the last; a stream cut short is billed as the chunks received, after a prompt
+        counted at its upper bound (Ollama reports prompt tokens only at the end)."""
+        parts: list[str] = []
+        try:
+            chunks = await client.chat(
+                model=request.model,
+                messages=request.messages,
+                format=request.json_schema,
+                options=options,
+                stream=True,
+            )
+            async for chunk in chunks:
+                parts.append(chunk.message.content or "")
+                if chunk.done:
+                    return ModelReply(
+                        text="".join(parts),
+                        prompt_tokens=chunk.prompt_eval_count or 0,
+                        completion_tokens=chunk.eval_count or len(parts),
+                    )
+            why = "it ended before its last chunk"
+        except Exception as exc:
+            if not parts:
+                raise self._error(exc, request) from None
+            why = f"{type(exc).__name__}: {str(exc)[:200]}"
+        raise ModelCallError(
+            f"Ollama: the stream broke after {len(parts)} chunks: {why}",
+            prompt_tokens=prompt_tokens_upper_bound(request.messages),
+            completion_tokens=len(parts),
+        )
+
+    def _error(self, exc: Exception, request: ModelRequest) -> Exception:
+        """Ours for a failure of the ``ollama`` client; anything else as it is."""
+        if isinstance(exc, ConnectionError):
+            return ModelUnavailable(f"Ollama unreachable at {self._host}")
+        if isinstance(exc, self._ollama.ResponseError):
+            return ModelCallError(f"Ollama {exc.status_code}: {exc.error}")
+        if isinstance(exc, self._httpx.TimeoutException):
+            return ModelTimeout(f"Ollama gave no answer within {request.timeout_s:g}s")
+        if isinstance(exc, self._httpx.HTTPError):
+            return ModelCallError(f"Ollama: {type(exc).__name__}: {exc}")
+        return exc
 
     async def aclose(self) -> None:
         for client in [self._client, *self._timed.values()]:
