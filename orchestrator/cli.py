@@ -462,6 +462,24 @@ def _spend_table(found: reports.SpendReport) -> Any:
     return table
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    config: ConfigOption = None,
+) -> None:
+    """HTTP API and dashboard at /. Clients send the bearer token in TIERFLOW_API_TOKEN."""
+    token = os.environ.get("TIERFLOW_API_TOKEN", "")
+    if not token.strip():
+        raise UserError(
+            "TIERFLOW_API_TOKEN is not set: every route needs a shared secret, for example"
+            " export TIERFLOW_API_TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    from orchestrator.api import serve as run_server
+
+    run_server(_settings(config), token=token, host=host, port=port)
+
+
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption = None) -> None:
     """Apply pending migrations to the configured database (alembic upgrade head)."""

@@ -10,16 +10,10 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 
-from conftest import Project
+from conftest import Project, tierflow
 
 from orchestrator.store.database import head_revision
 from orchestrator.testing import OllamaServer, OpenAIServer, Reply
-
-
-def tierflow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd
-    )
 
 
 def typed_project(project: Project) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import seed_ledger
+from conftest import seed_ledger, tierflow
 from sqlalchemy import select
 
 from orchestrator import reports
@@ -161,27 +160,23 @@ def test_cli_json_and_csv_are_the_report(store: Store, tmp_path: Path) -> None:
         )
     )
 
-    def tierflow(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "orchestrator", "spend", "--config", str(config), *args],
-            capture_output=True,
-            text=True,
-        )
+    def spend(*args: str) -> subprocess.CompletedProcess[str]:
+        return tierflow("spend", "--config", str(config), *args, cwd=tmp_path)
 
     for args, by, top in (
         (["--by", "version", "--json"], "version", None),
         (["--top", "3", "--format", "json"], None, 3),
         (["--by", "day,workflow", "--since", "7d", "--json"], "day,workflow", None),
     ):
-        proc = tierflow(*args)
+        proc = spend(*args)
         assert proc.returncode == 0, proc.stderr
         since = reports.parse_when("7d") if "--since" in args else None
         expected = reports.report(store.engine, by=by, since=since, top=top).as_dict()
         assert json.loads(proc.stdout) == json.loads(json.dumps(expected))
-    table = tierflow("--top", "2")
+    table = spend("--top", "2")
     assert table.returncode == 0, table.stderr
     assert "spend by step, dearest 2" in table.stdout and "escalated" in table.stdout
     assert "50.0%" in table.stdout  # each answer step: one of its two calls escalated
-    csv_lines = tierflow("--by", "tier", "--format", "csv").stdout.splitlines()
+    csv_lines = spend("--by", "tier", "--format", "csv").stdout.splitlines()
     assert csv_lines[0].startswith("tier_used,calls,escalated_calls,escalation_rate,")
     assert len(csv_lines) == 1 + 3
