@@ -78,7 +78,7 @@ def spend_over_time(rows: Iterable[SpendRow], days: list[date]) -> Chart:
         for name, value in sorted(stacks[day.isoformat()].items(), key=lambda item: item[0]):
             if value <= 0:
                 continue
-            height = float(value / peak) * plot_height
+            height = max(float(value / peak) * plot_height, 1.0)  # spend is never invisible
             base -= height
             bars.append(
                 Bar(
