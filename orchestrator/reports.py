@@ -29,7 +29,19 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, FromClause, Select, and_, case, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    FromClause,
+    Integer,
+    Select,
+    and_,
+    case,
+    func,
+    literal_column,
+    select,
+    union_all,
+)
 
 from orchestrator.errors import UserError
 from orchestrator.loading import suggest
@@ -45,24 +57,11 @@ GROUPS = {
     "day": ("day",),
     "version": ("workflow", "workflow_version"),
 }
-FIELD_COLUMNS: dict[str, ColumnElement[Any]] = {
-    "workflow": model_calls.c.workflow,
-    # model_calls holds the content hash only; the version a run recorded is on runs.
-    "workflow_version": runs.c.workflow_version,
-    "step_id": model_calls.c.step_id,
-    "tier_used": model_calls.c.tier_used,
-    "model": model_calls.c.model,
-    "day": model_calls.c.day,
-}
+# The columns partial sums may be grouped by: the leading columns of the
+# covering index ix_model_calls_spend, in its order (see _query).
+PARTIAL_KEYS = ("workflow", "workflow_hash", "step_id", "tier_used", "model", "day")
 _IS_CALL = model_calls.c.outcome != "unavailable"
-MEASURES = (
-    func.sum(case((_IS_CALL, 1), else_=0)),
-    func.sum(case((and_(_IS_CALL, model_calls.c.escalation_reason.is_not(None)), 1), else_=0)),
-    func.sum(model_calls.c.prompt_tokens),
-    func.sum(model_calls.c.completion_tokens),
-    func.sum(model_calls.c.cost_usd, type_=Money),
-    func.coalesce(func.sum(model_calls.c.reference_cost_usd), 0, type_=Money),
-)
+_NONE: ColumnElement[int] = literal_column("0", Integer)
 
 
 @dataclass(frozen=True)
@@ -165,7 +164,8 @@ def spend(
     """Every group of ``by`` in the period, ordered by its key."""
     fields = group_fields(by)
     with engine.connect() as connection:
-        rows = connection.execute(_query(fields, since, until)).all()
+        query = _query(fields, since, until, dialect=engine.dialect.name)
+        rows = connection.execute(query).all()
     return [_row(row, len(fields)) for row in rows]
 
 
@@ -211,12 +211,109 @@ def total(rows: list[SpendRow]) -> SpendRow:
     )
 
 
-def _query(fields: tuple[str, ...], since: date | None, until: date | None) -> Select[Any]:
-    keys = [FIELD_COLUMNS[name] for name in fields]
-    source: FromClause = model_calls
+def _query(
+    fields: tuple[str, ...], since: date | None, until: date | None, *, dialect: str
+) -> Select[Any]:
+    """One statement: partial sums in an inner query, summed again per group.
+
+    The inner query is a UNION ALL of two aggregates: calls, tokens and money
+    read from ix_model_calls_spend, and escalated calls read from the partial
+    index ix_model_calls_escalated. Being one statement, both read the same
+    snapshot. SQLite has no hash aggregation: it sorts every row of a GROUP BY
+    that does not follow an index. There the inner query groups by the
+    shortest prefix of the index's columns that holds the fields asked for,
+    so it streams the index in order, and the outer query sorts a few
+    thousand partial rows. PostgreSQL hashes, so it groups by the fields.
+
+    A version is the one its run declared. Ledger rows hold the workflow's
+    content hash, and the content includes the version, so each (workflow,
+    hash) maps to one version (ix_runs_versions); an unknown hash gives null.
+    """
+    needed = _needed(fields)
+    inner = (
+        PARTIAL_KEYS[: 1 + max(map(PARTIAL_KEYS.index, needed))] if dialect == "sqlite" else needed
+    )
+    partials = union_all(
+        _within(_sums(inner), since, until), _within(_escalations(inner), since, until)
+    ).subquery("partials")
+    columns: dict[str, ColumnElement[Any]] = {name: partials.c[name] for name in inner}
+    source: FromClause = partials
     if "workflow_version" in fields:
-        source = model_calls.join(runs, runs.c.id == model_calls.c.run_id)
-    query = select(*keys, *MEASURES).select_from(source).group_by(*keys).order_by(*keys)
+        versions = (
+            select(
+                runs.c.workflow,
+                runs.c.workflow_hash,
+                func.max(runs.c.workflow_version).label("workflow_version"),
+            )
+            .group_by(runs.c.workflow, runs.c.workflow_hash)
+            .subquery("versions")
+        )
+        source = partials.outerjoin(
+            versions,
+            and_(
+                versions.c.workflow == partials.c.workflow,
+                versions.c.workflow_hash == partials.c.workflow_hash,
+            ),
+        )
+        columns["workflow_version"] = versions.c.workflow_version
+    keys = [columns[name] for name in fields]
+    return (
+        select(
+            *keys,
+            func.sum(partials.c.calls),
+            func.sum(partials.c.escalated_calls),
+            func.sum(partials.c.prompt_tokens),
+            func.sum(partials.c.completion_tokens),
+            func.sum(partials.c.cost_usd, type_=Money),
+            func.coalesce(func.sum(partials.c.reference_cost_usd), 0, type_=Money),
+        )
+        .select_from(source)
+        .group_by(*keys)
+        .order_by(*keys)
+    )
+
+
+def _needed(fields: tuple[str, ...]) -> tuple[str, ...]:
+    """The ledger columns that key ``fields``: a version is found from the content hash."""
+    names: list[str] = []
+    for field in fields:
+        for name in ("workflow", "workflow_hash") if field == "workflow_version" else (field,):
+            if name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def _sums(keys: tuple[str, ...]) -> Select[Any]:
+    columns = [model_calls.c[name] for name in keys]
+    return select(
+        *columns,
+        func.sum(case((_IS_CALL, 1), else_=0)).label("calls"),
+        _NONE.label("escalated_calls"),
+        func.sum(model_calls.c.prompt_tokens).label("prompt_tokens"),
+        func.sum(model_calls.c.completion_tokens).label("completion_tokens"),
+        func.sum(model_calls.c.cost_usd).label("cost_usd"),
+        func.sum(model_calls.c.reference_cost_usd).label("reference_cost_usd"),
+    ).group_by(*columns)
+
+
+def _escalations(keys: tuple[str, ...]) -> Select[Any]:
+    columns = [model_calls.c[name] for name in keys]
+    return (
+        select(
+            *columns,
+            _NONE.label("calls"),
+            func.count().label("escalated_calls"),
+            *(
+                _NONE.label(name)
+                for name in ("prompt_tokens", "completion_tokens", "cost_usd", "reference_cost_usd")
+            ),
+        )
+        .where(model_calls.c.escalation_reason.is_not(None), _IS_CALL)
+        .group_by(*columns)
+    )
+
+
+def _within(query: Select[Any], since: date | None, until: date | None) -> Select[Any]:
     if since is not None:
         query = query.where(model_calls.c.day >= since)
     if until is not None:

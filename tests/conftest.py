@@ -310,12 +310,13 @@ def seed_ledger(store: Store) -> None:
     ]
     for number, (workflow, version, days_ago, cost) in enumerate(plan):
         run_id = f"run{number:03d}" + "0" * 26
+        content_hash = f"{version or 0:0>64}"  # the file's content hash: one per version
         when = today - timedelta(days=days_ago)
         store.create_run(
             run_id=run_id,
             workflow=workflow,
             version=version,
-            content_hash=f"{number:064d}",
+            content_hash=content_hash,
             inputs={"text": "hi"},
             status="succeeded",
         )
@@ -345,4 +346,6 @@ def seed_ledger(store: Store) -> None:
         first = make_step("classify", [make_call(1, "0.000001", created_at=when)])
         second = make_step("answer", [cheap, skipped, dear])
         for record in (first, second):
-            store.record_step(run_id=run_id, workflow=workflow, content_hash="h", record=record)
+            store.record_step(
+                run_id=run_id, workflow=workflow, content_hash=content_hash, record=record
+            )

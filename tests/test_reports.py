@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import seed_ledger, tierflow
+from conftest import make_call, make_step, seed_ledger, tierflow
 from sqlalchemy import select
 
 from orchestrator import reports
@@ -180,3 +180,13 @@ def test_cli_json_and_csv_are_the_report(store: Store, tmp_path: Path) -> None:
     csv_lines = spend("--by", "tier", "--format", "csv").stdout.splitlines()
     assert csv_lines[0].startswith("tier_used,calls,escalated_calls,escalation_rate,")
     assert len(csv_lines) == 1 + 3
+
+
+def test_a_call_whose_hash_no_run_declared_has_no_version(store: Store) -> None:
+    seed_ledger(store)
+    stray = make_step("stray", [make_call(1, "0.5")])
+    store.record_step(run_id="run000" + "0" * 26, workflow="triage", content_hash="x", record=stray)
+    found = reports.report(store.engine, by="version")
+    versions = {row.key: row.cost_usd for row in found.groups}
+    assert versions[("triage", None)] == Decimal("0.5")
+    assert found.total.cost_usd == sum(row["cost_usd"] for row in ledger(store))
