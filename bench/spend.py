@@ -8,7 +8,7 @@ times, as medians of several rounds after a warm-up:
   what ``tierflow spend --by workflow`` and ``--by day --since 30d`` call;
 - the baseline, measured in the same run through the same engine: a raw
   ``SELECT workflow, sum(cost_usd) ... GROUP BY workflow`` (and by day);
-- ``GET /spend`` for both, against a real ``tierflow serve`` on loopback;
+- ``GET /spend`` for both, and the dashboard, against a real ``tierflow serve``;
 - the real ``tierflow spend`` command once each (interpreter start included).
 
     python bench/spend.py [--rows 1000000] [--rounds 5] [--databases sqlite,postgresql]
@@ -240,6 +240,9 @@ def measure(name: str, url: str, rows: int, rounds: int, folder: Path) -> list[s
                 rounds,
             )
             figures.append((label, elapsed, baseline))
+        client.get("/", params={"token": TOKEN}, follow_redirects=True).raise_for_status()
+        elapsed = median_ms(lambda: client.get("/").raise_for_status(), rounds)
+        figures.append(("GET / (dashboard, 30 days)", elapsed, baseline_workflow))
     for label, args, baseline in (
         ("tierflow spend --by workflow (once)", ["--by", "workflow"], baseline_workflow),
         (

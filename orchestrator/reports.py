@@ -35,6 +35,7 @@ from sqlalchemy import (
     FromClause,
     Integer,
     Select,
+    Subquery,
     and_,
     case,
     func,
@@ -239,23 +240,7 @@ def _query(
     columns: dict[str, ColumnElement[Any]] = {name: partials.c[name] for name in inner}
     source: FromClause = partials
     if "workflow_version" in fields:
-        versions = (
-            select(
-                runs.c.workflow,
-                runs.c.workflow_hash,
-                func.max(runs.c.workflow_version).label("workflow_version"),
-            )
-            .group_by(runs.c.workflow, runs.c.workflow_hash)
-            .subquery("versions")
-        )
-        source = partials.outerjoin(
-            versions,
-            and_(
-                versions.c.workflow == partials.c.workflow,
-                versions.c.workflow_hash == partials.c.workflow_hash,
-            ),
-        )
-        columns["workflow_version"] = versions.c.workflow_version
+        source, columns["workflow_version"] = _with_versions(partials)
     keys = [columns[name] for name in fields]
     return (
         select(
@@ -271,6 +256,27 @@ def _query(
         .group_by(*keys)
         .order_by(*keys)
     )
+
+
+def _with_versions(partials: Subquery) -> tuple[FromClause, ColumnElement[Any]]:
+    """``partials`` joined to the version each (workflow, content hash) declared."""
+    versions = (
+        select(
+            runs.c.workflow,
+            runs.c.workflow_hash,
+            func.max(runs.c.workflow_version).label("workflow_version"),
+        )
+        .group_by(runs.c.workflow, runs.c.workflow_hash)
+        .subquery("versions")
+    )
+    joined = partials.outerjoin(
+        versions,
+        and_(
+            versions.c.workflow == partials.c.workflow,
+            versions.c.workflow_hash == partials.c.workflow_hash,
+        ),
+    )
+    return joined, versions.c.workflow_version
 
 
 def _needed(fields: tuple[str, ...]) -> tuple[str, ...]:
