@@ -139,7 +139,7 @@ def test_help_does_not_import_heavy_modules() -> None:
     code = (
         "import sys\nfrom orchestrator.cli import app\n"
         "try:\n    app(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
-        "print(sorted(m for m in ('litellm', 'langgraph', 'sqlalchemy', 'llama_cpp', 'ollama', 'openai') if m in sys.modules))"
+        "print(sorted(m for m in ('litellm', 'langgraph', 'sqlalchemy', 'llama_cpp', 'ollama', 'openai', 'fastapi', 'uvicorn', 'jinja2') if m in sys.modules))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
