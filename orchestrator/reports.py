@@ -59,7 +59,7 @@ GROUPS = {
     "version": ("workflow", "workflow_version"),
 }
 # The columns partial sums may be grouped by: the leading columns of the
-# covering index ix_model_calls_spend, in its order (see _query).
+# covering index ix_model_calls_spend, in its order (see spend_query).
 PARTIAL_KEYS = ("workflow", "workflow_hash", "step_id", "tier_used", "model", "day")
 _IS_CALL = model_calls.c.outcome != "unavailable"
 _NONE: ColumnElement[int] = literal_column("0", Integer)
@@ -165,7 +165,7 @@ def spend(
     """Every group of ``by`` in the period, ordered by its key."""
     fields = group_fields(by)
     with engine.connect() as connection:
-        query = _query(fields, since, until, dialect=engine.dialect.name)
+        query = spend_query(fields, since, until, dialect=engine.dialect.name)
         rows = connection.execute(query).all()
     return [_row(row, len(fields)) for row in rows]
 
@@ -212,7 +212,7 @@ def total(rows: list[SpendRow]) -> SpendRow:
     )
 
 
-def _query(
+def spend_query(
     fields: tuple[str, ...], since: date | None, until: date | None, *, dialect: str
 ) -> Select[Any]:
     """One statement: partial sums in an inner query, summed again per group.

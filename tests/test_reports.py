@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from orchestrator import reports
 from orchestrator.errors import UserError
-from orchestrator.store import Store
+from orchestrator.store import Store, open_engine
 from orchestrator.store.tables import model_calls, runs
 
 GROUPINGS = [*reports.GROUPS, "day,workflow", "tier,model", "version,day"]
@@ -190,3 +190,21 @@ def test_a_call_whose_hash_no_run_declared_has_no_version(store: Store) -> None:
     versions = {row.key: row.cost_usd for row in found.groups}
     assert versions[("triage", None)] == Decimal("0.5")
     assert found.total.cost_usd == sum(row["cost_usd"] for row in ledger(store))
+
+
+@pytest.mark.parametrize("by", GROUPINGS)
+@pytest.mark.parametrize("since", [None, date(2026, 1, 1)])
+def test_sqlite_reports_read_indexes_never_the_whole_table(
+    tmp_path: Path, by: str, since: date | None
+) -> None:
+    """A million-row ledger stays under a second only while no report scans the table."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'plan.db'}", migrate=True)
+    query = reports.spend_query(reports.group_fields(by), since, None, dialect="sqlite")
+    sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))
+    with engine.connect() as connection:
+        plan = [row[-1] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")]
+    engine.dispose()
+    reads = [step for step in plan if "model_calls" in step or "runs" in step.split()]
+    assert reads and all("INDEX" in step for step in reads), plan
+    if since is None:
+        assert any("COVERING INDEX ix_model_calls_spend" in step for step in reads), plan
