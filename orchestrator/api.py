@@ -230,15 +230,26 @@ def _run_error(request: Request, exc: Exception) -> Response:
 
 
 def serve(settings: Settings, *, token: str, host: str, port: int) -> None:
-    """Run the application with uvicorn until interrupted."""
+    """Run the application with uvicorn until interrupted.
+
+    The socket is bound here first, so an address in use or an unknown host is
+    one clear ``UserError`` before anything else starts.
+    """
     import logging
+    import socket
 
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, token=token), host=host, port=port))
-    # Config set up uvicorn's loggers; the access log must not keep a ?token=.
-    logging.getLogger("uvicorn.access").addFilter(redact_tokens)
-    server.run()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        listener = socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    with listener:
+        server = uvicorn.Server(uvicorn.Config(create_app(settings, token=token)))
+        # Config set up uvicorn's loggers; the access log must not keep a ?token=.
+        logging.getLogger("uvicorn.access").addFilter(redact_tokens)
+        server.run(sockets=[listener])
 
 
 def redact_tokens(record: Any) -> bool:

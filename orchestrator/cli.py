@@ -465,7 +465,7 @@ def _spend_table(found: reports.SpendReport) -> Any:
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8000,
     config: ConfigOption = None,
 ) -> None:
     """HTTP API and dashboard at /. Clients send the bearer token in TIERFLOW_API_TOKEN."""
@@ -493,18 +493,17 @@ def db_upgrade(config: ConfigOption = None) -> None:
 
 def main() -> None:
     """Entry point: map our errors to exit codes and one-line messages."""
-    import click
-
     try:
         code = app(standalone_mode=False)
     except UserError as exc:
         _fail(str(exc), 2)
     except TierflowError as exc:  # RunError and anything else of ours: the run failed
         _fail(str(exc), 1)
-    except click.ClickException as exc:  # bad usage: unknown option, missing argument
-        exc.show()
-        sys.exit(2)
-    except (click.Abort, KeyboardInterrupt):
+    except typer.exceptions.TyperException as exc:
+        # Bad usage: an unknown option, a missing argument, a value out of range.
+        # Typer raises its own exceptions now, not click's.
+        _fail(f"Error: {exc.format_message()}", 2)
+    except (typer.Abort, KeyboardInterrupt):
         _fail("interrupted", 130)
     except Exception as exc:
         if os.environ.get("TIERFLOW_DEBUG"):

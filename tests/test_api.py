@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,21 @@ def test_serve_refuses_to_start_without_a_token(tmp_path: Path) -> None:
     proc = tierflow("serve", "--port", "1", cwd=tmp_path, env=env)
     assert proc.returncode == 2
     assert "TIERFLOW_API_TOKEN is not set" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_names_an_address_it_cannot_listen_on(tmp_path: Path) -> None:
+    env = {**os.environ, "TIERFLOW_API_TOKEN": TOKEN}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = tierflow("serve", "--port", str(port), cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    out_of_range = tierflow("serve", "--port", "99999", cwd=tmp_path, env=env)
+    assert out_of_range.returncode == 2 and "'--port'" in out_of_range.stderr
+    assert "Traceback" not in out_of_range.stderr
 
 
 def test_the_access_log_never_keeps_a_token() -> None:
