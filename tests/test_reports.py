@@ -115,6 +115,17 @@ def test_top_keeps_the_dearest_steps_and_the_whole_total(store: Store) -> None:
         reports.report(store.engine, top=0)
 
 
+@pytest.mark.parametrize(("by", "to"), [("day,workflow", "workflow"), ("version,day", "version")])
+def test_a_rollup_is_the_coarser_report(store: Store, by: str, to: str) -> None:
+    seed_ledger(store)
+    rolled = reports.rollup(reports.report(store.engine, by=by), to)
+    direct = reports.report(store.engine, by=to)
+    assert (rolled.by, rolled.fields, rolled.total) == (direct.by, direct.fields, direct.total)
+    assert {row.key: row for row in rolled.groups} == {row.key: row for row in direct.groups}
+    with pytest.raises(ValueError, match="cannot roll"):
+        reports.rollup(direct, "tier")
+
+
 def test_since_and_until_bound_the_days_inclusively(store: Store) -> None:
     seed_ledger(store)
     today = datetime.now(UTC).date()

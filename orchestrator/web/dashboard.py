@@ -56,15 +56,15 @@ def render(env: Environment, store: Store, *, ladder: list[str], days: int) -> s
     today = datetime.now(UTC).date()
     period = [today - timedelta(days=offset) for offset in range(days - 1, -1, -1)]
     since = period[0]
-    by_workflow = reports.report(store.engine, by="workflow", since=since)
-    over_time = reports.spend(store.engine, by="day,workflow", since=since)
+    over_time = reports.report(store.engine, by="day,workflow", since=since)
+    by_workflow = reports.rollup(over_time, "workflow")
     by_tier = reports.spend(store.engine, by="tier", since=since)
     return env.get_template("dashboard.html").render(
         days=days,
         since=since,
         today=today,
         report=by_workflow,
-        spend_chart=charts.spend_over_time(over_time, period),
+        spend_chart=charts.spend_over_time(over_time.groups, period),
         tier_chart=charts.tier_mix(by_tier, ladder),
         savings_chart=charts.savings(by_workflow.total),
         runs=recent_runs(store),
