@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
+from orchestrator.encoding import usd
 from orchestrator.errors import TierflowError, UserError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from orchestrator import reports
     from orchestrator.ledger import StepRecord
     from orchestrator.settings import Settings
     from orchestrator.spec import LoadedWorkflow
@@ -78,24 +80,10 @@ def _store(settings: Settings) -> Store:
     return open_store(settings)
 
 
-def _money(value: Decimal | None) -> str:
-    if value is None:
-        return "-"
-    if value == 0:
-        return "$0"
-    return f"${value:.6f}" if value < 1 else f"${value:,.4f}"
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return str(value)
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    raise TypeError(type(value).__name__)
-
-
 def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=_json_default) + "\n")
+    from orchestrator.encoding import dumps
+
+    sys.stdout.write(dumps(data, indent=2) + "\n")
 
 
 @app.command()
@@ -292,7 +280,7 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
         tokens = sum(c.prompt_tokens + c.completion_tokens for c in record.calls)
         seconds = (record.finished_at - record.started_at).total_seconds()
         console.print(
-            f"{mark} [bold]{record.step_id}[/]  {where}  {tokens} tok  {_money(record.cost_usd)}  {seconds:.1f}s"
+            f"{mark} [bold]{record.step_id}[/]  {where}  {tokens} tok  {usd(record.cost_usd)}  {seconds:.1f}s"
         )
         for call in record.calls:
             if call.outcome == "unavailable":
@@ -333,15 +321,15 @@ def _print_run_summary(console: Console, store: Store, run_id: str) -> None:
             call["model"],
             str(call["prompt_tokens"]),
             str(call["completion_tokens"]),
-            _money(call["cost_usd"]),
-            _money(call["reference_cost_usd"]),
+            usd(call["cost_usd"]),
+            usd(call["reference_cost_usd"]),
         )
     table.add_section()
-    table.add_row("total", "", "", "", "", _money(total_cost), _money(total_reference))
+    table.add_row("total", "", "", "", "", usd(total_cost), usd(total_reference))
     console.print()
     console.print(table)
     console.print(
-        f"{found['status']} · run id {run_id} · saved {_money(total_reference - total_cost)} against all-frontier"
+        f"{found['status']} · run id {run_id} · saved {usd(total_reference - total_cost)} against all-frontier"
     )
 
 
@@ -402,7 +390,7 @@ def show(
             item = "" if call["item_index"] is None else f" item {call['item_index']}"
             console.print(
                 f"  #{call['attempt']}{item}  {call['tier_used']} · {call['model']}  {call['outcome']}"
-                f"  {call['prompt_tokens']}+{call['completion_tokens']} tok  {_money(call['cost_usd'])}"
+                f"  {call['prompt_tokens']}+{call['completion_tokens']} tok  {usd(call['cost_usd'])}"
                 f"  {call['latency_ms']:.0f} ms",
                 markup=False,
             )
@@ -414,86 +402,107 @@ def show(
 
 @app.command()
 def spend(
-    by: Annotated[str, typer.Option(help="workflow, step, tier, model or day.")] = "workflow",
+    by: Annotated[
+        str | None,
+        typer.Option(
+            help="workflow, version, step, tier, model or day; several joined by commas"
+            " (day,workflow). Default: workflow, or step with --top."
+        ),
+    ] = None,
     since: Annotated[
         str | None, typer.Option(help="YYYY-MM-DD, or 30d for the last 30 days.")
     ] = None,
     until: Annotated[str | None, typer.Option(help="YYYY-MM-DD, inclusive.")] = None,
+    top: Annotated[
+        int | None, typer.Option(help="Only the N dearest groups, dearest first.")
+    ] = None,
     output_format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Spend from the ledger, with what an all-frontier run would have cost."""
+    """Spend from the ledger: calls, tokens, cost, escalation rate, and savings against all-frontier."""
     from orchestrator import reports
 
     if as_json:
         output_format = "json"
     if output_format not in ("table", "json", "csv"):
         raise UserError(f"--format {output_format!r}: choose table, json or csv")
+    if by is not None:
+        reports.group_fields(by)  # a bad --by stops here, before the database opens
     start, end = reports.parse_when(since), reports.parse_when(until, end=True)
     store = _store(_settings(config))
-    rows = reports.spend(store.engine, by=by, since=start, until=end)
-    overall = reports.total(rows)
+    found = reports.report(store.engine, by=by, since=start, until=end, top=top)
     if output_format == "json":
-        _print_json(
-            {"by": by, "groups": [row.as_dict(by) for row in rows], "total": _total_dict(overall)}
-        )
+        _print_json(found.as_dict())
     elif output_format == "csv":
-        buffer = io.StringIO()
-        fields = [
-            *reports.GROUPS[by],
-            "calls",
-            "prompt_tokens",
-            "completion_tokens",
-            "cost_usd",
-            "reference_cost_usd",
-            "savings_usd",
-        ]
-        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(row.as_dict(by) for row in rows)
-        sys.stdout.write(buffer.getvalue())
+        _print_spend_csv(found)
     else:
-        _console().print(_spend_table(by, rows, overall))
+        _console().print(_spend_table(found))
 
 
-def _total_dict(row: Any) -> dict[str, Any]:
-    return {
-        "calls": row.calls,
-        "prompt_tokens": row.prompt_tokens,
-        "completion_tokens": row.completion_tokens,
-        "cost_usd": str(row.cost_usd),
-        "reference_cost_usd": str(row.reference_cost_usd),
-        "savings_usd": str(row.savings_usd),
-    }
+def _print_spend_csv(found: reports.SpendReport) -> None:
+    groups = [row.as_dict(found.fields) for row in found.groups]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(
+        buffer, fieldnames=[*found.fields, *found.total.figures()], lineterminator="\n"
+    )
+    writer.writeheader()
+    writer.writerows(groups)
+    sys.stdout.write(buffer.getvalue())
 
 
-def _spend_table(by: str, rows: list[Any], overall: Any) -> Any:
+def _spend_table(found: reports.SpendReport) -> Any:
     from rich.table import Table
 
-    from orchestrator.reports import GROUPS
-
-    table = Table(title=f"spend by {by}", title_justify="left")
-    for name in GROUPS[by]:
+    title = f"spend by {found.by}" + (f", dearest {found.top}" if found.top else "")
+    table = Table(title=title, title_justify="left")
+    for name in found.fields:
         table.add_column(name.replace("_", " "))
-    for column in ("calls", "tokens in", "tokens out", "cost", "all-frontier", "saved"):
+    for column in (
+        "calls",
+        "escalated",
+        "tokens in",
+        "tokens out",
+        "cost",
+        "all-frontier",
+        "saved",
+    ):
         table.add_column(column, justify="right")
 
-    def cells(row: Any) -> list[str]:
+    def cells(row: reports.SpendRow) -> list[str]:
         return [
             str(row.calls),
+            f"{row.escalation_rate:.1%}",
             f"{row.prompt_tokens:,}",
             f"{row.completion_tokens:,}",
-            _money(row.cost_usd),
-            _money(row.reference_cost_usd),
-            _money(row.savings_usd),
+            usd(row.cost_usd),
+            usd(row.reference_cost_usd),
+            usd(row.savings_usd),
         ]
 
-    for row in rows:
-        table.add_row(*row.key, *cells(row))
+    for row in found.groups:
+        table.add_row(*(part or "-" for part in row.key), *cells(row))
     table.add_section()
-    table.add_row("total", *[""] * (len(GROUPS[by]) - 1), *cells(overall))
+    table.add_row("total", *[""] * (len(found.fields) - 1), *cells(found.total))
     return table
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 8000,
+    config: ConfigOption = None,
+) -> None:
+    """HTTP API and dashboard at /. Clients send the bearer token in TIERFLOW_API_TOKEN."""
+    token = os.environ.get("TIERFLOW_API_TOKEN", "")
+    if not token.strip():
+        raise UserError(
+            "TIERFLOW_API_TOKEN is not set: every route needs a shared secret, for example"
+            " export TIERFLOW_API_TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    from orchestrator.api import serve as run_server
+
+    run_server(_settings(config), token=token, host=host, port=port)
 
 
 @db_app.command("upgrade")
@@ -509,18 +518,17 @@ def db_upgrade(config: ConfigOption = None) -> None:
 
 def main() -> None:
     """Entry point: map our errors to exit codes and one-line messages."""
-    import click
-
     try:
         code = app(standalone_mode=False)
     except UserError as exc:
         _fail(str(exc), 2)
     except TierflowError as exc:  # RunError and anything else of ours: the run failed
         _fail(str(exc), 1)
-    except click.ClickException as exc:  # bad usage: unknown option, missing argument
-        exc.show()
-        sys.exit(2)
-    except (click.Abort, KeyboardInterrupt):
+    except typer.exceptions.TyperException as exc:
+        # Bad usage: an unknown option, a missing argument, a value out of range.
+        # Typer raises its own exceptions now, not click's.
+        _fail(f"Error: {exc.format_message()}", 2)
+    except (typer.Abort, KeyboardInterrupt):
         _fail("interrupted", 130)
     except Exception as exc:
         if os.environ.get("TIERFLOW_DEBUG"):

@@ -1,35 +1,78 @@
-"""Spend from the ledger, grouped by workflow, step, tier, model or day.
+"""Spend from the ledger, grouped by workflow, version, step, tier, model or day.
 
 Every figure is summed in SQL over integer pico-dollars, so group totals and
-the grand total equal the sum of the ledger rows exactly.
+the grand total equal the sum of the ledger rows exactly. What the figures mean:
+
+- ``calls``: provider requests. A model skipped as unavailable leaves a ledger
+  row (0 tokens, $0) but is not a call.
+- ``escalated_calls``: calls that carry an ``escalation_reason``. The scheduler
+  sets one on every call it makes on a tier above the first tier it tried for
+  that step (or ``for_each`` item), because everything tried below failed,
+  gave an invalid answer or was unreachable. A retry on another model of the
+  same tier is not an escalation, and a ``tier: auto`` step that starts on the
+  cheapest tier is not one either.
+- ``escalation_rate``: ``escalated_calls / calls`` (0 with no calls): the share
+  of the calls a cascade paid for only because a cheaper tier did not do.
+  Numerator and denominator are sums, so a total's rate is that of its rows.
+- ``savings_usd``: ``reference_cost_usd - cost_usd``, what the same tokens would
+  have cost on the configured ``reference_model`` (all-frontier) minus what
+  they cost. A row recorded with no reference model counts $0 there.
+- Pending and abandoned rows count with their worst-case estimate, so recorded
+  spend never falls below real spend.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Engine, case, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    FromClause,
+    Integer,
+    Select,
+    Subquery,
+    and_,
+    case,
+    func,
+    literal_column,
+    select,
+    union_all,
+)
 
 from orchestrator.errors import UserError
-from orchestrator.store.tables import Money, model_calls
+from orchestrator.loading import suggest
+from orchestrator.store.tables import Money, model_calls, runs
 
+# A grouping name and the fields that key its groups. A step id or a version
+# means nothing without its workflow, so those groupings carry it too.
 GROUPS = {
     "workflow": ("workflow",),
     "step": ("workflow", "step_id"),
     "tier": ("tier_used",),
     "model": ("model",),
     "day": ("day",),
+    "version": ("workflow", "workflow_version"),
 }
+# The columns partial sums may be grouped by: the leading columns of the
+# covering index ix_model_calls_spend, in its order (see spend_query).
+PARTIAL_KEYS = ("workflow", "workflow_hash", "step_id", "tier_used", "model", "day")
+_IS_CALL = model_calls.c.outcome != "unavailable"
+_NONE: ColumnElement[int] = literal_column("0", Integer)
 
 
 @dataclass(frozen=True)
 class SpendRow:
-    key: tuple[str, ...]
-    calls: int  # provider requests; a tier skipped as unavailable is not one
+    """One group's figures; ``key`` holds its fields' values (a day as YYYY-MM-DD)."""
+
+    key: tuple[str | None, ...]
+    calls: int
+    escalated_calls: int
     prompt_tokens: int
     completion_tokens: int
     cost_usd: Decimal
@@ -40,15 +83,52 @@ class SpendRow:
         """What the all-frontier (reference model) run would have cost, minus what this cost."""
         return self.reference_cost_usd - self.cost_usd
 
-    def as_dict(self, by: str) -> dict[str, Any]:
+    @property
+    def escalation_rate(self) -> float:
+        """Share of calls made on a tier above the first one tried; see the module docstring."""
+        return self.escalated_calls / self.calls if self.calls else 0.0
+
+    def figures(self) -> dict[str, Any]:
+        """The measures as JSON values: money as exact decimal strings."""
         return {
-            **dict(zip(GROUPS[by], self.key, strict=True)),
             "calls": self.calls,
+            "escalated_calls": self.escalated_calls,
+            "escalation_rate": round(self.escalation_rate, 6),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "cost_usd": str(self.cost_usd),
             "reference_cost_usd": str(self.reference_cost_usd),
             "savings_usd": str(self.savings_usd),
+        }
+
+    def as_dict(self, fields: tuple[str, ...]) -> dict[str, Any]:
+        return {**dict(zip(fields, self.key, strict=True)), **self.figures()}
+
+
+@dataclass(frozen=True)
+class SpendReport:
+    """Groups and their total, as ``tierflow spend``, ``GET /spend`` and the dashboard show them.
+
+    ``total`` covers every ledger row the period holds, also when ``top`` keeps
+    only the dearest groups. Budget status, when it comes, is another field here.
+    """
+
+    by: str
+    fields: tuple[str, ...]
+    since: date | None
+    until: date | None
+    top: int | None
+    groups: list[SpendRow]
+    total: SpendRow
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "by": self.by,
+            "since": self.since.isoformat() if self.since else None,
+            "until": self.until.isoformat() if self.until else None,
+            "top": self.top,
+            "groups": [row.as_dict(self.fields) for row in self.groups],
+            "total": self.total.figures(),
         }
 
 
@@ -67,50 +147,221 @@ def parse_when(text: str | None, *, end: bool = False) -> date | None:
         ) from None
 
 
+def group_fields(by: str) -> tuple[str, ...]:
+    """The key fields of ``by``: a grouping name, or several joined by commas (``day,workflow``)."""
+    fields: list[str] = []
+    for name in (part.strip() for part in by.split(",")):
+        if name not in GROUPS:
+            raise UserError(
+                f"--by {name!r}: choose one of {', '.join(GROUPS)}, or several joined by"
+                f" commas (day,workflow){suggest(name, list(GROUPS))}"
+            )
+        fields.extend(field for field in GROUPS[name] if field not in fields)
+    return tuple(fields)
+
+
 def spend(
     engine: Engine, *, by: str = "workflow", since: date | None = None, until: date | None = None
 ) -> list[SpendRow]:
-    if by not in GROUPS:
-        raise UserError(f"--by {by!r}: choose one of {', '.join(GROUPS)}")
-    keys = [model_calls.c[name] for name in GROUPS[by]]
-    query = (
-        select(
-            *keys,
-            func.sum(case((model_calls.c.outcome == "unavailable", 0), else_=1)),
-            func.sum(model_calls.c.prompt_tokens),
-            func.sum(model_calls.c.completion_tokens),
-            func.sum(model_calls.c.cost_usd, type_=Money),
-            func.coalesce(func.sum(model_calls.c.reference_cost_usd), 0, type_=Money),
-        )
-        .group_by(*keys)
-        .order_by(*keys)
-    )
-    if since is not None:
-        query = query.where(model_calls.c.day >= since)
-    if until is not None:
-        query = query.where(model_calls.c.day <= until)
+    """Every group of ``by`` in the period, ordered by its key."""
+    fields = group_fields(by)
     with engine.connect() as connection:
+        query = spend_query(fields, since, until, dialect=engine.dialect.name)
         rows = connection.execute(query).all()
-    width = len(keys)
-    return [
-        SpendRow(
-            key=tuple(str(part) for part in row[:width]),
-            calls=int(row[width]),
-            prompt_tokens=int(row[width + 1]),
-            completion_tokens=int(row[width + 2]),
-            cost_usd=row[width + 3] or Decimal(0),
-            reference_cost_usd=row[width + 4] or Decimal(0),
-        )
-        for row in rows
-    ]
+    return [_row(row, len(fields)) for row in rows]
+
+
+def report(
+    engine: Engine,
+    *,
+    by: str | None = None,
+    since: date | None = None,
+    until: date | None = None,
+    top: int | None = None,
+) -> SpendReport:
+    """``spend`` with its total; ``top`` keeps the N dearest groups, dearest first.
+
+    ``by`` defaults to workflow, or to step with ``top``: the dearest steps.
+    """
+    if top is not None and top < 1:
+        raise UserError(f"--top {top}: expected a number of groups, 1 or more")
+    by = by or ("step" if top is not None else "workflow")
+    groups = spend(engine, by=by, since=since, until=until)
+    overall = total(groups)
+    if top is not None:
+        groups = sorted(groups, key=lambda row: row.cost_usd, reverse=True)[:top]
+    return SpendReport(
+        by=by,
+        fields=group_fields(by),
+        since=since,
+        until=until,
+        top=top,
+        groups=groups,
+        total=overall,
+    )
 
 
 def total(rows: list[SpendRow]) -> SpendRow:
     return SpendRow(
         key=("total",),
         calls=sum(row.calls for row in rows),
+        escalated_calls=sum(row.escalated_calls for row in rows),
         prompt_tokens=sum(row.prompt_tokens for row in rows),
         completion_tokens=sum(row.completion_tokens for row in rows),
         cost_usd=sum((row.cost_usd for row in rows), Decimal(0)),
         reference_cost_usd=sum((row.reference_cost_usd for row in rows), Decimal(0)),
     )
+
+
+def rollup(found: SpendReport, by: str) -> SpendReport:
+    """``found`` summed again by fewer fields, without another query; exact like the SQL sums.
+
+    ``by``'s fields must be among ``found``'s, and ``found`` must hold every group (no ``top``).
+    """
+    fields = group_fields(by)
+    if found.top is not None or not set(fields) <= set(found.fields):
+        raise ValueError(f"cannot roll spend by {found.by} (top {found.top}) up to {by}")
+    positions = [found.fields.index(name) for name in fields]
+    grouped: dict[tuple[str | None, ...], list[SpendRow]] = defaultdict(list)
+    for row in found.groups:
+        grouped[tuple(row.key[position] for position in positions)].append(row)
+    groups = [replace(total(rows), key=key) for key, rows in sorted(grouped.items(), key=_order)]
+    return replace(found, by=by, fields=fields, groups=groups)
+
+
+def _order(item: tuple[tuple[str | None, ...], Any]) -> tuple[tuple[bool, str], ...]:
+    return tuple((part is not None, part or "") for part in item[0])
+
+
+def spend_query(
+    fields: tuple[str, ...], since: date | None, until: date | None, *, dialect: str
+) -> Select[Any]:
+    """One statement: partial sums in an inner query, summed again per group.
+
+    The inner query is a UNION ALL of two aggregates: calls, tokens and money
+    read from ix_model_calls_spend, and escalated calls read from the partial
+    index ix_model_calls_escalated. Being one statement, both read the same
+    snapshot. SQLite has no hash aggregation: it sorts every row of a GROUP BY
+    that does not follow an index. There the inner query groups by the
+    shortest prefix of the index's columns that holds the fields asked for,
+    so it streams the index in order, and the outer query sorts a few
+    thousand partial rows. PostgreSQL hashes, so it groups by the fields.
+
+    A version is the one its run declared. Ledger rows hold the workflow's
+    content hash, and the content includes the version, so each (workflow,
+    hash) maps to one version (ix_runs_versions); an unknown hash gives null.
+    """
+    needed = _needed(fields)
+    inner = (
+        PARTIAL_KEYS[: 1 + max(map(PARTIAL_KEYS.index, needed))] if dialect == "sqlite" else needed
+    )
+    partials = union_all(
+        _within(_sums(inner), since, until), _within(_escalations(inner), since, until)
+    ).subquery("partials")
+    columns: dict[str, ColumnElement[Any]] = {name: partials.c[name] for name in inner}
+    source: FromClause = partials
+    if "workflow_version" in fields:
+        source, columns["workflow_version"] = _with_versions(partials)
+    keys = [columns[name] for name in fields]
+    return (
+        select(
+            *keys,
+            func.sum(partials.c.calls),
+            func.sum(partials.c.escalated_calls),
+            func.sum(partials.c.prompt_tokens),
+            func.sum(partials.c.completion_tokens),
+            func.sum(partials.c.cost_usd, type_=Money),
+            func.coalesce(func.sum(partials.c.reference_cost_usd), 0, type_=Money),
+        )
+        .select_from(source)
+        .group_by(*keys)
+        .order_by(*keys)
+    )
+
+
+def _with_versions(partials: Subquery) -> tuple[FromClause, ColumnElement[Any]]:
+    """``partials`` joined to the version each (workflow, content hash) declared."""
+    versions = (
+        select(
+            runs.c.workflow,
+            runs.c.workflow_hash,
+            func.max(runs.c.workflow_version).label("workflow_version"),
+        )
+        .group_by(runs.c.workflow, runs.c.workflow_hash)
+        .subquery("versions")
+    )
+    joined = partials.outerjoin(
+        versions,
+        and_(
+            versions.c.workflow == partials.c.workflow,
+            versions.c.workflow_hash == partials.c.workflow_hash,
+        ),
+    )
+    return joined, versions.c.workflow_version
+
+
+def _needed(fields: tuple[str, ...]) -> tuple[str, ...]:
+    """The ledger columns that key ``fields``: a version is found from the content hash."""
+    names: list[str] = []
+    for field in fields:
+        for name in ("workflow", "workflow_hash") if field == "workflow_version" else (field,):
+            if name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def _sums(keys: tuple[str, ...]) -> Select[Any]:
+    columns = [model_calls.c[name] for name in keys]
+    return select(
+        *columns,
+        func.sum(case((_IS_CALL, 1), else_=0)).label("calls"),
+        _NONE.label("escalated_calls"),
+        func.sum(model_calls.c.prompt_tokens).label("prompt_tokens"),
+        func.sum(model_calls.c.completion_tokens).label("completion_tokens"),
+        func.sum(model_calls.c.cost_usd).label("cost_usd"),
+        func.sum(model_calls.c.reference_cost_usd).label("reference_cost_usd"),
+    ).group_by(*columns)
+
+
+def _escalations(keys: tuple[str, ...]) -> Select[Any]:
+    columns = [model_calls.c[name] for name in keys]
+    return (
+        select(
+            *columns,
+            _NONE.label("calls"),
+            func.count().label("escalated_calls"),
+            *(
+                _NONE.label(name)
+                for name in ("prompt_tokens", "completion_tokens", "cost_usd", "reference_cost_usd")
+            ),
+        )
+        .where(model_calls.c.escalation_reason.is_not(None), _IS_CALL)
+        .group_by(*columns)
+    )
+
+
+def _within(query: Select[Any], since: date | None, until: date | None) -> Select[Any]:
+    if since is not None:
+        query = query.where(model_calls.c.day >= since)
+    if until is not None:
+        query = query.where(model_calls.c.day <= until)
+    return query
+
+
+def _row(row: Any, width: int) -> SpendRow:
+    calls, escalated, prompt, completion, cost, reference = row[width:]
+    return SpendRow(
+        key=tuple(_key_part(part) for part in row[:width]),
+        calls=int(calls),
+        escalated_calls=int(escalated),
+        prompt_tokens=int(prompt),
+        completion_tokens=int(completion),
+        cost_usd=cost or Decimal(0),
+        reference_cost_usd=reference or Decimal(0),
+    )
+
+
+def _key_part(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.isoformat() if isinstance(value, date) else str(value)

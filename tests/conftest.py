@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from orchestrator.ledger import StepRecord
+from orchestrator.ledger import Call, StepRecord
 from orchestrator.runner import Runner, RunResult, open_store
 from orchestrator.settings import load_settings
 from orchestrator.spec import LoadedWorkflow, find_workflow, load_workflow
@@ -194,6 +198,16 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("postgres_url"))
 
 
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    """A migrated store on each database: SQLite, then PostgreSQL."""
+    from orchestrator.store import open_engine
+
+    engine = open_engine(database_url, migrate=True)
+    yield Store(engine)
+    engine.dispose()
+
+
 def write_two_steps(project: Project) -> None:
     """Workflow ``two``: step ``first``, then ``second``, on the light tier."""
     project.workflow(
@@ -213,6 +227,19 @@ def write_two_steps(project: Project) -> None:
     )
 
 
+def tierflow(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The command as a user runs it, in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+    )
+
+
 def wait_for(predicate: Callable[[], bool], *, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -223,3 +250,104 @@ def wait_for(predicate: Callable[[], bool], *, timeout: float = 60.0) -> None:
 
 def statuses(records: list[StepRecord]) -> dict[str, str]:
     return {record.step_id: record.status for record in records}
+
+
+def make_call(attempt: int, cost: str = "0.000000123456", **fields: Any) -> Call:
+    """A ledger row as the scheduler makes one: light tier, gpt-4o-mini, ok, now."""
+    values: dict[str, Any] = {
+        "attempt": attempt,
+        "item_index": None,
+        "tier_asked": "light",
+        "tier_used": "light",
+        "model": "openai/gpt-4o-mini",
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "cost_usd": Decimal(cost),
+        "reference_cost_usd": Decimal("0.00006"),
+        "latency_ms": 1.5,
+        "outcome": "ok",
+        "error": None,
+        "escalation_reason": None,
+        "created_at": datetime.now(UTC),
+    }
+    values.update(fields)
+    return Call(**values)
+
+
+def make_step(step_id: str, calls: list[Call], **fields: Any) -> StepRecord:
+    now = datetime.now(UTC)
+    values: dict[str, Any] = {
+        "step_id": step_id,
+        "agent": "helper",
+        "status": "succeeded",
+        "output": {"x": 1},
+        "error": None,
+        "tier_asked": "light",
+        "started_at": now,
+        "finished_at": now,
+        "calls": calls,
+    }
+    values.update(fields)
+    return StepRecord(**values)
+
+
+ESCALATED = "light/ollama/llama3.2:1b: invalid_output: not JSON"
+
+
+def seed_ledger(store: Store) -> None:
+    """Runs of two workflows (two versions of one) over 40 days, through the Store API.
+
+    Steps escalate from light to frontier, one model is skipped as unavailable,
+    costs run from one pico-dollar to dollars, and one row has no reference cost.
+    Names carry markup and quotes: to a report they are data.
+    """
+    today = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    plan = [
+        ("triage", "1", 0, "0.000000000001"),
+        ("triage", "1", 1, "0.25"),
+        ("triage", "2", 0, "1.000000000003"),
+        ("triage", "2", 5, "0.000123456789"),
+        ("<b>report</b> 'x'", None, 2, "3.5"),
+        ("<b>report</b> 'x'", None, 40, "0.75"),
+    ]
+    for number, (workflow, version, days_ago, cost) in enumerate(plan):
+        run_id = f"run{number:03d}" + "0" * 26
+        content_hash = f"{version or 0:0>64}"  # the file's content hash: one per version
+        when = today - timedelta(days=days_ago)
+        store.create_run(
+            run_id=run_id,
+            workflow=workflow,
+            version=version,
+            content_hash=content_hash,
+            inputs={"text": "hi"},
+            status="succeeded",
+        )
+        cheap = make_call(
+            1, "0", created_at=when, model="ollama/llama3.2:1b", prompt_tokens=100 + number
+        )
+        skipped = make_call(
+            2,
+            "0",
+            created_at=when,
+            model="ollama/qwen2.5:7b",
+            tier_used="standard",
+            outcome="unavailable",
+            prompt_tokens=0,
+            completion_tokens=0,
+            escalation_reason=ESCALATED,
+        )
+        dear = make_call(
+            3,
+            cost,
+            created_at=when,
+            tier_used="frontier",
+            completion_tokens=7 * number,
+            escalation_reason=ESCALATED,
+            reference_cost_usd=None if number == 3 else Decimal("2.000000000007"),
+        )
+        first = make_step("classify", [make_call(1, "0.000001", created_at=when)])
+        second = make_step("answer", [cheap, skipped, dear])
+        for record in (first, second):
+            store.record_step(
+                run_id=run_id, workflow=workflow, content_hash=content_hash, record=record
+            )

@@ -10,16 +10,10 @@ import sys
 from decimal import Decimal
 from pathlib import Path
 
-from conftest import Project
+from conftest import Project, tierflow
 
 from orchestrator.store.database import head_revision
 from orchestrator.testing import OllamaServer, OpenAIServer, Reply
-
-
-def tierflow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd
-    )
 
 
 def typed_project(project: Project) -> None:
@@ -118,6 +112,8 @@ def test_bad_input_exits_2_with_one_message(project: Project, ollama: OllamaServ
         (["show", "feedbeef"], "no run 'feedbeef'"),
         (["spend", "--by", "color"], "choose one of workflow, step, tier, model, day"),
         (["spend", "--since", "last tuesday"], "expected YYYY-MM-DD"),
+        (["spend", "--nope"], "No such option: --nope"),
+        (["runs", "--limit", "many"], "Invalid value for '--limit'"),
         (["run", "pair", "--config", "missing.yaml"], "missing.yaml:0: (file): cannot read"),
     ]
     for args, message in cases:
@@ -145,7 +141,7 @@ def test_help_does_not_import_heavy_modules() -> None:
     code = (
         "import sys\nfrom orchestrator.cli import app\n"
         "try:\n    app(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
-        "print(sorted(m for m in ('litellm', 'langgraph', 'sqlalchemy', 'llama_cpp', 'ollama', 'openai') if m in sys.modules))"
+        "print(sorted(m for m in ('litellm', 'langgraph', 'sqlalchemy', 'llama_cpp', 'ollama', 'openai', 'fastapi', 'uvicorn', 'jinja2') if m in sys.modules))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

@@ -3,61 +3,17 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+from conftest import make_call, make_step
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.errors import UserError
-from orchestrator.ledger import Call, StepRecord
 from orchestrator.store import Store, open_engine
 from orchestrator.store.database import alembic_config, current_revision, head_revision
 from orchestrator.store.tables import model_calls, step_runs
-
-
-def make_call(attempt: int, cost: str = "0.000000123456", **fields: object) -> Call:
-    values: dict = {
-        "attempt": attempt,
-        "item_index": None,
-        "tier_asked": "light",
-        "tier_used": "light",
-        "model": "openai/gpt-4o-mini",
-        "prompt_tokens": 10,
-        "completion_tokens": 5,
-        "cost_usd": Decimal(cost),
-        "reference_cost_usd": Decimal("0.00006"),
-        "latency_ms": 1.5,
-        "outcome": "ok",
-        "error": None,
-        "escalation_reason": None,
-        "created_at": datetime.now(UTC),
-    }
-    values.update(fields)
-    return Call(**values)
-
-
-def make_step(step_id: str, calls: list[Call]) -> StepRecord:
-    now = datetime.now(UTC)
-    return StepRecord(
-        step_id=step_id,
-        agent="helper",
-        status="succeeded",
-        output={"x": 1},
-        error=None,
-        tier_asked="light",
-        started_at=now,
-        finished_at=now,
-        calls=calls,
-    )
-
-
-@pytest.fixture
-def store(database_url: str) -> Store:
-    engine = open_engine(database_url, migrate=True)
-    yield Store(engine)
-    engine.dispose()
 
 
 def new_run(store: Store, run_id: str = "r1") -> None:

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.types import TypeDecorator
 
@@ -85,6 +86,7 @@ runs = Table(
     Column("time_limit_s", Float),  # a hard limit for each task that executes it
     Index(None, "workflow", "created_at"),
     Index(None, "status"),
+    Index("ix_runs_versions", "workflow", "workflow_hash", "workflow_version"),
 )
 
 step_runs = Table(
@@ -137,6 +139,35 @@ model_calls = Table(
     UniqueConstraint("run_id", "step_id", "attempt"),
     Index(None, "workflow", "day"),
     Index(None, "day"),
+    # Spend reports read these two indexes alone (reports.py). The first holds
+    # every column they sum, led by the columns they group by; the second
+    # holds the escalated calls, whose free-text reason is too long to index.
+    Index(
+        "ix_model_calls_spend",
+        "workflow",
+        "workflow_hash",
+        "step_id",
+        "tier_used",
+        "model",
+        "day",
+        "outcome",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost_usd",
+        "reference_cost_usd",
+    ),
+    Index(
+        "ix_model_calls_escalated",
+        "workflow",
+        "workflow_hash",
+        "step_id",
+        "tier_used",
+        "model",
+        "day",
+        "outcome",
+        sqlite_where=text("escalation_reason IS NOT NULL"),
+        postgresql_where=text("escalation_reason IS NOT NULL"),
+    ),
 )
 
 # Running totals for each budget scope with a limit ("workflow:NAME:day:2026-11-22"):

@@ -1,0 +1,1 @@
+"""The dashboard: its page, its charts and its templates."""

@@ -1,0 +1,111 @@
+"""The dashboard page: spend over time per workflow, tier mix, savings, recent runs.
+
+Rendered on the server with Jinja2 (autoescape on: workflow names, model names,
+errors and escalation reasons are data) and inline SVG charts from ``charts``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from jinja2 import Environment, PackageLoader
+
+from orchestrator import reports
+from orchestrator.encoding import usd
+from orchestrator.store import Store
+from orchestrator.web import charts
+
+RECENT_RUNS = 20
+
+
+@dataclass(frozen=True)
+class StepView:
+    step_id: str
+    status: str
+    tier_asked: str | None
+    tier_used: str | None
+    model: str | None
+    calls: int
+    cost_usd: Decimal
+    escalations: list[str]
+
+
+@dataclass(frozen=True)
+class RunView:
+    id: str
+    workflow: str
+    status: str
+    created_at: datetime
+    cost_usd: Decimal
+    steps: list[StepView] = field(default_factory=list)
+
+
+def environment() -> Environment:
+    """Our own templates only, with autoescape on."""
+    env = Environment(loader=PackageLoader("orchestrator.web"), autoescape=True)
+    env.filters["usd"] = usd
+    return env
+
+
+def render(env: Environment, store: Store, *, ladder: list[str], days: int) -> str:
+    """The page for the last ``days`` days (UTC, today included)."""
+    today = datetime.now(UTC).date()
+    period = [today - timedelta(days=offset) for offset in range(days - 1, -1, -1)]
+    since = period[0]
+    over_time = reports.report(store.engine, by="day,workflow", since=since)
+    by_workflow = reports.rollup(over_time, "workflow")
+    by_tier = reports.spend(store.engine, by="tier", since=since)
+    return env.get_template("dashboard.html").render(
+        days=days,
+        since=since,
+        today=today,
+        report=by_workflow,
+        spend_chart=charts.spend_over_time(over_time.groups, period),
+        tier_chart=charts.tier_mix(by_tier, ladder),
+        savings_chart=charts.savings(by_workflow.total),
+        runs=recent_runs(store),
+    )
+
+
+def recent_runs(store: Store, limit: int = RECENT_RUNS) -> list[RunView]:
+    """The newest runs with each step's tiers, calls, cost and escalation reasons."""
+    views = []
+    for row in store.runs(limit=limit):
+        found = store.run(row["id"])
+        if found is not None:
+            views.append(_run_view(found))
+    return views
+
+
+def _run_view(found: dict[str, Any]) -> RunView:
+    by_step: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for call in found["calls"]:
+        if call["outcome"] != "unavailable":
+            by_step[call["step_id"]].append(call)
+    return RunView(
+        id=found["id"],
+        workflow=found["workflow"],
+        status=found["status"],
+        created_at=found["created_at"],
+        cost_usd=sum((call["cost_usd"] for call in found["calls"]), Decimal(0)),
+        steps=[_step_view(step, by_step[step["step_id"]]) for step in found["steps"]],
+    )
+
+
+def _step_view(step: dict[str, Any], calls: list[dict[str, Any]]) -> StepView:
+    return StepView(
+        step_id=step["step_id"],
+        status=step["status"],
+        tier_asked=step["tier_asked"],
+        tier_used=step["tier_used"],
+        model=step["model"],
+        calls=len(calls),
+        cost_usd=sum((call["cost_usd"] for call in calls), Decimal(0)),
+        escalations=sorted(
+            {call["escalation_reason"] for call in calls if call["escalation_reason"]}
+        ),
+    )

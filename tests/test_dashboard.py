@@ -1,0 +1,197 @@
+"""The dashboard as a person sees it: `tierflow serve`, loaded in headless Chromium.
+
+The ledger holds seeded rows and one real run that escalated from the light
+tier (a loopback Ollama) to the frontier (a loopback OpenAI server). The test
+reads the charts and figures from the DOM Chromium rendered, and keeps a
+screenshot in test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Project, missing_service, seed_ledger, wait_for
+
+from orchestrator import reports
+from orchestrator.testing import OllamaServer, OpenAIServer, Reply
+
+TOKEN = "dashboard-test-token"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = REPO / "test-artifacts"
+
+
+class Elements(HTMLParser):
+    """Every element's tag, attributes and chart (the id of its svg), and the text under each id."""
+
+    VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[tuple[str, dict[str, str], str | None]] = []
+        self.texts: dict[str, str] = {}
+        self._chart: str | None = None
+        self._open: list[tuple[str, str | None]] = []  # (tag, id) of the elements open
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {name: value or "" for name, value in attrs}
+        if tag == "svg":
+            self._chart = values.get("id")
+        self.found.append((tag, values, self._chart))
+        if "id" in values:
+            self.texts[values["id"]] = ""
+        if tag not in self.VOID:
+            self._open.append((tag, values.get("id")))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "svg":
+            self._chart = None
+        while self._open and self._open.pop()[0] != tag:
+            pass
+
+    def handle_data(self, data: str) -> None:
+        for _, element_id in self._open:
+            if element_id is not None:
+                self.texts[element_id] += data
+
+    def bars(self, chart: str) -> list[dict[str, str]]:
+        return [attrs for tag, attrs, where in self.found if tag == "rect" and where == chart]
+
+    def attrs(self, element_id: str) -> dict[str, str]:
+        return next(attrs for _, attrs, _ in self.found if attrs.get("id") == element_id)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def accepting(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def server(project: Project, ollama: OllamaServer, frontier: OpenAIServer) -> Iterator[str]:
+    """`tierflow serve` on a loopback port over the seeded ledger plus one real run."""
+    if not Path(CHROMIUM).exists():
+        missing_service("Chromium not installed: apt-get install chromium")
+    project.workflow(
+        {
+            "name": "shout",
+            "steps": [{"id": "loud", "agent": "helper", "tier": "light", "output": {"type": "object"}}],
+        }
+    )  # fmt: skip
+    ollama.reply(Reply(text="not json", prompt_tokens=40, completion_tokens=4))
+    frontier.reply(Reply(text='{"ok": true}', prompt_tokens=40, completion_tokens=6))
+    assert project.run("shout").status == "succeeded"
+    store = project.store()
+    try:
+        seed_ledger(store)
+    finally:
+        store.engine.dispose()
+    port = free_port()
+    env = {**os.environ, "TIERFLOW_API_TOKEN": TOKEN}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "serve", "--port", str(port)],
+        cwd=project.root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(lambda: accepting(port) or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, proc.communicate()[0]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=10)[0]
+        assert TOKEN not in log  # the access log shows token=***
+        assert "token=***" in log
+
+
+def chromium(tmp_path: Path, *args: str) -> str:
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",  # tests run as root in containers
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_dashboard_in_chromium(tmp_path: Path, server: str, project: Project) -> None:
+    url = f"{server}/?token={TOKEN}"
+    page = Elements()
+    page.feed(chromium(tmp_path, "--dump-dom", url))
+
+    store = project.store()
+    since = datetime.now(UTC).date() - timedelta(days=29)
+    expected = reports.report(store.engine, since=since).total
+    by_tier = {row.key[0]: row for row in reports.spend(store.engine, by="tier", since=since)}
+    [real_run] = [run for run in store.runs() if run["workflow"] == "shout"]
+    store.engine.dispose()
+
+    # The headline figures are the report's, to the pico-dollar.
+    assert Decimal(page.attrs("total-cost")["data-usd"]) == expected.cost_usd
+    assert Decimal(page.attrs("total-reference")["data-usd"]) == expected.reference_cost_usd
+    assert Decimal(page.attrs("total-savings")["data-usd"]) == expected.savings_usd
+    assert page.texts["total-calls"] == str(expected.calls)
+    assert page.texts["escalation-rate"] == f"{expected.escalation_rate * 100:.1f}%"
+
+    # Spend per day: one segment per (day, workflow) with spend; together, the total.
+    segments = page.bars("chart-spend")
+    assert sum(Decimal(bar["data-cost"]) for bar in segments) == expected.cost_usd
+    assert {bar["data-workflow"] for bar in segments} == {"triage", "<b>report</b> 'x'", "shout"}
+    assert all(float(bar["height"]) > 0 for bar in segments)
+    # The tier mix: a bar per tier, cheapest first, with the report's calls.
+    tiers = page.bars("chart-tiers")
+    assert [bar["data-tier"] for bar in tiers] == ["light", "frontier", "standard"]
+    assert {bar["data-tier"]: int(bar["data-calls"]) for bar in tiers} == {
+        tier: row.calls for tier, row in by_tier.items()
+    }
+    savings = {bar["data-series"]: Decimal(bar["data-cost"]) for bar in page.bars("chart-savings")}
+    assert savings == {"tiered": expected.cost_usd, "all-frontier": expected.reference_cost_usd}
+
+    # The real run, its step, its tiers and why it escalated.
+    assert real_run["id"][:12] in page.texts["runs"]
+    assert (
+        "loud · succeeded · asked light → used frontier (openai/gpt-4o-mini)" in page.texts["runs"]
+    )
+    assert "escalated: light/ollama/llama3.2:1b: invalid_output" in page.texts["runs"]
+    # A workflow named with markup is text on the page, never an element.
+    assert "<b>report</b> 'x'" in page.texts["workflows"]
+    assert [attrs.get("id") for tag, attrs, _ in page.found if tag == "b"] == [
+        "total-cost",
+        "total-reference",
+        "total-savings",
+        "total-calls",
+        "escalation-rate",
+    ]
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "dashboard.png"
+    shot.unlink(missing_ok=True)
+    chromium(tmp_path, "--window-size=1200,1600", f"--screenshot={shot}", url)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    print(f"dashboard screenshot: {shot}")
