@@ -32,7 +32,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from jinja2 import Environment
 from pydantic import BaseModel, ConfigDict, Field
 
-from orchestrator import reports
+from orchestrator import budgets, reports
 from orchestrator.encoding import dumps
 from orchestrator.errors import RunError, UserError
 from orchestrator.settings import NAME_PATTERN, Settings
@@ -179,12 +179,14 @@ def get_spend(
     top: Annotated[int | None, Query(ge=1)] = None,
 ) -> JSONText:
     """Spend grouped as ``tierflow spend --json`` prints it."""
+    service = service_of(request)
     found = reports.report(
-        service_of(request).store.engine,
+        service.store.engine,
         by=by,
         since=reports.parse_when(since),
         until=reports.parse_when(until, end=True),
         top=top,
+        budgets=budgets.status(service.settings, service.store),
     )
     return JSONText(dumps(found.as_dict()))
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import calendar
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from orchestrator.settings import Settings
 from orchestrator.spec import LoadedWorkflow
+
+if TYPE_CHECKING:
+    from orchestrator.store import Store
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,11 @@ def scope_keys(run_id: str, workflow: str, day: date) -> list[str]:
     ]
 
 
-def limits(settings: Settings, workflow: LoadedWorkflow, run_id: str, day: date) -> list[Limit]:
-    """The limits on a call of ``run_id`` made on ``day``, sorted by key.
+def limits(
+    settings: Settings, workflow: LoadedWorkflow, run_id: str | None, day: date
+) -> list[Limit]:
+    """The limits on a call of ``run_id`` made on ``day``, sorted by key; with no
+    run, the limits of the day and month alone.
 
     Sorted, so concurrent transactions lock counter rows in the same order.
     """
@@ -54,9 +61,9 @@ def limits(settings: Settings, workflow: LoadedWorkflow, run_id: str, day: date)
     name = workflow.name
     first = day.replace(day=1)
     last = day.replace(day=calendar.monthrange(day.year, day.month)[1])
-    run_key, day_key, month_key, all_day_key, all_month_key = scope_keys(run_id, name, day)
+    run_key, day_key, month_key, all_day_key, all_month_key = scope_keys(run_id or "", name, day)
     found = []
-    if own.per_run_usd is not None:
+    if own.per_run_usd is not None and run_id is not None:
         label = f"per-run budget of run {run_id}"
         found.append(Limit(run_key, own.per_run_usd, label, True, run_id=run_id))
     if own.daily_usd is not None:
@@ -88,3 +95,46 @@ def limits(settings: Settings, workflow: LoadedWorkflow, run_id: str, day: date)
             Limit(all_month_key, common.monthly_usd, label, False, first_day=first, last_day=last)
         )
     return sorted(found, key=lambda limit: limit.key)
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """A limit of the current day or month: spent, held by calls in flight, and left."""
+
+    limit: Limit
+    spent_usd: Decimal
+    reserved_usd: Decimal
+
+    @property
+    def left_usd(self) -> Decimal:
+        return self.limit.usd - self.spent_usd - self.reserved_usd
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "budget": self.limit.label,
+            "limit_usd": str(self.limit.usd),
+            "spent_usd": str(self.spent_usd),
+            "reserved_usd": str(self.reserved_usd),
+            "left_usd": str(self.left_usd),
+        }
+
+
+def status(settings: Settings, store: Store, day: date | None = None) -> list[BudgetStatus]:
+    """Every daily and monthly limit in force on ``day`` (default today, UTC): those
+    of the workflows in ``workflows_dir`` and the global ones. A workflow file that
+    does not load is left out; ``tierflow validate`` says what is wrong with it."""
+    from orchestrator.errors import TierflowError
+    from orchestrator.spec import load_workflow
+
+    day = day or datetime.now(UTC).date()
+    found: dict[str, Limit] = {}
+    for path in sorted((settings.root / settings.config.workflows_dir).glob("*.yaml")):
+        try:
+            workflow = load_workflow(path, settings)
+        except TierflowError:
+            continue
+        found.update((limit.key, limit) for limit in limits(settings, workflow, None, day))
+    return [
+        BudgetStatus(limit, *store.budget_used(limit))
+        for limit in sorted(found.values(), key=lambda limit: limit.key)
+    ]

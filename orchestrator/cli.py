@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from orchestrator import reports
+    from orchestrator.budgets import BudgetStatus
     from orchestrator.ledger import StepRecord
     from orchestrator.settings import Settings
     from orchestrator.spec import LoadedWorkflow
@@ -430,14 +431,26 @@ def spend(
     if by is not None:
         reports.group_fields(by)  # a bad --by stops here, before the database opens
     start, end = reports.parse_when(since), reports.parse_when(until, end=True)
-    store = _store(_settings(config))
-    found = reports.report(store.engine, by=by, since=start, until=end, top=top)
+    from orchestrator import budgets
+
+    settings = _settings(config)
+    store = _store(settings)
+    found = reports.report(
+        store.engine,
+        by=by,
+        since=start,
+        until=end,
+        top=top,
+        budgets=budgets.status(settings, store),
+    )
     if output_format == "json":
         _print_json(found.as_dict())
     elif output_format == "csv":
         _print_spend_csv(found)
     else:
         _console().print(_spend_table(found))
+        if found.budgets:
+            _console().print(_budget_table(found.budgets))
 
 
 def _print_spend_csv(found: reports.SpendReport) -> None:
@@ -464,6 +477,7 @@ def _spend_table(found: reports.SpendReport) -> Any:
         "tokens in",
         "tokens out",
         "cost",
+        "of it local",
         "all-frontier",
         "saved",
     ):
@@ -476,6 +490,7 @@ def _spend_table(found: reports.SpendReport) -> Any:
             f"{row.prompt_tokens:,}",
             f"{row.completion_tokens:,}",
             usd(row.cost_usd),
+            usd(row.local_cost_usd),
             usd(row.reference_cost_usd),
             usd(row.savings_usd),
         ]
@@ -484,6 +499,24 @@ def _spend_table(found: reports.SpendReport) -> Any:
         table.add_row(*(part or "-" for part in row.key), *cells(row))
     table.add_section()
     table.add_row("total", *[""] * (len(found.fields) - 1), *cells(found.total))
+    return table
+
+
+def _budget_table(statuses: list[BudgetStatus]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="budgets in force today (UTC)", title_justify="left")
+    table.add_column("budget")
+    for column in ("limit", "spent", "reserved", "left"):
+        table.add_column(column, justify="right")
+    for status in statuses:
+        table.add_row(
+            status.limit.label,
+            usd(status.limit.usd),
+            usd(status.spent_usd),
+            usd(status.reserved_usd),
+            usd(status.left_usd),
+        )
     return table
 
 

@@ -17,6 +17,9 @@ between processes, such as a Celery worker reporting back.
 
 from __future__ import annotations
 
+import os
+import re
+
 
 class TierflowError(Exception):
     """Root of all tierflow errors. ``str(err)`` is a complete one-line message."""
@@ -52,12 +55,29 @@ class StepFailed(RunError):
     """A step found no tier that could give a valid answer."""
 
 
+def redact(text: str) -> str:
+    """``text`` with every secret of this process's environment masked.
+
+    A provider's error can quote the key it was sent; model errors pass
+    through here before they reach the ledger, a log or a report. A secret is
+    the value (8 characters or more) of a variable named like a key or token.
+    """
+    for name, value in os.environ.items():
+        if len(value) >= 8 and _SECRET_NAME.search(name) and value in text:
+            text = text.replace(value, f"[{name} redacted]")
+    return text
+
+
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
+
+
 class ModelError(RunError):
-    """One model call failed. ``reason`` is short and safe to store in the ledger."""
+    """One model call failed. ``reason`` is short, has no secrets, and is safe to store."""
 
     outcome = "error"
 
     def __init__(self, reason: str, *, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        reason = redact(reason)
         super().__init__(reason)
         self.reason = reason
         # What the call used before it failed: a stream cut midway was still billed.

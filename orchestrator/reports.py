@@ -14,6 +14,9 @@ the grand total equal the sum of the ledger rows exactly. What the figures mean:
 - ``escalation_rate``: ``escalated_calls / calls`` (0 with no calls): the share
   of the calls a cascade paid for only because a cheaper tier did not do.
   Numerator and denominator are sums, so a total's rate is that of its rows.
+- ``local_cost_usd``: the part of ``cost_usd`` spent on local tiers (a local
+  model priced per token or per hour of its machine); ``provider_cost_usd`` is
+  the rest, billed by providers.
 - ``savings_usd``: ``reference_cost_usd - cost_usd``, what the same tokens would
   have cost on the configured ``reference_model`` (all-frontier) minus what
   they cost. A row recorded with no reference model counts $0 there.
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -45,6 +48,7 @@ from sqlalchemy import (
     union_all,
 )
 
+from orchestrator.budgets import BudgetStatus
 from orchestrator.errors import UserError
 from orchestrator.loading import suggest
 from orchestrator.store.tables import Money, model_calls, runs
@@ -77,6 +81,11 @@ class SpendRow:
     completion_tokens: int
     cost_usd: Decimal
     reference_cost_usd: Decimal
+    local_cost_usd: Decimal = Decimal(0)
+
+    @property
+    def provider_cost_usd(self) -> Decimal:
+        return self.cost_usd - self.local_cost_usd
 
     @property
     def savings_usd(self) -> Decimal:
@@ -97,6 +106,8 @@ class SpendRow:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "cost_usd": str(self.cost_usd),
+            "provider_cost_usd": str(self.provider_cost_usd),
+            "local_cost_usd": str(self.local_cost_usd),
             "reference_cost_usd": str(self.reference_cost_usd),
             "savings_usd": str(self.savings_usd),
         }
@@ -110,7 +121,8 @@ class SpendReport:
     """Groups and their total, as ``tierflow spend``, ``GET /spend`` and the dashboard show them.
 
     ``total`` covers every ledger row the period holds, also when ``top`` keeps
-    only the dearest groups. Budget status, when it comes, is another field here.
+    only the dearest groups. ``budgets`` are the limits in force today, with what
+    is spent, reserved and left of each (``budgets.status``).
     """
 
     by: str
@@ -120,6 +132,7 @@ class SpendReport:
     top: int | None
     groups: list[SpendRow]
     total: SpendRow
+    budgets: list[BudgetStatus] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -129,6 +142,7 @@ class SpendReport:
             "top": self.top,
             "groups": [row.as_dict(self.fields) for row in self.groups],
             "total": self.total.figures(),
+            "budgets": [budget.as_dict() for budget in self.budgets],
         }
 
 
@@ -178,6 +192,7 @@ def report(
     since: date | None = None,
     until: date | None = None,
     top: int | None = None,
+    budgets: list[BudgetStatus] | None = None,
 ) -> SpendReport:
     """``spend`` with its total; ``top`` keeps the N dearest groups, dearest first.
 
@@ -198,6 +213,7 @@ def report(
         top=top,
         groups=groups,
         total=overall,
+        budgets=budgets or [],
     )
 
 
@@ -210,6 +226,7 @@ def total(rows: list[SpendRow]) -> SpendRow:
         completion_tokens=sum(row.completion_tokens for row in rows),
         cost_usd=sum((row.cost_usd for row in rows), Decimal(0)),
         reference_cost_usd=sum((row.reference_cost_usd for row in rows), Decimal(0)),
+        local_cost_usd=sum((row.local_cost_usd for row in rows), Decimal(0)),
     )
 
 
@@ -272,6 +289,7 @@ def spend_query(
             func.sum(partials.c.completion_tokens),
             func.sum(partials.c.cost_usd, type_=Money),
             func.coalesce(func.sum(partials.c.reference_cost_usd), 0, type_=Money),
+            func.coalesce(func.sum(partials.c.local_cost_usd), 0, type_=Money),
         )
         .select_from(source)
         .group_by(*keys)
@@ -303,8 +321,8 @@ def _with_versions(partials: Subquery) -> tuple[FromClause, ColumnElement[Any]]:
 def _needed(fields: tuple[str, ...]) -> tuple[str, ...]:
     """The ledger columns that key ``fields``: a version is found from the content hash."""
     names: list[str] = []
-    for field in fields:
-        for name in ("workflow", "workflow_hash") if field == "workflow_version" else (field,):
+    for asked in fields:
+        for name in ("workflow", "workflow_hash") if asked == "workflow_version" else (asked,):
             if name not in names:
                 names.append(name)
     return tuple(names)
@@ -320,6 +338,9 @@ def _sums(keys: tuple[str, ...]) -> Select[Any]:
         func.sum(model_calls.c.completion_tokens).label("completion_tokens"),
         func.sum(model_calls.c.cost_usd).label("cost_usd"),
         func.sum(model_calls.c.reference_cost_usd).label("reference_cost_usd"),
+        func.sum(case((model_calls.c.local.is_(True), model_calls.c.cost_usd), else_=0)).label(
+            "local_cost_usd"
+        ),
     ).group_by(*columns)
 
 
@@ -332,7 +353,13 @@ def _escalations(keys: tuple[str, ...]) -> Select[Any]:
             func.count().label("escalated_calls"),
             *(
                 _NONE.label(name)
-                for name in ("prompt_tokens", "completion_tokens", "cost_usd", "reference_cost_usd")
+                for name in (
+                    "prompt_tokens",
+                    "completion_tokens",
+                    "cost_usd",
+                    "reference_cost_usd",
+                    "local_cost_usd",
+                )
             ),
         )
         .where(model_calls.c.escalation_reason.is_not(None), _IS_CALL)
@@ -349,7 +376,7 @@ def _within(query: Select[Any], since: date | None, until: date | None) -> Selec
 
 
 def _row(row: Any, width: int) -> SpendRow:
-    calls, escalated, prompt, completion, cost, reference = row[width:]
+    calls, escalated, prompt, completion, cost, reference, local = row[width:]
     return SpendRow(
         key=tuple(_key_part(part) for part in row[:width]),
         calls=int(calls),
@@ -358,6 +385,7 @@ def _row(row: Any, width: int) -> SpendRow:
         completion_tokens=int(completion),
         cost_usd=cost or Decimal(0),
         reference_cost_usd=reference or Decimal(0),
+        local_cost_usd=local or Decimal(0),
     )
 
 

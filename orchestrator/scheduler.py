@@ -28,7 +28,7 @@ from typing import Any
 
 import jsonschema
 
-from orchestrator.errors import ModelError, ModelTimeout, RunError, StepFailed
+from orchestrator.errors import ModelError, ModelTimeout, RunError, StepFailed, redact
 from orchestrator.ledger import Call, Pricer, StepRecord
 from orchestrator.models import Clients, ModelRequest
 from orchestrator.models.base import prompt_tokens_upper_bound
@@ -313,7 +313,9 @@ class StepRunner:
             try:
                 refusal = self._on_call_start(plan, replace(pending, reserved_usd=pending.cost_usd))
             except Exception as exc:  # the ledger is unreachable: no record, no request
-                refusal = f"the call could not be reserved in the ledger: {type(exc).__name__}: {str(exc)[:200]}"
+                refusal = redact(
+                    f"the call could not be reserved in the ledger: {type(exc).__name__}: {str(exc)[:200]}"
+                )
             if refusal is not None:
                 blocked = make_call(
                     prompt_tokens=0,
@@ -349,7 +351,7 @@ class StepRunner:
         except Exception as exc:
             # A client library failing in a way it does not document (a garbled
             # response, say) is still a failed call: record it and escalate.
-            outcome, error = "error", f"{type(exc).__name__}: {str(exc)[:300]}"
+            outcome, error = "error", redact(f"{type(exc).__name__}: {str(exc)[:300]}")
         latency_ms = (time.perf_counter() - clock) * 1000
         call = make_call(
             prompt_tokens=prompt_tokens,

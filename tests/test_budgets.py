@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -260,3 +261,43 @@ def test_a_call_cut_off_by_a_crash_keeps_its_reservation_as_spend(
     assert abandoned["cost_usd"] == abandoned["reserved_usd"] == reserved
     [(_, counted)] = counters(project).items()
     assert counted == (abandoned["cost_usd"] + settled["cost_usd"], 0)
+
+
+def test_spend_reports_budgets_and_local_cost_apart_from_provider_spend(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    frontier.responder = lambda body: Reply(text="fine", prompt_tokens=10, completion_tokens=5)
+    ollama.reply(Reply(text="local", delay_s=0.2))
+    project = frontier_project(
+        tmp_path / "p",
+        ollama,
+        frontier,
+        {"daily_usd": "1", "monthly_usd": "20"},
+        budget={"daily_usd": "3"},
+        prices={**PRICES, "ollama/llama3.2:1b": {"per_hour": 36}},
+    )
+    project.workflow({"name": "local", "steps": [{"id": "a", "agent": "helper", "tier": "light"}]})
+    assert project.run("ask").status == "succeeded"
+    assert project.run("local").status == "succeeded"
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "spend", "--json", "--config", str(project.config)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)
+    rows = ledger(project)
+    local = sum((r["cost_usd"] for r in rows if r["local"]), Decimal(0))
+    assert local > 0
+    assert Decimal(found["total"]["local_cost_usd"]) == local
+    assert Decimal(found["total"]["provider_cost_usd"]) == Decimal("0.02")
+    budgets = {b["budget"].split(" for ")[0]: b for b in found["budgets"]}
+    assert set(budgets) == {
+        "daily budget of workflow 'ask'",
+        "monthly budget of workflow 'ask'",
+        "global daily budget",
+    }
+    daily = budgets["daily budget of workflow 'ask'"]
+    assert (daily["spent_usd"], daily["reserved_usd"], daily["left_usd"]) == ("0.02", "0", "0.98")
+    # The global budget counts both workflows, the local machine time included.
+    assert Decimal(budgets["global daily budget"]["spent_usd"]) == Decimal("0.02") + local

@@ -216,20 +216,7 @@ class Store:
         counter = budget_usage.c
         if connection.execute(select(counter.key).where(counter.key == limit.key)).first() is None:
             # The first call in this scope and period: count what the ledger already holds.
-            spent, reserved = connection.execute(
-                select(
-                    func.coalesce(
-                        func.sum(case((model_calls.c.state != "pending", model_calls.c.cost_usd))),
-                        0,
-                        type_=Money,
-                    ),
-                    func.coalesce(
-                        func.sum(case((model_calls.c.state == "pending", model_calls.c.cost_usd))),
-                        0,
-                        type_=Money,
-                    ),
-                ).where(*_scope(limit))
-            ).one()
+            spent, reserved = _ledger_usage(connection, limit)
             connection.execute(
                 _insert_ignoring_duplicates(connection, budget_usage).values(
                     key=limit.key, spent_usd=spent, reserved_usd=reserved
@@ -248,6 +235,15 @@ class Store:
             .values(reserved_usd=counter.reserved_usd + literal(amount, Money))
         )
         return bool(fits.rowcount == 1)
+
+    def budget_used(self, limit: Limit) -> tuple[Decimal, Decimal]:
+        """(spent, reserved) in ``limit``'s scope: its counter, else the ledger's sums."""
+        counter = budget_usage.c
+        with self.engine.connect() as connection:
+            found = connection.execute(
+                select(counter.spent_usd, counter.reserved_usd).where(counter.key == limit.key)
+            ).first()
+            return (found[0], found[1]) if found else _ledger_usage(connection, limit)
 
     def usage(self, keys: list[str]) -> dict[str, tuple[Decimal, Decimal]]:
         """(spent, reserved) of the budget counters that exist among ``keys``."""
@@ -507,6 +503,19 @@ class Store:
             query = query.where(runs.c.status == status)
         with self.engine.connect() as connection:
             return [dict(row) for row in connection.execute(query).mappings()]
+
+
+def _ledger_usage(connection: Any, limit: Limit) -> tuple[Decimal, Decimal]:
+    """(spent, reserved) in ``limit``'s scope, summed from the ledger: pending rows hold
+    reservations, every other row what it cost."""
+    pending = model_calls.c.state == "pending"
+    spent, reserved = connection.execute(
+        select(
+            func.coalesce(func.sum(case((~pending, model_calls.c.cost_usd))), 0, type_=Money),
+            func.coalesce(func.sum(case((pending, model_calls.c.cost_usd))), 0, type_=Money),
+        ).where(*_scope(limit))
+    ).one()
+    return spent, reserved
 
 
 def _scope(limit: Limit) -> list[Any]:

@@ -155,6 +155,7 @@ model_calls = Table(
         "completion_tokens",
         "cost_usd",
         "reference_cost_usd",
+        "local",
     ),
     Index(
         "ix_model_calls_escalated",
