@@ -212,7 +212,9 @@ def dashboard(
     from orchestrator.web.dashboard import render
 
     ladder = list(service.settings.config.tiers)
-    return HTMLResponse(render(service.templates, service.store, ladder=ladder, days=days))
+    in_force = budgets.status(service.settings, service.store)
+    page = render(service.templates, service.store, ladder=ladder, days=days, budgets=in_force)
+    return HTMLResponse(page)
 
 
 def _login_page(*, status_code: int) -> HTMLResponse:

@@ -89,6 +89,7 @@ def server(project: Project, ollama: OllamaServer, frontier: OpenAIServer) -> It
     project.workflow(
         {
             "name": "shout",
+            "budget": {"daily_usd": 1},
             "steps": [{"id": "loud", "agent": "helper", "tier": "light", "output": {"type": "object"}}],
         }
     )  # fmt: skip
@@ -179,6 +180,13 @@ def test_dashboard_in_chromium(tmp_path: Path, server: str, project: Project) ->
         "loud · succeeded · asked light → used frontier (openai/gpt-4o-mini)" in page.texts["runs"]
     )
     assert "escalated: light/ollama/llama3.2:1b: invalid_output" in page.texts["runs"]
+    # How close "shout" is to its daily budget: what its one run spent.
+    today = datetime.now(UTC).date()
+    spent = sum((call["cost_usd"] for call in project.calls(real_run["id"])), Decimal(0))
+    assert spent > 0
+    assert "daily budget of workflow 'shout'" in page.texts["budgets"]
+    assert Decimal(page.attrs(f"workflow:shout:day:{today}")["data-spent"]) == spent
+    assert Decimal(page.attrs(f"workflow:shout:day:{today}")["data-left"]) == 1 - spent
     # A workflow named with markup is text on the page, never an element.
     assert "<b>report</b> 'x'" in page.texts["workflows"]
     assert [attrs.get("id") for tag, attrs, _ in page.found if tag == "b"] == [

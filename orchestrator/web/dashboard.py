@@ -1,4 +1,4 @@
-"""The dashboard page: spend over time per workflow, tier mix, savings, recent runs.
+"""The dashboard page: spend over time per workflow, tier mix, savings, budgets, recent runs.
 
 Rendered on the server with Jinja2 (autoescape on: workflow names, model names,
 errors and escalation reasons are data) and inline SVG charts from ``charts``.
@@ -15,6 +15,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader
 
 from orchestrator import reports
+from orchestrator.budgets import BudgetStatus
 from orchestrator.encoding import usd
 from orchestrator.store import Store
 from orchestrator.web import charts
@@ -51,8 +52,15 @@ def environment() -> Environment:
     return env
 
 
-def render(env: Environment, store: Store, *, ladder: list[str], days: int) -> str:
-    """The page for the last ``days`` days (UTC, today included)."""
+def render(
+    env: Environment,
+    store: Store,
+    *,
+    ladder: list[str],
+    days: int,
+    budgets: list[BudgetStatus] | None = None,
+) -> str:
+    """The page for the last ``days`` days (UTC, today included), with the budgets in force."""
     today = datetime.now(UTC).date()
     period = [today - timedelta(days=offset) for offset in range(days - 1, -1, -1)]
     since = period[0]
@@ -68,6 +76,7 @@ def render(env: Environment, store: Store, *, ladder: list[str], days: int) -> s
         tier_chart=charts.tier_mix(by_tier, ladder),
         savings_chart=charts.savings(by_workflow.total),
         runs=recent_runs(store),
+        budgets=budgets or [],
     )
 
 
