@@ -10,14 +10,20 @@ Rounds alternate between the two; figures are medians.
 Goals: ≤ 1.5 ms overhead per step, ratio ≤ 1.10, `tierflow --help` ≤ 0.3 s.
 """
 
+# ruff: noqa: E402
 from __future__ import annotations
+
+import sys
+
+# Run as a script, this folder comes first on sys.path, and bench/queue.py
+# would shadow the standard library's ``queue``, which litellm and kombu import.
+sys.path = [entry for entry in sys.path if not entry.endswith("bench")]
 
 import argparse
 import asyncio
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

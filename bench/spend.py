@@ -18,7 +18,14 @@ postgresql+psycopg://postgres@127.0.0.1:5432/test); a scratch database is
 created there and dropped afterwards.
 """
 
+# ruff: noqa: E402
 from __future__ import annotations
+
+import sys
+
+# Run as a script, this folder comes first on sys.path, and bench/queue.py
+# would shadow the standard library's ``queue``, which litellm and kombu import.
+sys.path = [entry for entry in sys.path if not entry.endswith("bench")]
 
 import argparse
 import os
@@ -26,7 +33,6 @@ import random
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid

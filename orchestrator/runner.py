@@ -280,6 +280,9 @@ class Runner:
             tiers=self._tiers,
             handed_on=handed_on,
             tier_cap=lambda plan: self._tier_cap(workflow, run_id),
+            budgeted=bool(
+                budgets.limits(self._settings, workflow, run_id, datetime.now(UTC).date())
+            ),
         )
         run_info = {"id": run_id, "workflow": workflow.name}
         gate = _HandOffGate()

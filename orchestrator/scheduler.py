@@ -86,7 +86,9 @@ class StepRunner:
     worst-case usage (the ledger reserves it against budgets and writes it
     pending); a refusal, or a failure to record it, stops the call: fail closed.
     ``tier_cap`` names the highest tier a step may use now (a budget's
-    ``downgrade_to`` once ``downgrade_at`` is reached), or None. ``last_attempts`` holds
+    ``downgrade_to`` once ``downgrade_at`` is reached), or None. With
+    ``budgeted``, each call holds its worst case as a reservation
+    (``Call.reserved_usd``) until it settles. ``last_attempts`` holds
     the attempt numbers a resumed run already used, so numbers never repeat.
     ``tiers`` are the tiers this process serves (None: all of them), and
     ``handed_on`` the ``NeedsTier.as_record()`` of steps another worker handed here.
@@ -104,6 +106,7 @@ class StepRunner:
         tiers: Collection[str] | None = None,
         handed_on: dict[str, dict[str, Any]] | None = None,
         tier_cap: TierCap | None = None,
+        budgeted: bool = False,
     ) -> None:
         self._settings = settings
         self._clients = clients
@@ -114,6 +117,7 @@ class StepRunner:
         self._tiers = tiers
         self._handed_on = handed_on or {}
         self._tier_cap = tier_cap
+        self._budgeted = budgeted
         self._caps: dict[str, str | None] = {}
 
     @staticmethod
@@ -309,9 +313,10 @@ class StepRunner:
                 outcome="pending",
                 error=None,
             )
-            make_call = functools.partial(make_call, reserved_usd=pending.cost_usd)
+            reserved = pending.cost_usd if self._budgeted else None
+            make_call = functools.partial(make_call, reserved_usd=reserved)
             try:
-                refusal = self._on_call_start(plan, replace(pending, reserved_usd=pending.cost_usd))
+                refusal = self._on_call_start(plan, replace(pending, reserved_usd=reserved))
             except Exception as exc:  # the ledger is unreachable: no record, no request
                 refusal = redact(
                     f"the call could not be reserved in the ledger: {type(exc).__name__}: {str(exc)[:200]}"

@@ -40,9 +40,12 @@ _SETTLE_CALL = (
 )
 
 
+# Every call counts against the five scopes of budgets.scope_keys; a fixed list
+# of parameters keeps the compiled statement cached.
+_SCOPES = 5
 _MOVE_BUDGET = (
     update(budget_usage)
-    .where(budget_usage.c.key.in_(bindparam("keys", expanding=True)))
+    .where(budget_usage.c.key.in_([bindparam(f"key{i}") for i in range(_SCOPES)]))
     .values(
         reserved_usd=budget_usage.c.reserved_usd - bindparam("released", type_=Money),
         spent_usd=budget_usage.c.spent_usd + bindparam("spent", type_=Money),
@@ -154,7 +157,8 @@ class Store:
     ) -> None:
         """Counters of every budget scope the call counts against: reservation out, cost in."""
         keys = scope_keys(row["run_id"], row["workflow"], row["day"])
-        connection.execute(_MOVE_BUDGET, {"keys": keys, "released": released, "spent": spent})
+        params = {f"key{i}": key for i, key in enumerate(keys)}
+        connection.execute(_MOVE_BUDGET, {**params, "released": released, "spent": spent})
 
     def _abandon(self, connection: Any, why: str, *where: Any) -> None:
         """Pending calls become abandoned: they may have been billed, so their
@@ -166,6 +170,7 @@ class Store:
                 model_calls.c.workflow,
                 model_calls.c.day,
                 model_calls.c.cost_usd,
+                model_calls.c.reserved_usd,
             ).where(model_calls.c.state == "pending", *where)
         ).mappings()
         for row in pending.all():
@@ -174,7 +179,9 @@ class Store:
                 .where(model_calls.c.id == row["id"])
                 .values(state="abandoned", outcome="abandoned", error=why)
             )
-            self._move_budget(connection, row, released=row["cost_usd"], spent=row["cost_usd"])
+            if row["reserved_usd"] is not None:
+                cost = row["cost_usd"]
+                self._move_budget(connection, row, released=cost, spent=cost)
 
     def open_call(
         self,
@@ -506,9 +513,11 @@ class Store:
 
 
 def _ledger_usage(connection: Any, limit: Limit) -> tuple[Decimal, Decimal]:
-    """(spent, reserved) in ``limit``'s scope, summed from the ledger: pending rows hold
-    reservations, every other row what it cost."""
-    pending = model_calls.c.state == "pending"
+    """(spent, reserved) in ``limit``'s scope, summed from the ledger: pending rows that
+    hold a reservation are reserved; every other row counts what it cost. A pending
+    call made before any limit applied counts its worst case as spent: it settles
+    without moving counters, so the counter errs high, never low."""
+    pending = (model_calls.c.state == "pending") & model_calls.c.reserved_usd.is_not(None)
     spent, reserved = connection.execute(
         select(
             func.coalesce(func.sum(case((~pending, model_calls.c.cost_usd))), 0, type_=Money),
