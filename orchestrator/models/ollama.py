@@ -44,7 +44,12 @@ class OllamaClient(ModelClient):
 
     async def complete(self, request: ModelRequest) -> ModelReply:
         await self._check_pulled(request.model)
-        options = {"num_predict": request.max_tokens, "temperature": request.temperature}
+        chat: dict[str, Any] = {
+            "model": request.model,
+            "messages": request.messages,
+            "format": request.json_schema,
+            "options": {"num_predict": request.max_tokens, "temperature": request.temperature},
+        }
         client = self._timed.get(request.timeout_s)
         if client is None:
             # ollama's chat() takes no per-call timeout, so keep one client per timeout.
@@ -52,15 +57,9 @@ class OllamaClient(ModelClient):
                 host=self._host_arg, timeout=request.timeout_s, verify=_tls()
             )
         if request.stream:
-            return await self._stream(client, request, options)
+            return await self._stream(client, request, chat)
         try:
-            response = await client.chat(
-                model=request.model,
-                messages=request.messages,
-                format=request.json_schema,
-                options=options,
-                stream=False,
-            )
+            response = await client.chat(**chat, stream=False)
         except Exception as exc:
             raise self._error(exc, request) from None
         return ModelReply(
@@ -69,21 +68,13 @@ class OllamaClient(ModelClient):
             completion_tokens=response.eval_count or 0,
         )
 
-    async def _stream(
-        self, client: Any, request: ModelRequest, options: dict[str, Any]
-    ) -> ModelReply:
+    async def _stream(self, client: Any, request: ModelRequest, chat: dict[str, Any]) -> ModelReply:
         """Assemble a streamed answer. Ollama sends one token a chunk and its counts in
         the last; a stream cut short is billed as the chunks received, after a prompt
         counted at its upper bound (Ollama reports prompt tokens only at the end)."""
         parts: list[str] = []
         try:
-            chunks = await client.chat(
-                model=request.model,
-                messages=request.messages,
-                format=request.json_schema,
-                options=options,
-                stream=True,
-            )
+            chunks = await client.chat(**chat, stream=True)
             async for chunk in chunks:
                 parts.append(chunk.message.content or "")
                 if chunk.done:

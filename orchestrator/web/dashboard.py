@@ -12,7 +12,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from jinja2 import Environment, PackageLoader
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from orchestrator import reports
 from orchestrator.budgets import BudgetStatus
@@ -46,8 +47,11 @@ class RunView:
 
 
 def environment() -> Environment:
-    """Our own templates only, with autoescape on."""
-    env = Environment(loader=PackageLoader("orchestrator.web"), autoescape=True)
+    """Our own templates only, sandboxed like every template we render, with
+    autoescape on and StrictUndefined: a misspelt name fails instead of going blank."""
+    env = ImmutableSandboxedEnvironment(
+        loader=PackageLoader("orchestrator.web"), autoescape=True, undefined=StrictUndefined
+    )
     env.filters["usd"] = usd
     return env
 
