@@ -88,7 +88,7 @@ def make_app(settings: Settings, tiers: list[str] | None = None) -> Any:
         from orchestrator.runner import enqueue_loaded
         from orchestrator.spec import load_workflow
 
-        return enqueue_loaded(settings, load_workflow(path, settings), inputs)
+        return enqueue_loaded(settings, load_workflow(settings.root / path, settings), inputs)
 
     return app
 
@@ -146,7 +146,7 @@ def execute_by_id(
 
     A run handed to another tier is published on that tier's queue through ``app``.
     """
-    from orchestrator.errors import TierflowError
+    from orchestrator.errors import LeaseLost, TierflowError
 
     process = _process(settings, tiers)
     store = process.store
@@ -157,14 +157,13 @@ def execute_by_id(
     if row["status"] not in ("queued", "running"):
         return row["status"]  # type: ignore[no-any-return]
     try:
-        workflow = process.workflows.load(row["workflow_path"])
+        workflow = process.workflows.load(settings.root / row["workflow_path"])
     except TierflowError as exc:  # the file went away or broke after the run was queued
-        store.finish_run(run_id, status="failed", error=str(exc))
-        return "failed"
+        return process.runner.fail(run_id, error=str(exc)) or "skipped"
     try:
         result = process.loop.run_until_complete(process.runner.execute(workflow, run_id))
-    except asyncio.CancelledError:  # the lease was lost mid-run; its new holder carries on
-        log.warning("run %s: lease lost to another worker; stopped here", run_id)
+    except LeaseLost as exc:  # another worker took the run over; it carries on there
+        log.warning("%s", exc)
         return "lease-lost"
     if result is None:
         log.info("run %s is leased by another worker or finished; skipped", run_id)
@@ -266,7 +265,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     Each entry's task creates the run and publishes it, on the queue of the
     tier its first step starts on, so a worker that can start it records it.
     """
-    from orchestrator.spec import crontab_of, load_workflow
+    from orchestrator.spec import crontab_of, load_workflow, project_path
 
     entries = {}
     for path in sorted((settings.root / settings.config.workflows_dir).glob("*.yaml")):
@@ -275,7 +274,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             entries[f"{workflow.name}#{index}"] = {
                 "task": SCHEDULED,
                 "schedule": crontab_of(schedule.cron),
-                "args": [str(path.resolve()), schedule.inputs],
+                "args": [project_path(path, settings), schedule.inputs],
                 "options": {"queue": first_queue(settings, workflow)},
             }
     return entries

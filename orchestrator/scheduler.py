@@ -20,7 +20,7 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -28,7 +28,14 @@ from typing import Any
 
 import jsonschema
 
-from orchestrator.errors import ModelError, ModelTimeout, RunError, StepFailed, redact
+from orchestrator.errors import (
+    LeaseLost,
+    ModelError,
+    ModelTimeout,
+    RunError,
+    StepFailed,
+    redact,
+)
 from orchestrator.ledger import Call, Pricer, StepRecord
 from orchestrator.models import Clients, ModelRequest
 from orchestrator.models.base import prompt_tokens_upper_bound
@@ -75,7 +82,7 @@ def ladder(
 
 # Told of each call before its request, with its worst-case usage; returns why
 # the call may not go out (a budget would be passed), or None.
-OnCallStart = Callable[[StepPlan, Call], str | None]
+OnCallStart = Callable[[StepPlan, Call], Awaitable[str | None]]
 TierCap = Callable[[StepPlan], str | None]
 
 
@@ -166,7 +173,7 @@ class StepRunner:
         except RunError as exc:
             record.status, record.error = "failed", str(exc)
         except NeedsTier as need:
-            record.status, record.output, record.error = "handed_off", need.as_record(), str(need)
+            record.status, record.handoff, record.error = "handed_off", need.as_record(), str(need)
             raise
         except asyncio.CancelledError:
             record.status, record.error = (
@@ -316,7 +323,9 @@ class StepRunner:
             reserved = pending.cost_usd if self._budgeted else None
             make_call = functools.partial(make_call, reserved_usd=reserved)
             try:
-                refusal = self._on_call_start(plan, replace(pending, reserved_usd=reserved))
+                refusal = await self._on_call_start(plan, replace(pending, reserved_usd=reserved))
+            except LeaseLost:
+                raise  # another executor holds the run: no request from here
             except Exception as exc:  # the ledger is unreachable: no record, no request
                 refusal = redact(
                     f"the call could not be reserved in the ledger: {type(exc).__name__}: {str(exc)[:200]}"

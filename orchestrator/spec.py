@@ -244,13 +244,31 @@ def load_workflow(path: str | Path, settings: Settings) -> LoadedWorkflow:
     plans = checker.plan()
     if checker.problems:
         raise SpecError(*checker.problems)
-    canonical = json.dumps(doc.data, sort_keys=True, default=str).encode()
     return LoadedWorkflow(
-        spec=spec,
-        path=path,
-        content_hash=hashlib.sha256(canonical).hexdigest(),
-        steps=tuple(plans),
+        spec=spec, path=path, content_hash=_identity(doc, plans, settings), steps=tuple(plans)
     )
+
+
+def _identity(doc: YamlDoc, plans: list[StepPlan], settings: Settings) -> str:
+    """The hash of everything a run of this workflow depends on: the file, its
+    agents, and the tiers and escalation rules it climbs. A run resumed or handed
+    off after any of them changed fails instead of mixing two versions."""
+    canonical = {
+        "workflow": doc.data,
+        "agents": {plan.agent.name: plan.agent.model_dump(mode="json") for plan in plans},
+        "tiers": settings.config.model_dump(mode="json", include={"tiers", "escalation"}),
+    }
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def project_path(path: Path, settings: Settings) -> str:
+    """``path`` relative to the project root when it lies inside, so every machine
+    with a checkout of the project finds it; else absolute."""
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(settings.root.resolve()))
+    except ValueError:
+        return str(resolved)
 
 
 class WorkflowCache:
