@@ -220,6 +220,8 @@ def start_sweeper(settings: Settings) -> threading.Thread:
         event = threading.Event()
         while not event.wait(ttl / 3):
             try:
+                if ended := store.abandon_orphans():
+                    log.warning("%d ended runs had calls pending; abandoned them", ended)
                 for row in store.runs_to_publish(
                     lease_ttl_s=ttl, queued_for_s=QUEUED_FOR_TTLS * ttl
                 ):

@@ -164,6 +164,38 @@ def test_a_killed_worker_leaves_the_run_to_another(
     ]
 
 
+def test_a_paused_worker_that_lost_its_run_writes_nothing_and_asks_no_model(
+    queued: Project, ollama: OllamaServer, workers: list[Worker]
+) -> None:
+    asked: list[str] = []
+
+    def answer(body: dict[str, Any]) -> Reply:
+        asked.append(body["messages"][-1]["content"])
+        return Reply(text=asked[-1], delay_s=3 if asked == ["first"] else 0)
+
+    ollama.responder = answer
+    paused = start_worker(queued, workers)
+    run_id = orchestrator.enqueue("two", config=str(queued.config))
+    wait_for(lambda: asked == ["first"])  # its request is in flight
+    os.killpg(paused.proc.pid, signal.SIGSTOP)
+    try:
+        start_worker(queued, workers)  # its sweeper finds the stale lease and takes the run
+        wait_for(lambda: status(queued, run_id) == "succeeded")
+    finally:
+        os.killpg(paused.proc.pid, signal.SIGCONT)
+    # Woken, the first executor finds its lease taken: it records nothing, asks nothing.
+    wait_for(lambda: "'lease-lost'" in paused.log.read_text())
+    assert asked == ["first", "first", "second"]
+    assert queued.ledger_states() == [
+        ("first", 1, "abandoned"),  # the paused call, ended by the executor that took over
+        ("first", 2, "settled"),
+        ("second", 1, "settled"),
+    ]
+    run = orchestrator.get_run(run_id, config=str(queued.config))
+    assert run is not None and (run["status"], run["error"]) == ("succeeded", None)
+    assert [step["status"] for step in run["steps"]] == ["succeeded", "succeeded"]
+
+
 def test_a_redelivered_message_does_not_call_the_model_twice(
     queued: Project, ollama: OllamaServer, workers: list[Worker]
 ) -> None:
