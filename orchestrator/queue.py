@@ -101,14 +101,6 @@ def first_queue(settings: Settings, workflow: LoadedWorkflow) -> str:
     return settings.queue_of(climb[0][0]) if climb else settings.config.queue
 
 
-def time_limit_s(settings: Settings, steps: int) -> float:
-    """A hard limit for one run's task: every step using every attempt at the slowest model."""
-    slowest = max(
-        entry.timeout_s for tier in settings.config.tiers.values() for entry in tier.models
-    )
-    return steps * settings.config.escalation.max_attempts * slowest + 60
-
-
 class _WorkerProcess:
     """What a worker process keeps from one task to the next, made after the fork.
 
@@ -161,10 +153,14 @@ def execute_by_id(
     except TierflowError as exc:  # the file went away or broke after the run was queued
         return process.runner.fail(run_id, error=str(exc)) or "skipped"
     try:
-        result = process.loop.run_until_complete(process.runner.execute(workflow, run_id))
+        result = process.loop.run_until_complete(
+            process.runner.execute(workflow, run_id, time_limit_s=row["time_limit_s"])
+        )
     except LeaseLost as exc:  # another worker took the run over; it carries on there
         log.warning("%s", exc)
         return "lease-lost"
+    finally:
+        _drain(process.loop)
     if result is None:
         log.info("run %s is leased by another worker or finished; skipped", run_id)
         return "skipped"
@@ -175,13 +171,29 @@ def execute_by_id(
     return result.status
 
 
+HARD_LIMIT_GRACE_S = 60.0
+
+
+def _drain(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel whatever a task left on the worker's loop, and wait for it to end.
+
+    The loop outlives the task; a coroutine left on it would resume inside the
+    next run this process takes.
+    """
+    left = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in left:
+        task.cancel()
+    if left:
+        log.warning("cancelled %d tasks left on the loop by the last run", len(left))
+        loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+
+
 def publish(app: Any, run_id: str, *, queue: str, time_limit_s: float | None) -> None:
     """Send the task that executes ``run_id`` to ``queue``'s workers."""
-    limits = (
-        {}
-        if time_limit_s is None
-        else {"time_limit": time_limit_s, "soft_time_limit": time_limit_s - 30}
-    )
+    # The runner enforces the limit itself and ends the run cleanly; Celery's hard
+    # limit, later, is the last resort (it replaces the process). No soft limit:
+    # its exception would land inside whatever coroutine runs on the loop.
+    limits = {} if time_limit_s is None else {"time_limit": time_limit_s + HARD_LIMIT_GRACE_S}
     app.send_task(
         TASK,
         args=[run_id],

@@ -32,7 +32,13 @@ from orchestrator.graph import OUTPUTS, compile_graph
 from orchestrator.lease import LeaseKeeper
 from orchestrator.ledger import Call, Pricer, StepRecord
 from orchestrator.models import Clients
-from orchestrator.scheduler import NeedsTier, StepRunner
+from orchestrator.scheduler import (
+    BACKSTOP_S,
+    FAN_OUT_CONCURRENCY,
+    NeedsTier,
+    StepRunner,
+    ladder,
+)
 from orchestrator.settings import Settings
 from orchestrator.spec import LoadedWorkflow, StepPlan, project_path
 from orchestrator.store import Checkpoint, Lease, Store
@@ -91,6 +97,16 @@ class _HandOffGate:
             self.tiers.append(tier)
         await self._idle.wait()
         raise _HandedOff(self.tiers[0])
+
+
+class _Watch:
+    """Why a run's work was cut off from inside the engine: its time limit."""
+
+    timed_out: float | None = None
+
+    def time_out(self, task: asyncio.Future[Any], limit: float) -> None:
+        self.timed_out = limit
+        task.cancel()
 
 
 class Runner:
@@ -176,13 +192,16 @@ class Runner:
         assert lease is not None
         return await self._leased(workflow, lease, values, Checkpoint())
 
-    async def execute(self, workflow: LoadedWorkflow, run_id: str) -> RunResult | None:
+    async def execute(
+        self, workflow: LoadedWorkflow, run_id: str, *, time_limit_s: float | None = None
+    ) -> RunResult | None:
         """Run (or resume) a recorded run, holding its lease while it runs.
 
         Returns None without doing anything when another live process holds the
         lease or the run has already finished: a duplicate delivery is harmless.
         Steps that finished before are not run again; their outputs are reused.
         Raises ``LeaseLost`` if another executor takes the run over meanwhile.
+        Past ``time_limit_s`` its work is cut off and the run fails.
         """
         ttl = self._settings.config.lease_ttl_s
         lease = await _off_loop(
@@ -202,7 +221,9 @@ class Runner:
                 run_id=run_id, workflow=workflow.name, status="failed", outputs={}, error=error
             )
         checkpoint = await _off_loop(lambda: self._store.prepare_resume(lease))
-        return await self._leased(workflow, lease, row["inputs"], checkpoint)
+        return await self._leased(
+            workflow, lease, row["inputs"], checkpoint, time_limit_s=time_limit_s
+        )
 
     def fail(self, run_id: str, *, error: str) -> str | None:
         """End a run that cannot execute (its workflow no longer loads) as failed.
@@ -222,11 +243,14 @@ class Runner:
         lease: Lease,
         values: dict[str, Any],
         checkpoint: Checkpoint,
+        *,
+        time_limit_s: float | None = None,
     ) -> RunResult:
         """Execute the run while a heartbeat keeps ``lease`` fresh.
 
-        A cancel stops the run's work within a second (every call cut off is
-        recorded abandoned); a lost lease stops it and raises ``LeaseLost``.
+        A cancel stops the run's work within a second, and so does passing
+        ``time_limit_s`` (every call cut off is recorded abandoned); a lost
+        lease stops it and raises ``LeaseLost``.
         """
         loop = asyncio.get_running_loop()
         work: list[asyncio.Future[RunResult]] = []
@@ -236,9 +260,16 @@ class Runner:
             ttl_s=self._settings.config.lease_ttl_s,
             on_stop=lambda: loop.call_soon_threadsafe(work[0].cancel),
         )
-        task = asyncio.ensure_future(self._execute(workflow, lease, values, checkpoint, keeper))
+        watch = _Watch()
+        task = asyncio.ensure_future(
+            self._execute(workflow, lease, values, checkpoint, keeper, watch)
+        )
         work.append(task)
         keeper.start()
+        if time_limit_s is not None:
+            limit = time_limit_s
+            alarm = loop.call_later(limit, watch.time_out, task, limit)
+            task.add_done_callback(lambda _: alarm.cancel())
         try:
             return await task
         except asyncio.CancelledError:
@@ -305,6 +336,7 @@ class Runner:
         values: dict[str, Any],
         checkpoint: Checkpoint,
         keeper: LeaseKeeper,
+        watch: _Watch,
     ) -> RunResult:
         run_id = lease.run_id
         done = checkpoint.done
@@ -392,10 +424,17 @@ class Runner:
         except LeaseLost:
             raise  # another executor owns the run: write nothing more
         except asyncio.CancelledError:
-            if not keeper.cancelled or keeper.lost is not None:
+            if keeper.lost is None and watch.timed_out is not None:
+                result.status = "failed"
+                result.error = (
+                    f"the run passed its time limit of {watch.timed_out:g}s;"
+                    " the calls in flight were cut off"
+                )
+            elif keeper.lost is None and keeper.cancelled:
+                result.status, result.error = "cancelled", f"run {run_id} was cancelled mid-step"
+            else:
                 await self._interrupted(lease, "CancelledError", keeper)
                 raise
-            result.status, result.error = "cancelled", f"run {run_id} was cancelled mid-step"
         except BaseException as exc:
             await self._interrupted(lease, type(exc).__name__, keeper)
             raise
@@ -451,6 +490,32 @@ async def _off_loop(call: Callable[[], _T]) -> _T:
     return future.result()
 
 
+# Besides each call's own timeout: store I/O, rendering and checks, per call,
+# and the waits of retries on the same model (429, 5xx), per attempt.
+PER_CALL_SLACK_S = 15.0
+RUN_SLACK_S = 30.0
+
+
+def time_limit_s(settings: Settings, workflow: LoadedWorkflow) -> float:
+    """The longest a run of ``workflow`` can legitimately take, steps one after another.
+
+    Each step uses every attempt at its slowest model (its own ``timeout_s``
+    where it sets one). A ``for_each`` step runs in waves of
+    ``FAN_OUT_CONCURRENCY`` items, and its list can hold up to the run's
+    ``max_steps`` units, since its size is known only when it runs.
+    """
+    attempts = settings.config.escalation.max_attempts
+    units = workflow.spec.max_steps or settings.config.max_steps
+    total = RUN_SLACK_S
+    for plan in workflow.steps:
+        climb = ladder(settings, plan)
+        slowest = max((entry.timeout_s for _, tier in climb for entry in tier.models), default=0)
+        per_call = (plan.step.timeout_s or slowest) + BACKSTOP_S + PER_CALL_SLACK_S
+        waves = -(-units // FAN_OUT_CONCURRENCY) if plan.for_each is not None else 1
+        total += waves * attempts * per_call
+    return total
+
+
 def _usd(amount: Decimal) -> str:
     return f"${amount:.6f}".rstrip("0").rstrip(".")
 
@@ -478,10 +543,10 @@ class Enqueuer:
 
     def enqueue(self, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> str:
         """Record a queued run and publish it; a broker that refuses fails the run."""
-        from orchestrator.queue import enqueue_run, first_queue, time_limit_s
+        from orchestrator.queue import enqueue_run, first_queue
 
         settings = self.settings
-        queue, limit = first_queue(settings, workflow), time_limit_s(settings, len(workflow.steps))
+        queue, limit = first_queue(settings, workflow), time_limit_s(settings, workflow)
         run_id = Runner(settings=settings, store=self._store).create(
             workflow, inputs, queue=queue, time_limit_s=limit
         )
