@@ -24,7 +24,7 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -38,6 +38,9 @@ from orchestrator.errors import RunError, UserError
 from orchestrator.settings import NAME_PATTERN, Settings
 from orchestrator.store import Store
 
+if TYPE_CHECKING:
+    from orchestrator.client import Client
+
 COOKIE = "tierflow_dashboard"
 _TOKEN_PARAM = re.compile(r"(token=)[^&\s]*")
 _bearer = HTTPBearer(auto_error=False, description="TIERFLOW_API_TOKEN")
@@ -48,9 +51,13 @@ class Service:
     """What the routes share: configuration, the store, the token and the page templates."""
 
     settings: Settings
-    store: Store
+    client: Client
     token: bytes
     templates: Environment
+
+    @property
+    def store(self) -> Store:
+        return self.client.store
 
     def token_matches(self, given: str) -> bool:
         return hmac.compare_digest(given.encode(), self.token)
@@ -75,14 +82,14 @@ class JSONText(Response):
 
 def create_app(settings: Settings, *, token: str) -> FastAPI:
     """The application; it opens the configured store and closes it at shutdown."""
-    from orchestrator.runner import open_store
+    from orchestrator.client import Client
     from orchestrator.web.dashboard import environment
 
     if not token:
         raise UserError("TIERFLOW_API_TOKEN is empty: set it to a secret the clients share")
     service = Service(
         settings=settings,
-        store=open_store(settings),
+        client=Client(settings=settings),
         token=token.encode(),
         templates=environment(),
     )
@@ -90,7 +97,7 @@ def create_app(settings: Settings, *, token: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        service.store.engine.dispose()
+        service.client.close()
 
     app = FastAPI(
         title="tierflow",
@@ -138,12 +145,12 @@ pages = APIRouter()
 @api.post("/runs", status_code=201)
 def create_run(body: RunRequest, request: Request) -> dict[str, str]:
     """Queue a run for a worker, as ``tierflow enqueue`` does; bad inputs are refused first."""
-    from orchestrator.runner import enqueue_loaded
     from orchestrator.spec import find_workflow, load_workflow
 
-    settings = service_of(request).settings
+    service = service_of(request)
+    settings = service.settings
     loaded = load_workflow(find_workflow(body.workflow, settings), settings)
-    return {"run_id": enqueue_loaded(settings, loaded, body.inputs), "status": "queued"}
+    return {"run_id": service.client.enqueue_loaded(loaded, body.inputs), "status": "queued"}
 
 
 @api.get("/runs", response_class=JSONText)

@@ -172,10 +172,11 @@ def enqueue(
     config: ConfigOption = None,
 ) -> None:
     """Queue a run for a worker; prints the run id as the last line."""
-    from orchestrator.runner import enqueue_loaded
+    from orchestrator.client import Client
 
     settings, loaded, values = _load_with_inputs(config, workflow, inputs, inputs_file)
-    typer.echo(enqueue_loaded(settings, loaded, values))
+    with Client(settings=settings) as client:
+        typer.echo(client.enqueue_loaded(loaded, values))
 
 
 @app.command()

@@ -85,10 +85,10 @@ def make_app(settings: Settings, tiers: list[str] | None = None) -> Any:
 
     @app.task(name=SCHEDULED)  # type: ignore[untyped-decorator]
     def enqueue_scheduled(path: str, inputs: dict[str, Any]) -> str:
-        from orchestrator.runner import enqueue_loaded
-        from orchestrator.spec import load_workflow
+        from orchestrator.client import Client
 
-        return enqueue_loaded(settings, load_workflow(settings.root / path, settings), inputs)
+        with Client(settings=settings) as client:
+            return client.enqueue(settings.root / path, inputs)
 
     return app
 

@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Any, TypeVar
 
 from orchestrator import budgets
@@ -183,14 +182,23 @@ class Runner:
         )
         return run_id, lease
 
-    async def run(self, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> RunResult:
-        """Record and run ``workflow`` here, to the end. Bad inputs raise ``UserError`` first."""
+    async def run(
+        self,
+        workflow: LoadedWorkflow,
+        inputs: Mapping[str, Any],
+        *,
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> RunResult:
+        """Record and run ``workflow`` here, to the end. Bad inputs raise ``UserError`` first.
+
+        ``on_step`` (else the runner's own) is told of each step as it ends.
+        """
         values = workflow.resolve_inputs(inputs)
         _, lease = await _off_loop(
             lambda: self._create(workflow, values, status="running", leased=True)
         )
         assert lease is not None
-        return await self._leased(workflow, lease, values, Checkpoint())
+        return await self._leased(workflow, lease, values, Checkpoint(), on_step=on_step)
 
     async def execute(
         self, workflow: LoadedWorkflow, run_id: str, *, time_limit_s: float | None = None
@@ -225,6 +233,10 @@ class Runner:
             workflow, lease, row["inputs"], checkpoint, time_limit_s=time_limit_s
         )
 
+    async def aclose(self) -> None:
+        """Close the model clients, inside the event loop that used them."""
+        await self._clients.aclose()
+
     def fail(self, run_id: str, *, error: str) -> str | None:
         """End a run that cannot execute (its workflow no longer loads) as failed.
 
@@ -245,6 +257,7 @@ class Runner:
         checkpoint: Checkpoint,
         *,
         time_limit_s: float | None = None,
+        on_step: Callable[[StepRecord], None] | None = None,
     ) -> RunResult:
         """Execute the run while a heartbeat keeps ``lease`` fresh.
 
@@ -262,7 +275,9 @@ class Runner:
         )
         watch = _Watch()
         task = asyncio.ensure_future(
-            self._execute(workflow, lease, values, checkpoint, keeper, watch)
+            self._execute(
+                workflow, lease, values, checkpoint, keeper, watch, on_step or self._on_step
+            )
         )
         work.append(task)
         keeper.start()
@@ -337,6 +352,7 @@ class Runner:
         checkpoint: Checkpoint,
         keeper: LeaseKeeper,
         watch: _Watch,
+        on_step: Callable[[StepRecord], None] | None,
     ) -> RunResult:
         run_id = lease.run_id
         done = checkpoint.done
@@ -393,8 +409,8 @@ class Runner:
                     result.steps.append(record)
             if needs is not None:
                 await gate.wait(needs.tier)
-            if self._on_step is not None:
-                self._on_step(record)
+            if on_step is not None:
+                on_step(record)
             if record.status == "failed":
                 raise StepFailed(f"step '{plan.id}' failed: {record.error}")
             return record.output
@@ -526,106 +542,3 @@ def open_store(settings: Settings) -> Store:
 
     url = settings.database_url
     return Store(open_engine(url, migrate=url.startswith("sqlite")))
-
-
-class Enqueuer:
-    """Records queued runs and publishes them, keeping its store, broker connection
-    and loaded workflows from one run to the next. ``close`` releases them."""
-
-    def __init__(self, settings: Settings) -> None:
-        from orchestrator.queue import make_app
-        from orchestrator.spec import WorkflowCache
-
-        self.settings = settings
-        self.workflows = WorkflowCache(settings)
-        self._store = open_store(settings)
-        self._app = make_app(settings)
-
-    def enqueue(self, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> str:
-        """Record a queued run and publish it; a broker that refuses fails the run."""
-        from orchestrator.queue import enqueue_run, first_queue
-
-        settings = self.settings
-        queue, limit = first_queue(settings, workflow), time_limit_s(settings, workflow)
-        run_id = Runner(settings=settings, store=self._store).create(
-            workflow, inputs, queue=queue, time_limit_s=limit
-        )
-        try:
-            enqueue_run(self._app, run_id, queue=queue, time_limit_s=limit)
-        except RunError as exc:
-            self._store.finish_run(run_id, status="failed", error=str(exc))
-            raise
-        return run_id
-
-    def close(self) -> None:
-        self._app.close()  # the producer pool's connection
-        self._store.engine.dispose()
-
-
-_enqueuers: dict[tuple[Any, ...], Enqueuer] = {}
-
-
-def enqueue(
-    workflow: str, inputs: Mapping[str, Any] | None = None, *, config: str | None = None
-) -> str:
-    """Record a queued run of ``workflow`` and publish it for a worker; returns the run id.
-
-    Repeated calls in one process reuse one ``Enqueuer`` per configuration
-    (made again if the file or TIERFLOW_* variables change).
-    """
-    from orchestrator.settings import find_config_path, load_settings
-    from orchestrator.spec import find_workflow
-
-    path = find_config_path(config)
-    key = (
-        None if path is None else (str(path.resolve()), path.stat().st_mtime_ns),
-        Path.cwd() if path is None else None,
-        *(os.environ.get(name) for name in ("TIERFLOW_DATABASE_URL", "TIERFLOW_BROKER_URL")),
-    )
-    enqueuer = _enqueuers.get(key)
-    if enqueuer is None:
-        enqueuer = _enqueuers[key] = Enqueuer(load_settings(config))
-    loaded = enqueuer.workflows.load(find_workflow(workflow, enqueuer.settings))
-    return enqueuer.enqueue(loaded, inputs or {})
-
-
-def enqueue_loaded(settings: Settings, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> str:
-    """Enqueue one run of a workflow already loaded, with connections made for it alone."""
-    enqueuer = Enqueuer(settings)
-    try:
-        return enqueuer.enqueue(workflow, inputs)
-    finally:
-        enqueuer.close()
-
-
-def get_run(run_id: str, *, config: str | None = None) -> dict[str, Any] | None:
-    """A run with its steps and ledger rows, as ``tierflow show --json`` prints it."""
-    from orchestrator.settings import load_settings
-
-    store = open_store(load_settings(config))
-    try:
-        return store.run(run_id)
-    finally:
-        store.engine.dispose()
-
-
-async def arun(
-    workflow: str,
-    inputs: Mapping[str, Any] | None = None,
-    *,
-    config: str | None = None,
-    on_step: Callable[[StepRecord], None] | None = None,
-) -> RunResult:
-    """Load ``workflow`` (a name or a path), run it and record it. See ``orchestrator.run``."""
-    from orchestrator.settings import load_settings
-    from orchestrator.spec import find_workflow, load_workflow
-
-    settings = load_settings(config)
-    loaded = load_workflow(find_workflow(workflow, settings), settings)
-    store = open_store(settings)
-    try:
-        return await Runner(settings=settings, store=store, on_step=on_step).run(
-            loaded, inputs or {}
-        )
-    finally:
-        store.engine.dispose()
