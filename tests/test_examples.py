@@ -114,3 +114,50 @@ def test_report_reasoning_step_runs_on_the_frontier(
     assert calls["recommend"]["tier_used"] == "reasoning"
     assert calls["figures"]["tier_used"] == calls["summary"]["tier_used"] == "light"
     assert calls["recommend"]["cost_usd"] > 0 and calls["summary"]["cost_usd"] == 0
+
+
+CANARY = "CANARY-5f1e-ticket-text"
+
+
+def answer_locally(scenario: str) -> object:
+    """Local answers: all unusable (not JSON, or a crashed model), or a redactor that
+    copies the ticket unchanged, as a 135M model may, with valid labels."""
+
+    def answer(body: dict) -> Reply:
+        prompt = body["messages"][-1]["content"]
+        if scenario == "garbage":
+            return Reply(text="}{ not an answer")
+        if scenario == "crash" or prompt.startswith("Translate:"):
+            return Reply(status=500, text="local model crashed")
+        if "Label this ticket" in prompt:
+            return Reply(text=json.dumps({"category": "bug", "urgency": 5}))
+        return Reply(text=prompt)  # echoes the ticket into the step's output
+
+    return answer
+
+
+@pytest.mark.parametrize("scenario", ["garbage", "crash", "echo"])
+def test_support_triage_never_sends_the_confidential_ticket_to_the_frontier(
+    shipped: Project, ollama: OllamaServer, frontier: OpenAIServer, scenario: str
+) -> None:
+    ollama.responder = answer_locally(scenario)
+    # The frontier would answer every step well, so nothing but taint keeps a step local.
+    frontier.responder = lambda body: Reply(text=json.dumps({"category": "bug", "urgency": 5}))
+    ticket = f"My account {CANARY} is locked, card 4111 1111 1111 1111"
+    result = shipped.run("support-triage", {"ticket": ticket, "attachments": ["hola"]})
+
+    leaked = [r for r in frontier.requests if CANARY in json.dumps(r)]
+    assert leaked == []
+    calls = shipped.calls(result.run_id)
+    remote = {c["step_id"] for c in calls if c["tier_used"] == "reasoning"}
+    if scenario == "echo":
+        # Every step that reads the ticket, even through another step's output, stayed
+        # local; the attachments are not confidential, and their step reached the frontier.
+        assert result.status == "succeeded", result.error
+        assert remote == {"translate"}
+        assert [r["messages"][-1]["content"] for r in frontier.chat_requests()] == [
+            "Translate: hola"
+        ]
+    else:
+        assert result.status == "failed"
+        assert remote == set()
