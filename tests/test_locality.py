@@ -95,7 +95,7 @@ def test_ollama_host_decides_for_ollama_models_without_an_api_base(
     monkeypatch.setenv("OLLAMA_HOST", "10.0.0.2:11434")
     load_settings(write_config(tmp_path, "ollama/llama3.2:1b"))
     monkeypatch.setenv("OLLAMA_HOST", "https://ollama.com")
-    with pytest.raises(SpecError, match="OLLAMA_HOST host 'ollama.com' is not loopback"):
+    with pytest.raises(SpecError, match=r"OLLAMA_HOST host 'ollama\.com' is not loopback"):
         load_settings(write_config(tmp_path, "ollama/llama3.2:1b"))
 
 
