@@ -3,8 +3,9 @@
 The ladder is the configured tiers from the step's tier upwards (only tiers
 marked ``local`` for a sensitive step, or one that reads confidential data).
 Within a tier, models are tried in order on error or timeout; output that fails
-the step's schema or checks moves the step straight to the next tier. A model that is unavailable (no key, server
-down, not pulled) is recorded and skipped without using up an attempt.
+the step's schema or checks moves the step straight to the next tier. A model
+that is unavailable (no key, server down, not pulled) is recorded and skipped
+without using up an attempt.
 
 A queue worker serves only some tiers. A step that starts on, or escalates to,
 a tier it does not serve raises ``NeedsTier``: the run is handed to that tier's
