@@ -1,10 +1,11 @@
 """One step: render → choose tier → call → verify → escalate → record.
 
 The ladder is the configured tiers from the step's tier upwards (only tiers
-marked ``local`` for a sensitive step). Within a tier, models are tried in order
-on error or timeout; output that fails the step's schema or checks moves the
-step straight to the next tier. A model that is unavailable (no key, server
-down, not pulled) is recorded and skipped without using up an attempt.
+marked ``local`` for a sensitive step, or one that reads confidential data).
+Within a tier, models are tried in order on error or timeout; output that fails
+the step's schema or checks moves the step straight to the next tier. A model
+that is unavailable (no key, server down, not pulled) is recorded and skipped
+without using up an attempt.
 
 A queue worker serves only some tiers. A step that starts on, or escalates to,
 a tier it does not serve raises ``NeedsTier``: the run is handed to that tier's
@@ -74,8 +75,8 @@ def ladder(
     first = names.index(start or (names[0] if plan.tier == AUTO_TIER else plan.tier))
     last = len(tiers) if cap is None else names.index(cap) + 1
     climb = tiers[min(first, last - 1) : last]
-    if plan.step.sensitive:
-        # Fail closed: a sensitive prompt only ever reaches tiers marked local.
+    if plan.local_only:
+        # Fail closed: a sensitive or tainted prompt only ever reaches tiers marked local.
         climb = [(name, tier) for name, tier in climb if tier.local]
     return climb
 

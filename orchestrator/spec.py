@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from orchestrator.errors import SpecError, UserError
 from orchestrator.loading import YamlDoc, format_loc, read_yaml, suggest, validate
 from orchestrator.settings import NAME_PATTERN, Budget, Settings
-from orchestrator.templates import Expression, Template, TemplateProblem
+from orchestrator.taint import Taint, taints
+from orchestrator.templates import Expression, Read, Template, TemplateProblem
 
 AUTO_TIER = "auto"
 
@@ -36,6 +37,8 @@ class InputSpec(_Strict):
     default: Any = None
     enum: list[Any] | None = None
     items: dict[str, Any] | None = None
+    # Every step that reads it, directly or through other steps' outputs, stays local.
+    confidential: bool = False
 
     @property
     def required(self) -> bool:
@@ -149,10 +152,29 @@ class StepPlan:
     for_each: Expression | None
     checks: tuple[Expression, ...]
     max_tokens: int
+    taint: Taint | None = None  # how it reads a confidential input, if it does
 
     @property
     def id(self) -> str:
         return self.step.id
+
+    @property
+    def local_only(self) -> bool:
+        """Only tiers marked local may run it: it is sensitive or reads confidential data."""
+        return self.step.sensitive or self.taint is not None
+
+    def texts(self) -> list[tuple[str, frozenset[Read]]]:
+        """Each text the step renders or evaluates, named, with what it reads."""
+        found = [
+            ("prompt" if self.step.prompt is not None else "agent's prompt", self.prompt.reads)
+        ]
+        if self.system is not None:
+            found.append(("agent's system prompt", self.system.reads))
+        for name, expression in (("when", self.when), ("for_each", self.for_each)):
+            if expression is not None:
+                found.append((name, expression.reads))
+        found += [(f"checks[{i}]", check.reads) for i, check in enumerate(self.checks)]
+        return found
 
 
 @dataclass(frozen=True)
@@ -196,7 +218,9 @@ def _resolve_inputs(
         schema = {
             "type": "object",
             "properties": {
-                name: spec.model_dump(exclude={"default", "description"}, exclude_none=True)
+                name: spec.model_dump(
+                    exclude={"default", "description", "confidential"}, exclude_none=True
+                )
                 for name, spec in declared.items()
             },
         }
@@ -338,6 +362,7 @@ class _Checker:
             plan = self._plan_step(index, ancestors.get(self.spec.steps[index].id, set()))
             if plan is not None:
                 plans.append(plan)
+        plans = self._taint(plans)
         cap = self.spec.budget.downgrade_to
         if cap is not None and cap not in self.settings.config.tiers:
             names = self.settings.tier_names
@@ -349,6 +374,28 @@ class _Checker:
         if len(self.spec.steps) > limit:
             self.report(("steps",), f"{len(self.spec.steps)} steps is over max_steps ({limit})")
         return plans
+
+    def _taint(self, plans: list[StepPlan]) -> list[StepPlan]:
+        """``plans`` with their taint; reports a tainted step no local tier can run."""
+        confidential = [name for name, spec in self.spec.inputs.items() if spec.confidential]
+        found = taints({plan.id: plan.texts() for plan in plans}, confidential)
+        index_of = {step.id: index for index, step in enumerate(self.spec.steps)}
+        for plan in plans:
+            taint = found.get(plan.id)
+            if taint is None or plan.step.sensitive or self._local_tier_from(plan.tier):
+                continue  # a sensitive step without a local tier is reported already
+            loc: tuple[str | int, ...] = ("steps", index_of[plan.id])
+            if plan.step.tier is not None:
+                loc = (*loc, "tier")
+            elif plan.agent.tier is not None:
+                loc = (*loc, "agent")
+            where = "no tier is" if plan.tier == AUTO_TIER else f"none at or above '{plan.tier}' is"
+            self.report(
+                loc,
+                f"step '{plan.id}' {taint}, so it may use only tiers marked local: true,"
+                f" and {where} marked local",
+            )
+        return [replace(plan, taint=found.get(plan.id)) for plan in plans]
 
     def _order(self) -> list[int]:
         """Step indexes in dependency order; reports a cycle if there is one."""

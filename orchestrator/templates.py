@@ -16,6 +16,10 @@ from jinja2 import meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 CONTEXT_NAMES = frozenset({"inputs", "steps", "run", "item"})
+# The context objects that hold inputs and step outputs: what taint follows.
+DATA_NAMES = frozenset({"inputs", "steps"})
+# (name, key): ``inputs.ticket`` is ("inputs", "ticket"); key None reads the whole object.
+Read = tuple[str, str | None]
 
 
 class TemplateProblem(Exception):
@@ -48,6 +52,7 @@ class Template:
             raise TemplateProblem(exc.message or str(exc), exc.lineno) from None
         self.names = meta.find_undeclared_variables(ast)
         self.references = list(_references(ast))
+        self.reads = frozenset(_reads(ast))
 
     def render(self, context: dict[str, Any]) -> str:
         try:
@@ -69,6 +74,7 @@ class Expression:
             raise TemplateProblem(exc.message or str(exc)) from None
         self.names = meta.find_undeclared_variables(ast)
         self.references = list(_references(ast))
+        self.reads = frozenset(_reads(ast))
 
     def evaluate(self, context: dict[str, Any]) -> Any:
         try:
@@ -88,6 +94,28 @@ def _references(ast: nodes.Template) -> Iterator[tuple[str, str, int]]:
                 key = _const(node.arg) if isinstance(node, nodes.Getitem) else None
             if key is not None:
                 yield target.name, key, node.lineno
+
+
+def _reads(ast: nodes.Template) -> Iterator[Read]:
+    """Every read of ``inputs`` and ``steps``, failing closed: anything but a constant
+    key (``inputs`` passed on whole, looped over, indexed by a variable, filtered,
+    or a dict method such as ``inputs.items()``) reads the whole object."""
+    stack: list[nodes.Node] = [ast]
+    while stack:  # a loop, not recursion: deep nesting must not exhaust the stack
+        parent = stack.pop()
+        for child in parent.iter_child_nodes():
+            stack.append(child)
+            if not (
+                isinstance(child, nodes.Name) and child.ctx == "load" and child.name in DATA_NAMES
+            ):
+                continue
+            key: str | None = None
+            if isinstance(parent, nodes.Getattr) and parent.node is child:
+                # The sandbox finds a dict's methods before its keys.
+                key = None if hasattr(dict, parent.attr) else parent.attr
+            elif isinstance(parent, nodes.Getitem) and parent.node is child:
+                key = _const(parent.arg)
+            yield child.name, key
 
 
 def _const(node: nodes.Node) -> str | None:
