@@ -312,6 +312,10 @@ def _gather_inputs(
 
 
 def _step_printer(console: Console) -> Callable[[StepRecord], None]:
+    """Prints each step as it ends; a model skipped for the same reason again (an
+    Ollama that is not running, under every step) is said once per run."""
+    said: set[tuple[str, str | None]] = set()
+
     def show(record: StepRecord) -> None:
         answer = record.answer
         mark = {"succeeded": "[green]✓[/]", "skipped": "[dim]–[/]"}.get(record.status, "[red]✗[/]")
@@ -323,7 +327,9 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
         )
         for call in record.calls:
             if call.outcome == "unavailable":
-                console.print(f"    [dim]skipped {call.model}: {call.error}[/]")
+                if (call.model, call.error) not in said:
+                    said.add((call.model, call.error))
+                    console.print(f"    [dim]skipped {call.model}: {call.error}[/]")
             elif call.outcome != "ok":
                 console.print(
                     f"    [yellow]{call.outcome}[/] {call.tier_used} · {call.model}: {call.error}"
