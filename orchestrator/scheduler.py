@@ -396,7 +396,8 @@ class StepRunner:
                 return blocked, None, None
         clock = time.perf_counter()
         # Until an answer or the provider says otherwise, the call may have been billed.
-        (prompt_tokens, completion_tokens), source = worst, "worst_case"
+        (prompt_tokens, completion_tokens) = worst
+        source: str | None = "worst_case"
         value: Any = None
         error: str | None = None
         busy: ModelBusy | None = None

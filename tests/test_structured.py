@@ -3,6 +3,7 @@ and the fall back from a form the server refuses to the next one."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,13 @@ def project_on(root: Path, server: OpenAIServer, **model: Any) -> Project:
     project = Project(root, {"tiers": {"only": {"models": [entry]}}})
     steps = [
         {"id": "first", "agent": "helper", "tier": "only", "output": SCHEMA},
-        {"id": "second", "agent": "helper", "tier": "only", "output": SCHEMA, "needs": ["first"]},
+        {
+            "id": "second",
+            "agent": "helper",
+            "tier": "only",
+            "output": copy.deepcopy(SCHEMA),
+            "needs": ["first"],
+        },
     ]
     project.workflow({"name": "ask", "steps": steps})
     return project
@@ -76,20 +83,32 @@ def test_a_refused_form_falls_back_and_is_remembered_for_the_model(
 def test_a_server_that_takes_no_form_gets_none_and_the_answer_is_checked_here(
     tmp_path: Path, frontier: OpenAIServer
 ) -> None:
+    answers = iter(['Here it is: {"n": 3}', '{"n": "three"}'])
+
     def plain_only(request: dict[str, Any]) -> Reply:
         if form(request) != "none":
             return Reply(status=400, text="response_format is not supported")
-        return Reply(text='Here it is: {"n": "three"}')  # fails the schema: checked locally
+        return Reply(text=next(answers))
 
     frontier.responder = plain_only
     project = project_on(tmp_path, frontier)
     result = project.run("ask")
     assert result.status == "failed"
-    forms = [form(r) for r in frontier.chat_requests()]
-    assert forms[:3] == ["json_schema", "json_object", "none"]
-    assert set(forms[3:]) == {"none"}  # remembered
-    outcomes = [c["outcome"] for c in project.calls(result.run_id)]
-    assert outcomes[:3] == ["error", "error", "invalid_output"]
+    assert [form(r) for r in frontier.chat_requests()] == [
+        "json_schema",
+        "json_object",
+        "none",
+        "none",
+    ]
+    calls = project.calls(result.run_id)
+    assert [(c["step_id"], c["outcome"]) for c in calls] == [
+        ("first", "error"),
+        ("first", "error"),
+        ("first", "ok"),
+        ("second", "invalid_output"),  # the schema, checked here
+    ]
+    # A 400 is the server's refusal: nothing was generated, nothing is billed.
+    assert [c["cost_usd"] for c in calls[:2]] == [0, 0]
 
 
 @pytest.mark.parametrize(("structured", "sent"), [("json_object", "json_object"), ("none", "none")])

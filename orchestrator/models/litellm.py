@@ -170,21 +170,19 @@ class LiteLLMClient(ModelClient):
 
         litellm counts a stream's tokens itself when the provider sends no usage,
         and says not which it did; usage that equals litellm's own count is taken
-        as counted. A stream that breaks, or ends with neither an answer nor a
-        finish, may still have been billed: it is an error with no usage.
+        as counted. A stream that breaks, or ends with neither text nor usage (what
+        litellm makes of a body that is not a stream), may still have been billed:
+        it is an error with no usage.
         """
         parts: list[str] = []
         usage = None
-        finished = False
         chunks = await self._litellm.acompletion(
             **options, stream=True, stream_options={"include_usage": True}
         )
         try:
             async for chunk in chunks:
-                if chunk.choices:
-                    finished = finished or bool(chunk.choices[0].finish_reason)
-                    if chunk.choices[0].delta.content:
-                        parts.append(chunk.choices[0].delta.content)
+                if chunk.choices and chunk.choices[0].delta.content:
+                    parts.append(chunk.choices[0].delta.content)
                 usage = getattr(chunk, "usage", None) or usage
         except Exception as exc:
             if not parts:
@@ -194,7 +192,7 @@ class LiteLLMClient(ModelClient):
                 mask=[self._api_key_env],
             ) from None
         text = "".join(parts)
-        if not parts and not finished:
+        if not parts and usage is None:
             raise ModelCallError(f"{self._model}: the stream ended with no answer")
         reported = _reported(usage)
         litellms = (self._count_messages(options["messages"]), self._count_text(text))
