@@ -84,7 +84,13 @@ def test_a_schema_step_and_a_streamed_step_through_litellm(
             "inputs": {"text": {"type": "string", "default": "Give the number three as n."}},
             "steps": [
                 {"id": "number", "agent": "helper", "tier": "plain", "output": SCHEMA},
-                {"id": "words", "agent": "helper", "tier": "streamed", "prompt": "Say hello."},
+                {
+                    "id": "words",
+                    "agent": "helper",
+                    "tier": "streamed",
+                    "needs": ["number"],  # the server answers one request at a time
+                    "prompt": "Write one sentence about the sea.",
+                },
             ],
         }
     )

@@ -142,10 +142,10 @@ def test_the_providers_usual_key_variables_are_masked(monkeypatch: pytest.Monkey
     from orchestrator.errors import redact
 
     monkeypatch.setenv("AZURE_API_BASE", "https://secret-tenant.example")  # not a key: kept
-    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/etc/gcp/tierflow-sa.json")
+    monkeypatch.setenv("SNOWFLAKE_JWT", "eyJhbGciOiJSUzI1NiJ9.tierflow")  # litellm's; no KEY in it
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE12345")
     text = redact(
-        "sa /etc/gcp/tierflow-sa.json id AKIAEXAMPLE12345 at https://secret-tenant.example"
+        "jwt eyJhbGciOiJSUzI1NiJ9.tierflow id AKIAEXAMPLE12345 at https://secret-tenant.example"
     )
-    assert "/etc/gcp/tierflow-sa.json" not in text and "AKIAEXAMPLE12345" not in text
+    assert "eyJhbGciOiJSUzI1NiJ9" not in text and "AKIAEXAMPLE12345" not in text
     assert "https://secret-tenant.example" in text
