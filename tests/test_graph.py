@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 from conftest import Project, statuses
 
@@ -43,18 +42,18 @@ def test_needs_order_steps_and_pass_outputs(project: Project, ollama: OllamaServ
 
 
 def test_independent_steps_run_in_parallel(project: Project, ollama: OllamaServer) -> None:
-    in_flight = 0
-    peak = 0
-    lock = threading.Lock()
+    # a, b and c each wait until all three are in flight: run one after another,
+    # the first would wait alone and the barrier would break.
+    together = threading.Barrier(3, timeout=30)
+    parallel: list[bool] = []
 
     def slow(body: dict) -> Reply:
-        nonlocal in_flight, peak
-        with lock:
-            in_flight += 1
-            peak = max(peak, in_flight)
-        time.sleep(0.3)
-        with lock:
-            in_flight -= 1
+        if last_prompt(body) in ("a", "b", "c"):
+            try:
+                together.wait()
+                parallel.append(True)
+            except threading.BrokenBarrierError:
+                parallel.append(False)
         return Reply(text=last_prompt(body).upper())
 
     ollama.responder = slow
@@ -77,7 +76,7 @@ def test_independent_steps_run_in_parallel(project: Project, ollama: OllamaServe
     )
     result = project.run("fan")
     assert result.status == "succeeded"
-    assert peak == 3  # a, b and c were in flight together
+    assert parallel == [True, True, True]  # a, b and c were in flight together
     assert result.outputs["join"] == "ABC"
     assert last_prompt(ollama.chat_requests()[-1]) == "ABC"
 
