@@ -45,6 +45,18 @@ class InvalidOutput(Exception):
     pass
 
 
+class _CheckRaised(Exception):
+    """A check raised on a model's answer: the workflow's error, not the model's.
+
+    It carries the call, which was made and is recorded as it went; the step
+    then fails without asking another model.
+    """
+
+    def __init__(self, call: Call, problem: TemplateProblem) -> None:
+        super().__init__(str(problem))
+        self.call, self.problem = call, problem
+
+
 class NeedsTier(Exception):
     """The step continues on ``tier``, which this worker does not serve."""
 
@@ -175,6 +187,8 @@ class StepRunner:
             )
             raise
         finally:
+            if record.status == "running":  # an error we did not foresee: never left running
+                record.status, record.error = "failed", "stopped by an internal error"
             record.finished_at = _now()
 
     async def _fan_out(
@@ -241,16 +255,20 @@ class StepRunner:
             for entry in tier.models:
                 if used >= escalation.max_attempts:
                     break
-                call, value = await self._try(
-                    plan,
-                    entry,
-                    messages,
-                    context,
-                    attempt=next(attempts),
-                    item_index=item_index,
-                    tier_used=tier_name,
-                    escalation_reason=escalation_reason,
-                )
+                try:
+                    call, value = await self._try(
+                        plan,
+                        entry,
+                        messages,
+                        context,
+                        attempt=next(attempts),
+                        item_index=item_index,
+                        tier_used=tier_name,
+                        escalation_reason=escalation_reason,
+                    )
+                except _CheckRaised as raised:
+                    record.calls.append(raised.call)
+                    raise raised.problem from None
                 record.calls.append(call)
                 if call.outcome == "ok":
                     return value
@@ -335,6 +353,7 @@ class StepRunner:
         prompt_tokens = completion_tokens = 0
         value: Any = None
         error: str | None = None
+        check_raised: TemplateProblem | None = None
         try:
             client = self._clients.for_entry(entry)
             # Each client enforces the timeout itself and ends its request cleanly;
@@ -351,8 +370,10 @@ class StepRunner:
             prompt_tokens, completion_tokens = exc.prompt_tokens, exc.completion_tokens
         except InvalidOutput as exc:
             outcome, error = "invalid_output", str(exc)
-        except TemplateProblem:
-            raise  # a check's template error is the workflow's, not the model's
+        except TemplateProblem as exc:
+            # A check that raises is the workflow's error: the answer came, the
+            # call is recorded as made, and the step fails without escalating.
+            outcome, check_raised = "ok", exc
         except Exception as exc:
             # A client library failing in a way it does not document (a garbled
             # response, say) is still a failed call: record it and escalate.
@@ -365,6 +386,8 @@ class StepRunner:
             outcome=outcome,
             error=error,
         )
+        if check_raised is not None:
+            raise _CheckRaised(call, check_raised)
         return call, value
 
     def _call(
@@ -421,10 +444,8 @@ def verify(plan: StepPlan, text: str, context: dict[str, Any]) -> Any:
             where = "/".join(str(part) for part in errors[0].absolute_path) or "(top)"
             raise InvalidOutput(f"schema: {where}: {errors[0].message[:200]}")
     for check in plan.checks:
-        try:
-            passed = check.evaluate({**context, "output": value})
-        except TemplateProblem as exc:
-            raise InvalidOutput(f"check '{check.source}' failed: {exc}") from None
+        # A check that raises (TemplateProblem) is the workflow's error, not an invalid answer.
+        passed = check.evaluate({**context, "output": value})
         if not passed:
             raise InvalidOutput(f"check '{check.source}' failed")
     return value

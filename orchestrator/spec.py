@@ -231,7 +231,7 @@ def load_agent(path: Path) -> Agent:
     for key in ("system", "prompt"):
         text = getattr(agent, key)
         if text is not None:
-            _compile_template(doc, (key,), text)
+            _compile_template(doc, (key,), text, label=key)
     return agent
 
 
@@ -406,22 +406,29 @@ class _Checker:
             prompt_source,
             allowed,
             ancestors,
+            label="prompt",
         )
         system = (
-            self._template((*loc, "agent"), agent.system, allowed, ancestors)
+            self._template((*loc, "agent"), agent.system, allowed, ancestors, label="system")
             if agent.system
             else None
         )
-        when = self._expression((*loc, "when"), step.when, allowed - {"item"}, ancestors)
+        when = self._expression(
+            (*loc, "when"), step.when, allowed - {"item"}, ancestors, label="when"
+        )
         for_each = self._expression(
-            (*loc, "for_each"), step.for_each, allowed - {"item"}, ancestors
+            (*loc, "for_each"), step.for_each, allowed - {"item"}, ancestors, label="for_each"
         )
         checks = tuple(
             check
             for position, source in enumerate(step.checks)
             if (
                 check := self._expression(
-                    (*loc, "checks", position), source, allowed | {"output"}, ancestors
+                    (*loc, "checks", position),
+                    source,
+                    allowed | {"output"},
+                    ancestors,
+                    label="check",
                 )
             )
         )
@@ -464,20 +471,32 @@ class _Checker:
         return any(self.settings.config.tiers[name].local for name in names[start:])
 
     def _template(
-        self, loc: tuple[str | int, ...], source: str, allowed: set[str], ancestors: set[str]
+        self,
+        loc: tuple[str | int, ...],
+        source: str,
+        allowed: set[str],
+        ancestors: set[str],
+        *,
+        label: str,
     ) -> Template | None:
-        template = _compile_template(self.doc, loc, source, problems=self.problems)
+        template = _compile_template(self.doc, loc, source, label=label, problems=self.problems)
         if template is not None:
             self._check_references(loc, template.names, template.references, allowed, ancestors)
         return template
 
     def _expression(
-        self, loc: tuple[str | int, ...], source: str | None, allowed: set[str], ancestors: set[str]
+        self,
+        loc: tuple[str | int, ...],
+        source: str | None,
+        allowed: set[str],
+        ancestors: set[str],
+        *,
+        label: str,
     ) -> Expression | None:
         if source is None:
             return None
         try:
-            expression = Expression(source)
+            expression = Expression(source, label=label)
         except TemplateProblem as exc:
             self.report(loc, f"bad expression: {exc}")
             return None
@@ -510,10 +529,15 @@ class _Checker:
 
 
 def _compile_template(
-    doc: YamlDoc, loc: tuple[str | int, ...], source: str, *, problems: list[str] | None = None
+    doc: YamlDoc,
+    loc: tuple[str | int, ...],
+    source: str,
+    *,
+    label: str,
+    problems: list[str] | None = None,
 ) -> Template | None:
     try:
-        return Template(source)
+        return Template(source, label=label)
     except TemplateProblem as exc:
         line = doc.line_of(loc) + max(exc.line - 1, 0)
         message = f"{doc.path}:{line}: {format_loc(loc)}: bad template: {exc}"
