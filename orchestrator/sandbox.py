@@ -49,7 +49,11 @@ _CHARS_PER_STEP = 1000
 
 
 class LimitExceeded(Exception):
-    """An expression or template went past one of the sandbox's bounds."""
+    """An expression or template went past one of the sandbox's bounds (at ``line``)."""
+
+    def __init__(self, message: str, line: int = 1) -> None:
+        super().__init__(message)
+        self.line = line
 
 
 class _Meter:
@@ -480,7 +484,7 @@ def check_nesting(env: jinja2.Environment, source: str, *, expression: bool = Fa
             brackets += _BRACKETS[kind]
             if brackets > MAX_NESTING:
                 raise LimitExceeded(
-                    f"line {lineno}: brackets nested over {MAX_NESTING} deep (the limit)"
+                    f"nested more than {MAX_NESTING} brackets deep (the limit)", lineno
                 )
         elif kind == "block_begin":
             tag = []
@@ -491,7 +495,9 @@ def check_nesting(env: jinja2.Environment, source: str, *, expression: bool = Fa
                 blocks += 1
                 if blocks > MAX_BLOCKS:
                     raise LimitExceeded(
-                        f"line {lineno}: tags such as {{% {name} %}} nested over {MAX_BLOCKS} deep (the limit)"
+                        f"nested more than {MAX_BLOCKS} tags deep ({{% {name} %}} and the like;"
+                        " the limit)",
+                        lineno,
                     )
             elif name in _CLOSERS:
                 blocks -= 1
@@ -506,7 +512,5 @@ def check_depth(ast: nodes.Node) -> None:
     while stack:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise LimitExceeded(
-                f"line {node.lineno}: nested over {MAX_DEPTH} levels deep (the limit)"
-            )
+            raise LimitExceeded(f"nested more than {MAX_DEPTH} levels deep (the limit)", node.lineno)
         stack.extend((child, depth + 1) for child in node.iter_child_nodes())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -24,6 +25,8 @@ from orchestrator.settings import NAME_PATTERN, Budget, Settings
 from orchestrator.templates import Expression, Template, TemplateProblem
 
 AUTO_TIER = "auto"
+MAX_WORKFLOW_STEPS = 1000  # steps in one file; for_each items are counted by max_steps
+NAME_LENGTH = 64
 
 
 class _Strict(BaseModel):
@@ -43,7 +46,7 @@ class InputSpec(_Strict):
 
 
 class Agent(_Strict):
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN, max_length=NAME_LENGTH)
     description: str = ""
     tier: str | None = None
     system: str | None = None
@@ -53,8 +56,8 @@ class Agent(_Strict):
 
 
 class Step(_Strict):
-    id: str = Field(pattern=NAME_PATTERN)
-    agent: str
+    id: str = Field(pattern=NAME_PATTERN, max_length=NAME_LENGTH)
+    agent: str = Field(pattern=NAME_PATTERN, max_length=NAME_LENGTH)  # agents/NAME.yaml
     tier: str | None = None
     prompt: str | None = None
     output: dict[str, Any] | None = None
@@ -126,7 +129,7 @@ def crontab_of(cron: str) -> Any:
 
 
 class Workflow(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=NAME_LENGTH)
     version: int | str | None = None
     description: str = ""
     inputs: dict[str, InputSpec] = {}
@@ -240,6 +243,11 @@ def load_workflow(path: str | Path, settings: Settings) -> LoadedWorkflow:
     path = Path(path)
     doc = read_yaml(path)
     spec = validate(Workflow, doc)
+    if len(spec.steps) > MAX_WORKFLOW_STEPS:
+        count = len(spec.steps)
+        raise SpecError(
+            doc.problem(("steps",), f"{count} steps is over the limit of {MAX_WORKFLOW_STEPS}")
+        )
     checker = _Checker(doc, spec, settings)
     plans = checker.plan()
     if checker.problems:
@@ -295,18 +303,22 @@ class _Checker:
         self.settings = settings
         self.problems: list[str] = []
         self.agents_dir = settings.root / settings.config.agents_dir
+        # Steps share agents and often prompts: each is loaded or compiled once.
+        self._agents: dict[str, Agent | None] = {}
+        self._compiled: dict[tuple[str, str, str], Template | Expression | TemplateProblem] = {}
 
     def report(self, loc: Iterable[str | int], message: str) -> None:
         self.problems.append(self.doc.problem(loc, message))
 
     def plan(self) -> list[StepPlan]:
         ids = [step.id for step in self.spec.steps]
+        first_index: dict[str, int] = {}
         for index, step_id in enumerate(ids):
-            if ids.index(step_id) != index:
+            if first_index.setdefault(step_id, index) != index:
                 self.report(("steps", index, "id"), f"duplicate step id '{step_id}'")
         for index, step in enumerate(self.spec.steps):
             for position, need in enumerate(step.needs):
-                if need not in ids:
+                if need not in first_index:
                     self.report(
                         ("steps", index, "needs", position),
                         f"unknown step '{need}'{suggest(need, ids)}",
@@ -314,7 +326,7 @@ class _Checker:
                 elif need == step.id:
                     self.report(("steps", index, "needs", position), "a step cannot need itself")
         order = self._order()
-        ancestors = self._ancestors()
+        ancestors = self._ancestors(order)
         plans = []
         for index in order:
             plan = self._plan_step(index, ancestors.get(self.spec.steps[index].id, set()))
@@ -336,43 +348,43 @@ class _Checker:
         """Step indexes in dependency order; reports a cycle if there is one."""
         steps = self.spec.steps
         index_of = {step.id: i for i, step in enumerate(steps)}
-        waiting = {
-            i: {index_of[n] for n in step.needs if n in index_of and n != step.id}
-            for i, step in enumerate(steps)
-        }
+        waiting = [
+            {index_of[n] for n in step.needs if n in index_of and n != step.id} for step in steps
+        ]
+        dependents: list[list[int]] = [[] for _ in steps]
+        for i, deps in enumerate(waiting):
+            for dep in deps:
+                dependents[dep].append(i)
         order: list[int] = []
-        ready = [i for i, deps in waiting.items() if not deps]
+        ready = deque(i for i, deps in enumerate(waiting) if not deps)
         while ready:
-            current = ready.pop(0)
+            current = ready.popleft()
             order.append(current)
-            for i, deps in waiting.items():
-                if current in deps:
-                    deps.discard(current)
-                    if not deps and i not in order and i not in ready:
-                        ready.append(i)
-        stuck = [i for i in range(len(steps)) if i not in order]
-        if stuck:
+            for i in dependents[current]:
+                waiting[i].discard(current)
+                if not waiting[i]:
+                    ready.append(i)
+        if len(order) < len(steps):
+            placed = set(order)
+            stuck = [i for i in range(len(steps)) if i not in placed]
             names = ", ".join(steps[i].id for i in stuck)
             self.report(("steps", stuck[0], "needs"), f"steps form a cycle: {names}")
             order.extend(stuck)
         return order
 
-    def _ancestors(self) -> dict[str, set[str]]:
-        needs = {step.id: set(step.needs) for step in self.spec.steps}
+    def _ancestors(self, order: list[int]) -> dict[str, set[str]]:
+        """Every step each step depends on, directly or not; built in dependency order."""
+        steps = self.spec.steps
+        known = {step.id for step in steps}
         result: dict[str, set[str]] = {}
-
-        def visit(step_id: str, trail: frozenset[str]) -> set[str]:
-            if step_id in result:
-                return result[step_id]
+        for index in order:
+            step = steps[index]
             found: set[str] = set()
-            for need in needs.get(step_id, ()):
-                if need in needs and need not in trail:
-                    found |= {need} | visit(need, trail | {need})
-            result[step_id] = found
-            return found
-
-        for step_id in needs:
-            visit(step_id, frozenset({step_id}))
+            for need in step.needs:
+                if need in known and need != step.id:
+                    found.add(need)
+                    found |= result.get(need, set())  # absent only inside a cycle
+            result[step.id] = found
         return result
 
     def _plan_step(self, index: int, ancestors: set[str]) -> StepPlan | None:
@@ -447,6 +459,13 @@ class _Checker:
         )
 
     def _agent(self, step: Step, loc: tuple[str | int, ...]) -> Agent | None:
+        if step.agent in self._agents:
+            return self._agents[step.agent]
+        agent = self._load_agent(step, loc)
+        self._agents[step.agent] = agent
+        return agent
+
+    def _load_agent(self, step: Step, loc: tuple[str | int, ...]) -> Agent | None:
         path = self.agents_dir / f"{step.agent}.yaml"
         if not path.exists():
             known = (
@@ -479,7 +498,14 @@ class _Checker:
         *,
         label: str,
     ) -> Template | None:
-        template = _compile_template(self.doc, loc, source, label=label, problems=self.problems)
+        key = ("template", label, source)
+        cached = self._compiled.get(key)
+        if isinstance(cached, Template):
+            template: Template | None = cached
+        else:
+            template = _compile_template(self.doc, loc, source, label=label, problems=self.problems)
+            if template is not None:
+                self._compiled[key] = template
         if template is not None:
             self._check_references(loc, template.names, template.references, allowed, ancestors)
         return template
@@ -495,11 +521,17 @@ class _Checker:
     ) -> Expression | None:
         if source is None:
             return None
+        key = ("expression", label, source)
+        cached = self._compiled.get(key)
         try:
-            expression = Expression(source, label=label)
+            if isinstance(cached, TemplateProblem):
+                raise cached
+            expression = cached if isinstance(cached, Expression) else Expression(source, label=label)
         except TemplateProblem as exc:
+            self._compiled[key] = exc
             self.report(loc, f"bad expression: {exc}")
             return None
+        self._compiled[key] = expression
         self._check_references(loc, expression.names, expression.references, allowed, ancestors)
         return expression
 

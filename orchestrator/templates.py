@@ -69,7 +69,7 @@ def _parse(source: str, *, expression: bool) -> nodes.Template:
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateProblem(exc.message or str(exc), exc.lineno) from None
     except LimitExceeded as exc:
-        raise TemplateProblem(str(exc)) from None
+        raise TemplateProblem(str(exc), exc.line) from None
     except RecursionError:
         raise TemplateProblem("nested too deeply to read") from None
 

@@ -48,7 +48,7 @@ CASES: dict[str, tuple[Callable[[], bytes], int, str]] = {
     ),
     "nul_byte": (lambda: (HEAD + step(id="a", prompt="x\x00")).encode(), 4, "U+0000"),
     "utf16": (lambda: (HEAD + step(id="a")).encode("utf-16"), 1, "UTF-16"),
-    "utf16_without_bom": (lambda: (HEAD + step(id="a")).encode("utf-16-le"), 1, "not UTF-8"),
+    "utf16_without_bom": (lambda: (HEAD + step(id="a")).encode("utf-16-le"), 1, "UTF-16"),
     "latin1": (lambda: (HEAD + step(id="a", prompt="caf\xe9")).encode("latin-1"), 4, "not UTF-8"),
     "deep_flow_yaml": (
         lambda: (HEAD + step(id="a") + "description: " + "[" * 2000 + "]" * 2000 + "\n").encode(),
@@ -84,7 +84,7 @@ CASES: dict[str, tuple[Callable[[], bytes], int, str]] = {
         4,
         "steps[0].agent: String should match pattern",
     ),
-    "many_steps": (_many_steps, 3, "24000 steps is over the limit of 1000"),
+    "many_steps": (_many_steps, 10001, "more than 50,000 keys, values and list items"),
     "long_step_id": (
         lambda: (HEAD + step(id="s" * 300)).encode(),
         4,
