@@ -52,7 +52,9 @@ MAX_DEPTH = 64  # mappings and lists inside one another
 MAX_NODES = 50_000  # keys, values and list items in one file
 
 # What YAML allows in a file: tab, newlines and printable characters (YAML 1.2, 5.1).
-_NOT_PRINTABLE = re.compile("[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_NOT_PRINTABLE = re.compile(
+    "[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
+)
 _UTF16_32_BOMS = {
     b"\xff\xfe\x00\x00": "UTF-32",
     b"\x00\x00\xfe\xff": "UTF-32",
@@ -179,7 +181,7 @@ def _check_shape(text: str, path: Path) -> None:
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
-                    line = event.start_mark.line + 1
+                    line = event.start_mark.line + 1 if event.start_mark else 1
                     raise SpecError(
                         f"{path}:{line}: (file): nested deeper than {MAX_DEPTH} levels (the limit)"
                     )
@@ -188,7 +190,7 @@ def _check_shape(text: str, path: Path) -> None:
             if isinstance(event, yaml.NodeEvent):
                 nodes += 1
                 if nodes > MAX_NODES:
-                    line = event.start_mark.line + 1
+                    line = event.start_mark.line + 1 if event.start_mark else 1
                     raise SpecError(
                         f"{path}:{line}: (file): more than {MAX_NODES:,} keys, values and"
                         " list items (the limit for one file)"

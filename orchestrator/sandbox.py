@@ -21,6 +21,7 @@ step's error.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import re
@@ -162,9 +163,11 @@ def _check_join(meter: _Meter, sep: Any, items: list[Any]) -> None:
 
 
 def _check_replace(meter: _Meter, text: Any, old: Any, new: Any, count: Any = -1) -> None:
-    if not (isinstance(text, str | bytes) and isinstance(old, str | bytes)):
-        return
-    found = len(text) + 1 if not old else text.count(old)
+    if not (isinstance(text, str) and isinstance(old, str)) and not (
+        isinstance(text, bytes) and isinstance(old, bytes)
+    ):
+        return  # the call itself will refuse mixed types
+    found = len(text) + 1 if not old else text.count(old)  # type: ignore[arg-type]
     if isinstance(count, int) and count >= 0:
         found = min(found, count)
     grows = len(new) - len(old) if isinstance(new, str | bytes) else 0
@@ -178,7 +181,7 @@ def _check_str_method(meter: _Meter, owner: str | bytes, name: str, args: tuple[
         meter.will_build(_int_arg(args[0]), name)
     elif name == "expandtabs":
         tab = _int_arg(args[0]) if args else 8
-        tabs = owner.count("\t" if isinstance(owner, str) else b"\t")
+        tabs = owner.count("\t") if isinstance(owner, str) else owner.count(b"\t")
         meter.will_build(len(owner) + tabs * max(tab, 0), name)
     elif name == "replace" and len(args) >= 2:
         _check_replace(meter, owner, args[0], args[1], args[2] if len(args) > 2 else -1)
@@ -207,10 +210,9 @@ def _guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
             if name == "join" and value is not None and not isinstance(value, str):
                 rest[0] = list(value)  # counted now, so the check sees every item
                 args = (*args[:1], *rest) if pass_arg is not None else tuple(rest)
-            try:
+            # Arguments the filter itself refuses (TypeError): let it say so.
+            with contextlib.suppress(TypeError):
                 check(meter, *rest, **kwargs)
-            except TypeError:
-                pass  # arguments the filter itself refuses: let it say so
         return meter.built(func(*args, **kwargs), f"the {name} filter's result")
 
     return guarded
@@ -287,7 +289,7 @@ _FILTER_CHECKS: dict[str, Callable[..., None]] = {
 }
 
 
-def _guard_test(func: Callable[..., Any]) -> Callable[..., Any]:
+def _guard_test(func: Any) -> Callable[..., Any]:
     @functools.wraps(func)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         _meter().step(sum(_scan_cost(arg) for arg in args))
@@ -299,9 +301,7 @@ def _guard_test(func: Callable[..., Any]) -> Callable[..., Any]:
 def _bounded_range(*args: int) -> range:
     numbers = range(*args)
     if len(numbers) > MAX_RANGE:
-        raise LimitExceeded(
-            f"range of {len(numbers):,} items is over the limit of {MAX_RANGE:,}"
-        )
+        raise LimitExceeded(f"range of {len(numbers):,} items is over the limit of {MAX_RANGE:,}")
     return numbers
 
 
@@ -385,31 +385,34 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         texts = [str(value) for value in values]
         meter = _meter()
         meter.will_build(sum(len(text) for text in texts), "'~'")
-        return meter.built("".join(texts))
+        joined = "".join(texts)
+        meter.built(joined)
+        return joined
 
 
 _OWN = frozenset({"bounded_iter", "bounded_concat", "scanned"})
 
 
 def _check_binop(meter: _Meter, operator: str, left: Any, right: Any) -> None:
-    sequence = str | bytes | list | tuple
+    sequence = (str, bytes, list, tuple)
+    bits = 0  # a lower bound on the bits of an integer result
     if operator == "*":
         if isinstance(left, sequence) and isinstance(right, int):
             meter.will_build(len(left) * max(right, 0), "'*'")
         elif isinstance(right, sequence) and isinstance(left, int):
             meter.will_build(len(right) * max(left, 0), "'*'")
-        elif isinstance(left, int) and isinstance(right, int):
-            if left.bit_length() + right.bit_length() > MAX_INT_BITS + 1:
-                raise LimitExceeded(f"number too large: over the limit of {MAX_INT_BITS} bits")
+        elif isinstance(left, int) and isinstance(right, int) and left and right:
+            bits = left.bit_length() + right.bit_length() - 1
     elif operator == "**":
         if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
-            if (abs(left).bit_length() - 1) * right > MAX_INT_BITS:
-                raise LimitExceeded(f"number too large: over the limit of {MAX_INT_BITS} bits")
+            bits = (abs(left).bit_length() - 1) * right + 1
     elif operator == "+":
         if isinstance(left, sequence) and isinstance(right, sequence):
             meter.will_build(len(left) + len(right), "'+'")
     elif operator == "%" and isinstance(left, str):
         _check_printf(left)
+    if bits > MAX_INT_BITS:
+        raise LimitExceeded(f"number too large: over the limit of {MAX_INT_BITS} bits")
 
 
 @jinja2.pass_context
@@ -427,7 +430,7 @@ class _Bound(NodeTransformer):
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
         self.generic_visit(node)
-        node.iter = _env_call("bounded_iter", [node.iter], node.lineno)
+        node.iter = _env_call("bounded_iter", [node.iter], node.lineno)  # type: ignore[list-item]
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
@@ -512,5 +515,7 @@ def check_depth(ast: nodes.Node) -> None:
     while stack:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise LimitExceeded(f"nested more than {MAX_DEPTH} levels deep (the limit)", node.lineno)
+            raise LimitExceeded(
+                f"nested more than {MAX_DEPTH} levels deep (the limit)", node.lineno
+            )
         stack.extend((child, depth + 1) for child in node.iter_child_nodes())

@@ -26,8 +26,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import jsonschema
-
+from orchestrator import schemas
 from orchestrator.errors import ModelError, ModelTimeout, RunError, StepFailed, redact
 from orchestrator.ledger import Call, Pricer, StepRecord
 from orchestrator.models import Clients, ModelRequest
@@ -437,7 +436,7 @@ def verify(plan: StepPlan, text: str, context: dict[str, Any]) -> Any:
     if plan.step.output is not None:
         value = parse_json(value)
         errors = sorted(
-            jsonschema.Draft202012Validator(plan.step.output).iter_errors(value),
+            schemas.validator(plan.step.output).iter_errors(value),
             key=lambda e: e.path,
         )
         if errors:

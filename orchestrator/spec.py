@@ -16,12 +16,20 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from orchestrator import schemas
 from orchestrator.errors import SpecError, UserError
 from orchestrator.loading import YamlDoc, format_loc, read_yaml, suggest, validate
-from orchestrator.settings import NAME_PATTERN, Budget, Settings
+from orchestrator.settings import (
+    MAX_BUDGET_USD,
+    MAX_CALLS,
+    MAX_TIMEOUT_S,
+    MIN_BUDGET_USD,
+    NAME_PATTERN,
+    Budget,
+    Settings,
+)
 from orchestrator.templates import Expression, Template, TemplateProblem
 
 AUTO_TIER = "auto"
@@ -39,6 +47,17 @@ class InputSpec(_Strict):
     default: Any = None
     enum: list[Any] | None = None
     items: dict[str, Any] | None = None
+
+    @field_validator("items")
+    @classmethod
+    def _items_is_a_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            schemas.check_schema(schema)
+        return schema
+
+    def json_schema(self) -> dict[str, Any]:
+        """The JSON Schema a value of this input must match."""
+        return self.model_dump(exclude={"default", "description"}, exclude_none=True)
 
     @property
     def required(self) -> bool:
@@ -67,23 +86,22 @@ class Step(_Strict):
     for_each: str | None = None
     sensitive: bool = False
     max_tokens: int | None = Field(default=None, ge=1, le=200_000)
-    timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
 
     @field_validator("output")
     @classmethod
     def _output_is_a_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
         if schema is not None:
-            try:
-                jsonschema.Draft202012Validator.check_schema(schema)
-            except jsonschema.SchemaError as exc:
-                raise ValueError(f"not a valid JSON schema: {exc.message}") from None
+            schemas.check_schema(schema)
         return schema
 
 
 class WorkflowBudget(Budget):
     """The workflow's limits, and a tier cap once any of them is ``downgrade_at`` used."""
 
-    per_run_usd: Decimal | None = Field(default=None, gt=0)
+    per_run_usd: Decimal | None = Field(
+        default=None, ge=MIN_BUDGET_USD, le=MAX_BUDGET_USD, allow_inf_nan=False
+    )
     downgrade_at: float | None = Field(default=None, gt=0, le=1)
     downgrade_to: str | None = None
 
@@ -134,7 +152,7 @@ class Workflow(_Strict):
     description: str = ""
     inputs: dict[str, InputSpec] = {}
     steps: list[Step] = Field(min_length=1)
-    max_steps: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, le=MAX_CALLS)
     schedule: list[Schedule] = []
     budget: WorkflowBudget = WorkflowBudget()
 
@@ -198,12 +216,9 @@ def _resolve_inputs(
     if not problems:
         schema = {
             "type": "object",
-            "properties": {
-                name: spec.model_dump(exclude={"default", "description"}, exclude_none=True)
-                for name, spec in declared.items()
-            },
+            "properties": {name: spec.json_schema() for name, spec in declared.items()},
         }
-        for error in jsonschema.Draft202012Validator(schema).iter_errors(values):
+        for error in schemas.validator(schema).iter_errors(values):
             where = ".".join(str(part) for part in error.absolute_path)
             problems.append(f"input '{where}': {error.message}")
     return values, problems
@@ -325,6 +340,11 @@ class _Checker:
                     )
                 elif need == step.id:
                     self.report(("steps", index, "needs", position), "a step cannot need itself")
+        inputs_ok = self._check_inputs()
+        for index, step in enumerate(self.spec.steps):
+            if step.output is not None:
+                for where, problem in schemas.outside_references(step.output):
+                    self.report(("steps", index, "output", *where), problem)
         order = self._order()
         ancestors = self._ancestors(order)
         plans = []
@@ -336,13 +356,32 @@ class _Checker:
         if cap is not None and cap not in self.settings.config.tiers:
             names = self.settings.tier_names
             self.report(("budget", "downgrade_to"), f"unknown tier '{cap}'{suggest(cap, names)}")
-        for index, schedule in enumerate(self.spec.schedule):
+        for index, schedule in enumerate(self.spec.schedule if inputs_ok else ()):
             for problem in _resolve_inputs(self.spec.inputs, schedule.inputs)[1]:
                 self.report(("schedule", index, "inputs"), problem)
         limit = self.spec.max_steps or self.settings.config.max_steps
         if len(self.spec.steps) > limit:
             self.report(("steps",), f"{len(self.spec.steps)} steps is over max_steps ({limit})")
         return plans
+
+    def _check_inputs(self) -> bool:
+        """Defaults that fit their own input, and item schemas that stay inside themselves."""
+        ok = True
+        for name, spec in self.spec.inputs.items():
+            outside = schemas.outside_references(spec.items) if spec.items is not None else []
+            for where, problem in outside:
+                self.report(("inputs", name, "items", *where), problem)
+                ok = False
+            if outside:
+                continue  # its references cannot be followed to check the default
+            if not spec.required:
+                errors = schemas.validator(spec.json_schema()).iter_errors(spec.default)
+                for error in errors:
+                    where = ("inputs", name, "default", *error.absolute_path)
+                    self.report(where, error.message[:200])
+                    ok = False
+                    break
+        return ok
 
     def _order(self) -> list[int]:
         """Step indexes in dependency order; reports a cycle if there is one."""
@@ -526,7 +565,9 @@ class _Checker:
         try:
             if isinstance(cached, TemplateProblem):
                 raise cached
-            expression = cached if isinstance(cached, Expression) else Expression(source, label=label)
+            expression = (
+                cached if isinstance(cached, Expression) else Expression(source, label=label)
+            )
         except TemplateProblem as exc:
             self._compiled[key] = exc
             self.report(loc, f"bad expression: {exc}")

@@ -59,7 +59,9 @@ def _parse(source: str, *, expression: bool) -> nodes.Template:
             parser = Parser(env, source, state="variable")
             expr = parser.parse_expression()
             if not parser.stream.eos:
-                raise jinja2.TemplateSyntaxError("chunk after expression", parser.stream.current.lineno)
+                raise jinja2.TemplateSyntaxError(
+                    "chunk after expression", parser.stream.current.lineno
+                )
             ast = nodes.Template([nodes.Assign(nodes.Name("result", "store"), expr)], lineno=1)
         else:
             ast = env.parse(source)

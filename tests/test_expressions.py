@@ -122,7 +122,10 @@ def test_a_raising_when_fails_the_step_naming_it_and_the_expression(
                     "id": "score",
                     "agent": "helper",
                     "tier": "light",
-                    "output": {"type": "object", "properties": {"n": {"type": ["integer", "null"]}}},
+                    "output": {
+                        "type": "object",
+                        "properties": {"n": {"type": ["integer", "null"]}},
+                    },
                 },
                 {
                     "id": "deep",
@@ -203,7 +206,13 @@ def test_the_cli_reports_a_raising_expression_as_a_failed_run(project: Project) 
             "name": "divides",
             "inputs": {"zero": {"type": "integer", "default": 0}},
             "steps": [
-                {"id": "only", "agent": "helper", "tier": "light", "prompt": "hi", "when": "1/inputs.zero"}
+                {
+                    "id": "only",
+                    "agent": "helper",
+                    "tier": "light",
+                    "prompt": "hi",
+                    "when": "1/inputs.zero",
+                }
             ],
         }
     )
@@ -317,9 +326,12 @@ def test_ordinary_work_is_well_inside_the_bounds() -> None:
     assert Expression("2 ** 64 * 3").evaluate({}) == 3 * 2**64
     assert Expression("('ab' * 1000) | length").evaluate({}) == 2000
     assert Expression("range(1000) | sum").evaluate({}) == 499500
-    assert Expression("inputs.s | replace('a', 'bb') | length").evaluate(
-        {"inputs": {"s": "a" * 10000}}
-    ) == 20000
+    assert (
+        Expression("inputs.s | replace('a', 'bb') | length").evaluate(
+            {"inputs": {"s": "a" * 10000}}
+        )
+        == 20000
+    )
 
 
 def test_a_runtime_bomb_in_when_fails_the_run_cleanly(tmp_path: Path) -> None:

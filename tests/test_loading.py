@@ -56,8 +56,7 @@ CASES: dict[str, tuple[Callable[[], bytes], int, str]] = {
         "nested deeper than",
     ),
     "deep_block_yaml": (
-        lambda: (
-"name: deep\nx:\n  " + "- " * 2000 + "1\n").encode(),
+        lambda: ("name: deep\nx:\n  " + "- " * 2000 + "1\n").encode(),
         3,
         "nested deeper than",
     ),
