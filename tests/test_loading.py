@@ -122,3 +122,14 @@ def test_keys_that_differ_as_yaml_values_are_not_duplicates(tmp_path: Path) -> N
     path = tmp_path / "keys.yaml"
     path.write_text('a: {1: int, "1": str}\nb: {x: 1}\nc: {x: 2}\n')
     assert read_yaml(path).data == {"a": {1: "int", "1": "str"}, "b": {"x": 1}, "c": {"x": 2}}
+
+
+def test_each_problem_is_one_line_whatever_the_file_holds(tmp_path: Path) -> None:
+    path = tmp_path / "tierflow.yaml"
+    # A model name with a line break in it, quoted back in the message.
+    path.write_text(
+        'tiers: {light: {models: [llamacpp/smollm2-135m]}}\nreference_model: "openai/gpt-4.1\\n- x"\n'
+    )
+    [problem] = validate_paths([path], config=str(path))
+    assert problem.startswith(f"{path}:2: reference_model: no known price for openai/gpt-4.1 - x")
+    assert len(problem.splitlines()) == 1, problem
