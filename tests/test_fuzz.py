@@ -178,7 +178,7 @@ def steps(draw: st.DrawFn, index: int) -> dict[str, Any]:
         "agent": "a",
     }
     if draw(st.integers(0, 5)) == 0:
-        step["agent"] = draw(st.sampled_from(NAMES + ["../agents/a", "b"]))
+        step["agent"] = draw(st.sampled_from([*NAMES, "../agents/a", "b"]))
     for key, strategy in (
         ("tier", st.sampled_from(["light", "light", "frontier", "auto", "nope", 3])),
         ("prompt", templates),
