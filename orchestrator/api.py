@@ -9,11 +9,22 @@
 
 Every route needs the token (``TIERFLOW_API_TOKEN``). API clients send
 ``Authorization: Bearer TOKEN``. A browser opens ``/?token=TOKEN`` once: the
-server answers with a cookie (HttpOnly, SameSite=Strict) holding a value
-derived from the token, not the token, and redirects to ``/``, so the token
-leaves the address bar. The cookie opens the dashboard only; the API takes the
-bearer header alone, so a page on another site cannot queue runs. Bad input
-is 400 or 422 with ``{"detail": message}``; a broker that refuses is 503.
+server answers with a cookie (HttpOnly, SameSite=Strict, for
+``COOKIE_MAX_AGE_S``) and redirects to ``/``, so the token leaves the address
+bar. The cookie is signed with a key derived from the token and a salt drawn
+when the server starts: it is not the token, it is new at each sign-in, and a
+new token or a restart makes every old one worthless. The cookie opens the
+dashboard only; the API takes the bearer header alone, so a page on another
+site cannot queue runs.
+
+Limits: a request body of at most 1 MiB (``guard.MAX_BODY_BYTES``), a run's
+inputs of at most ``MAX_INPUTS_BYTES`` as JSON, nested at most
+``MAX_INPUTS_DEPTH`` deep; strings must be valid Unicode and numbers finite.
+``GET /runs`` leaves out a run's inputs, outputs or error over
+``LIST_VALUE_BYTES`` and names them in ``omitted``; ``GET /runs/{run_id}``
+returns them whole. Every response carries the security headers of
+``security_headers``. Bad input is 400, 404, 413 or 422 with
+``{"detail": ...}``; a broker that refuses is 503.
 """
 
 from __future__ import annotations
@@ -21,50 +32,127 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from datetime import date
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from jinja2 import Environment
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator import budgets, reports
 from orchestrator.encoding import dumps
 from orchestrator.errors import RunError, UserError
+from orchestrator.loading import suggest
 from orchestrator.settings import NAME_PATTERN, Settings
 from orchestrator.store import Store
+from orchestrator.web.guard import Guard, check_json, json_depth, json_size
+
+if TYPE_CHECKING:
+    from orchestrator.client import Client
 
 COOKIE = "tierflow_dashboard"
+COOKIE_MAX_AGE_S = 8 * 3600  # a working day; then the browser opens /?token= again
+MAX_INPUTS_BYTES = 256 * 1024
+MAX_INPUTS_DEPTH = 32
+LIST_VALUE_BYTES = 4096
 _TOKEN_PARAM = re.compile(r"(token=)[^&\s]*")
 _bearer = HTTPBearer(auto_error=False, description="TIERFLOW_API_TOKEN")
 
 
 @dataclass(frozen=True)
 class Service:
-    """What the routes share: configuration, the store, the token and the page templates."""
+    """What the routes share: configuration, the store, the token, the page templates,
+    the workflows folder and the key that signs dashboard cookies."""
 
     settings: Settings
-    store: Store
+    client: Client
     token: bytes
     templates: Environment
+    workflows: Path
+    cookie_key: bytes
+
+    @property
+    def store(self) -> Store:
+        return self.client.store
 
     def token_matches(self, given: str) -> bool:
         return hmac.compare_digest(given.encode(), self.token)
 
-    def cookie_value(self) -> str:
-        """A value derived from the token: a stolen cookie is not the API token."""
-        return hmac.new(self.token, b"tierflow dashboard", hashlib.sha256).hexdigest()
+    def cookie_value(self, *, issued_at: float | None = None) -> str:
+        """A new signed cookie, ``ISSUED.NONCE.MAC``: never the token, never the same twice."""
+        issued = int(time.time() if issued_at is None else issued_at)
+        claim = f"{issued}.{secrets.token_hex(8)}"
+        return f"{claim}.{self._sign(claim)}"
+
+    def cookie_opens(self, value: str) -> bool:
+        """Whether ``value`` is a cookie this server signed less than ``COOKIE_MAX_AGE_S`` ago."""
+        claim, _, mac = value.rpartition(".")
+        issued = claim.partition(".")[0]
+        if not hmac.compare_digest(mac.encode(), self._sign(claim).encode()):
+            return False
+        return issued.isdigit() and 0 <= time.time() - int(issued) < COOKIE_MAX_AGE_S
+
+    def _sign(self, claim: str) -> str:
+        return hmac.new(self.cookie_key, claim.encode(), hashlib.sha256).hexdigest()
 
 
 class RunRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    workflow: str = Field(max_length=100, pattern=NAME_PATTERN, description="A workflow name.")
-    inputs: dict[str, Any] = Field(default_factory=dict)
+    workflow: str = Field(
+        max_length=100,
+        pattern=NAME_PATTERN,
+        description="The name of a workflow in the project's workflows folder.",
+    )
+    inputs: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"At most {MAX_INPUTS_BYTES // 1024} KiB as JSON, nested at most"
+        f" {MAX_INPUTS_DEPTH} deep.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        check_json(data)  # before any field is read: no surrogate reaches a message
+        return data
+
+    @field_validator("inputs")
+    @classmethod
+    def _shallow(cls, inputs: dict[str, Any]) -> dict[str, Any]:
+        if json_depth(inputs) > MAX_INPUTS_DEPTH + 1:  # + the inputs object itself
+            raise ValueError(f"nested deeper than {MAX_INPUTS_DEPTH} levels")
+        return inputs
+
+
+def security_headers(*, style_sources: list[str]) -> dict[str, str]:
+    """The headers of every response: no sniffing, framing, referrer or caching, and a
+    policy that allows the dashboard's own stylesheet and nothing else (no script,
+    no image, no form, no frame, from anywhere)."""
+    policy = "; ".join(
+        [
+            "default-src 'none'",
+            f"style-src {' '.join(style_sources)}" if style_sources else "style-src 'none'",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    )
+    return {
+        "Content-Security-Policy": policy,
+        "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store",
+    }
 
 
 class JSONText(Response):
@@ -75,22 +163,26 @@ class JSONText(Response):
 
 def create_app(settings: Settings, *, token: str) -> FastAPI:
     """The application; it opens the configured store and closes it at shutdown."""
-    from orchestrator.runner import open_store
-    from orchestrator.web.dashboard import environment
+    from orchestrator.client import Client
+    from orchestrator.web.dashboard import environment, style_sources
 
     if not token:
         raise UserError("TIERFLOW_API_TOKEN is empty: set it to a secret the clients share")
+    templates = environment()
     service = Service(
         settings=settings,
-        store=open_store(settings),
+        client=Client(settings=settings),
         token=token.encode(),
-        templates=environment(),
+        templates=templates,
+        workflows=settings.root / settings.config.workflows_dir,
+        # Drawn at each start: a restart signs everyone out, a new token too.
+        cookie_key=hmac.new(token.encode(), secrets.token_bytes(32), hashlib.sha256).digest(),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        service.store.engine.dispose()
+        service.client.close()
 
     app = FastAPI(
         title="tierflow",
@@ -106,6 +198,8 @@ def create_app(settings: Settings, *, token: str) -> FastAPI:
     app.include_router(pages)
     app.add_exception_handler(UserError, _user_error)
     app.add_exception_handler(RunError, _run_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_middleware(Guard, headers=security_headers(style_sources=style_sources(templates)))
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_bearer)])
     def openapi() -> dict[str, Any]:
@@ -138,12 +232,30 @@ pages = APIRouter()
 @api.post("/runs", status_code=201)
 def create_run(body: RunRequest, request: Request) -> dict[str, str]:
     """Queue a run for a worker, as ``tierflow enqueue`` does; bad inputs are refused first."""
-    from orchestrator.runner import enqueue_loaded
-    from orchestrator.spec import find_workflow, load_workflow
+    from orchestrator.spec import load_workflow
 
-    settings = service_of(request).settings
-    loaded = load_workflow(find_workflow(body.workflow, settings), settings)
-    return {"run_id": enqueue_loaded(settings, loaded, body.inputs), "status": "queued"}
+    size = json_size(body.inputs)
+    if size > MAX_INPUTS_BYTES:
+        raise HTTPException(
+            status_code=413,
+            detail=f"inputs are {size} bytes as JSON, over the {MAX_INPUTS_BYTES // 1024} KiB limit",
+        )
+    service = service_of(request)
+    loaded = load_workflow(_workflow_file(service, body.workflow), service.settings)
+    return {"run_id": service.client.enqueue_loaded(loaded, body.inputs), "status": "queued"}
+
+
+def _workflow_file(service: Service, name: str) -> Path:
+    """``NAME.yaml`` in the workflows folder, and nowhere else: the name is a name (its
+    pattern has no dot and no slash), and the server's working directory plays no part."""
+    path = service.workflows / f"{name}.yaml"
+    if path.is_file():
+        return path
+    known = sorted(p.stem for p in service.workflows.glob("*.yaml"))
+    folder = service.settings.config.workflows_dir
+    raise HTTPException(
+        status_code=404, detail=f"no workflow '{name}' in {folder}/{suggest(name, known)}"
+    )
 
 
 @api.get("/runs", response_class=JSONText)
@@ -153,9 +265,22 @@ def list_runs(
     status: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> JSONText:
-    """Recent runs, newest first."""
+    """Recent runs, newest first; large values are left out (see ``listed``)."""
     rows = service_of(request).store.runs(workflow=workflow, status=status, limit=limit)
-    return JSONText(dumps(rows))
+    return JSONText(dumps([listed(row) for row in rows]))
+
+
+def listed(row: dict[str, Any]) -> dict[str, Any]:
+    """A run as the list shows it: its inputs, outputs or error, if over
+    ``LIST_VALUE_BYTES`` as JSON, become null, and ``omitted`` gives their sizes."""
+    omitted = {}
+    for field in ("inputs", "outputs", "error"):
+        size = json_size(row[field])
+        if size > LIST_VALUE_BYTES:
+            omitted[field] = size
+    if not omitted:
+        return row
+    return {**row, **dict.fromkeys(omitted), "omitted": omitted}
 
 
 @api.get("/runs/{run_id}", response_class=JSONText)
@@ -183,12 +308,23 @@ def get_spend(
     found = reports.report(
         service.store.engine,
         by=by,
-        since=reports.parse_when(since),
-        until=reports.parse_when(until, end=True),
+        since=_day("since", since),
+        until=_day("until", until, end=True),
         top=top,
         budgets=budgets.status(service.settings, service.store),
     )
     return JSONText(dumps(found.as_dict()))
+
+
+def _day(name: str, text: str | None, *, end: bool = False) -> date | None:
+    try:
+        return reports.parse_when(text, end=end)
+    except (UserError, ValueError, OverflowError):  # a date past year 9999, or before 1
+        raise HTTPException(
+            status_code=400,
+            detail=f"{name} {text!r}: expected a date YYYY-MM-DD or a number of days like 30d,"
+            " within the years 1 to 9999",
+        ) from None
 
 
 @pages.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -203,11 +339,15 @@ def dashboard(
             return _login_page(status_code=401)
         response = RedirectResponse("/" if days == 30 else f"/?days={days}", status_code=303)
         response.set_cookie(
-            COOKIE, service.cookie_value(), httponly=True, samesite="strict", path="/"
+            COOKIE,
+            service.cookie_value(),
+            max_age=COOKIE_MAX_AGE_S,
+            httponly=True,
+            samesite="strict",
+            path="/",
         )
         return response
-    cookie = request.cookies.get(COOKIE, "")
-    if not hmac.compare_digest(cookie.encode(), service.cookie_value().encode()):
+    if not service.cookie_opens(request.cookies.get(COOKIE, "")):
         return _login_page(status_code=401)
     from orchestrator.web.dashboard import render
 
@@ -231,6 +371,17 @@ def _user_error(request: Request, exc: Exception) -> Response:
 
 def _run_error(request: Request, exc: Exception) -> Response:
     return JSONText(dumps({"detail": str(exc)}), status_code=503)
+
+
+def _invalid_request(request: Request, exc: Exception) -> Response:
+    """FastAPI's 422, without echoing the input: it may be a megabyte, and text that
+    cannot be encoded would turn the answer into a 500."""
+    assert isinstance(exc, RequestValidationError)
+    found = [
+        {"type": error["type"], "loc": list(error["loc"]), "msg": error["msg"]}
+        for error in exc.errors()
+    ]
+    return JSONText(dumps({"detail": found}), status_code=422)
 
 
 def serve(settings: Settings, *, token: str, host: str, port: int) -> None:

@@ -17,35 +17,10 @@ from typing import TYPE_CHECKING
 
 from orchestrator.settings import Settings
 from orchestrator.spec import LoadedWorkflow
+from orchestrator.store.counters import Limit, scope_keys
 
 if TYPE_CHECKING:
     from orchestrator.store import Store
-
-
-@dataclass(frozen=True)
-class Limit:
-    """One limit, and which ledger rows its scope holds (None: no condition)."""
-
-    key: str
-    usd: Decimal
-    label: str
-    own: bool  # the workflow's own budget, as opposed to the global one
-    run_id: str | None = None
-    workflow: str | None = None
-    first_day: date | None = None
-    last_day: date | None = None
-
-
-def scope_keys(run_id: str, workflow: str, day: date) -> list[str]:
-    """The counter keys a call of ``run_id`` on ``day`` counts against, limited or not."""
-    month = f"{day:%Y-%m}"
-    return [
-        f"run:{run_id}",
-        f"workflow:{workflow}:day:{day}",
-        f"workflow:{workflow}:month:{month}",
-        f"all:day:{day}",
-        f"all:month:{month}",
-    ]
 
 
 def limits(

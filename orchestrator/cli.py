@@ -172,10 +172,11 @@ def enqueue(
     config: ConfigOption = None,
 ) -> None:
     """Queue a run for a worker; prints the run id as the last line."""
-    from orchestrator.runner import enqueue_loaded
+    from orchestrator.client import Client
 
     settings, loaded, values = _load_with_inputs(config, workflow, inputs, inputs_file)
-    typer.echo(enqueue_loaded(settings, loaded, values))
+    with Client(settings=settings) as client:
+        typer.echo(client.enqueue_loaded(loaded, values))
 
 
 @app.command()
@@ -183,13 +184,50 @@ def cancel(
     run_id: Annotated[str, typer.Argument(help="The run to stop.")],
     config: ConfigOption = None,
 ) -> None:
-    """Cancel a queued or running run; a running one stops before its next step."""
-    status = _store(_settings(config)).cancel_run(run_id)
-    if status is None:
+    """Cancel a queued or running run; a running one stops within a second."""
+    store = _store(_settings(config))
+    found = store.find_run_id(run_id)
+    if found is None:
         raise UserError(f"no run {run_id!r}")
+    run_id = found
+    status = store.cancel_run(run_id)
     if status != "cancelled":
         raise UserError(f"run {run_id} already {status}")
     typer.echo(f"cancelled {run_id}")
+
+
+@app.command()
+def resume(
+    run_id: Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.")],
+    config: ConfigOption = None,
+) -> None:
+    """Carry on here a run whose process died; finished steps are not run again."""
+    from orchestrator.errors import LeaseLost
+    from orchestrator.runner import Runner
+    from orchestrator.spec import load_workflow
+
+    settings = _settings(config)
+    store = _store(settings)
+    found = store.find_run_id(run_id)
+    row = None if found is None else store.run_row(found)
+    if row is None:
+        raise UserError(f"no run {run_id!r}")
+    if row["status"] not in ("queued", "running"):
+        raise UserError(f"run {row['id']} already {row['status']}: nothing to resume")
+    loaded = load_workflow(settings.root / row["workflow_path"], settings)
+    console = _console()
+    runner = Runner(settings=settings, store=store, on_step=_step_printer(console))
+    try:
+        result = asyncio.run(runner.execute(loaded, row["id"]))
+    except LeaseLost as exc:
+        raise UserError(f"run {row['id']}: {exc}") from None
+    if result is None:
+        raise UserError(
+            f"run {row['id']} is being executed by {row['lease_owner']}; its lease is live"
+        )
+    _print_run_summary(console, store, result.run_id)
+    if result.status != "succeeded":
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -274,6 +312,10 @@ def _gather_inputs(
 
 
 def _step_printer(console: Console) -> Callable[[StepRecord], None]:
+    """Prints each step as it ends; a model skipped for the same reason again (an
+    Ollama that is not running, under every step) is said once per run."""
+    said: set[tuple[str, str | None]] = set()
+
     def show(record: StepRecord) -> None:
         answer = record.answer
         mark = {"succeeded": "[green]✓[/]", "skipped": "[dim]–[/]"}.get(record.status, "[red]✗[/]")
@@ -285,7 +327,9 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
         )
         for call in record.calls:
             if call.outcome == "unavailable":
-                console.print(f"    [dim]skipped {call.model}: {call.error}[/]")
+                if (call.model, call.error) not in said:
+                    said.add((call.model, call.error))
+                    console.print(f"    [dim]skipped {call.model}: {call.error}[/]")
             elif call.outcome != "ok":
                 console.print(
                     f"    [yellow]{call.outcome}[/] {call.tier_used} · {call.model}: {call.error}"
@@ -358,7 +402,9 @@ def runs(
         table.add_row(
             row["id"],
             row["workflow"],
-            row["status"],
+            f"{row['status']} (stale: no live executor; tierflow resume {row['id'][:12]})"
+            if row["stale"]
+            else row["status"],
             f"{row['created_at']:%Y-%m-%d %H:%M:%S}",
             (row["error"] or "")[:60],
         )

@@ -3,13 +3,15 @@
     TierflowError                 root; catch this to catch ours
     ├── UserError                 you configured it wrong: exit code 2, no run starts
     │   └── SpecError             a file or input failed validation (FILE:LINE: field: message)
-    └── RunError                  a run started and failed: exit code 1
-        ├── RunCancelled          someone cancelled the run; it stopped between steps
-        ├── StepFailed            a step exhausted its tier ladder
-        └── ModelError            one model call failed; the scheduler escalates on it
-            ├── ModelUnavailable  no credentials, or the server is unreachable (tier skipped)
-            ├── ModelTimeout      the call took longer than its timeout
-            └── ModelCallError    the backend answered with an error
+    ├── RunError                  a run started and failed: exit code 1
+    │   ├── RunCancelled          someone cancelled the run; its work stopped
+    │   ├── StepFailed            a step exhausted its tier ladder
+    │   └── ModelError            one model call failed; the scheduler escalates on it
+    │       ├── ModelUnavailable  no credentials, or the server is unreachable (tier skipped)
+    │       ├── ModelTimeout      the call took longer than its timeout
+    │       └── ModelCallError    the backend answered with an error
+    └── LeaseLost                 another executor holds the run now: this one stops and
+                                  writes nothing more (not a run failure: the run goes on)
 
 Each class rebuilds from its arguments (``__reduce__``), so it survives a hop
 between processes, such as a Celery worker reporting back.
@@ -53,7 +55,15 @@ class RunError(TierflowError):
 
 
 class RunCancelled(RunError):
-    """The run was cancelled (``tierflow cancel``) and stopped before its next step."""
+    """The run was cancelled (``tierflow cancel``); its executor stopped its work."""
+
+
+class LeaseLost(TierflowError):
+    """This executor's lease on a run is stale: another executor took the run over.
+
+    Raised by every fenced write; the executor stops, makes no further
+    provider call and writes nothing more. The run itself carries on elsewhere.
+    """
 
 
 class StepFailed(RunError):

@@ -49,6 +49,8 @@ class StepRecord:
     started_at: datetime
     finished_at: datetime
     calls: list[Call] = field(default_factory=list)
+    # A handed_off step's tier, attempts used and escalation reason, for the next worker.
+    handoff: dict[str, Any] | None = None
 
     @property
     def answer(self) -> Call | None:

@@ -85,10 +85,10 @@ def make_app(settings: Settings, tiers: list[str] | None = None) -> Any:
 
     @app.task(name=SCHEDULED)  # type: ignore[untyped-decorator]
     def enqueue_scheduled(path: str, inputs: dict[str, Any]) -> str:
-        from orchestrator.runner import enqueue_loaded
-        from orchestrator.spec import load_workflow
+        from orchestrator.client import Client
 
-        return enqueue_loaded(settings, load_workflow(path, settings), inputs)
+        with Client(settings=settings) as client:
+            return client.enqueue(settings.root / path, inputs)
 
     return app
 
@@ -99,14 +99,6 @@ def first_queue(settings: Settings, workflow: LoadedWorkflow) -> str:
 
     climb = ladder(settings, workflow.steps[0])
     return settings.queue_of(climb[0][0]) if climb else settings.config.queue
-
-
-def time_limit_s(settings: Settings, steps: int) -> float:
-    """A hard limit for one run's task: every step using every attempt at the slowest model."""
-    slowest = max(
-        entry.timeout_s for tier in settings.config.tiers.values() for entry in tier.models
-    )
-    return steps * settings.config.escalation.max_attempts * slowest + 60
 
 
 class _WorkerProcess:
@@ -146,7 +138,7 @@ def execute_by_id(
 
     A run handed to another tier is published on that tier's queue through ``app``.
     """
-    from orchestrator.errors import TierflowError
+    from orchestrator.errors import LeaseLost, TierflowError
 
     process = _process(settings, tiers)
     store = process.store
@@ -157,15 +149,18 @@ def execute_by_id(
     if row["status"] not in ("queued", "running"):
         return row["status"]  # type: ignore[no-any-return]
     try:
-        workflow = process.workflows.load(row["workflow_path"])
+        workflow = process.workflows.load(settings.root / row["workflow_path"])
     except TierflowError as exc:  # the file went away or broke after the run was queued
-        store.finish_run(run_id, status="failed", error=str(exc))
-        return "failed"
+        return process.runner.fail(run_id, error=str(exc)) or "skipped"
     try:
-        result = process.loop.run_until_complete(process.runner.execute(workflow, run_id))
-    except asyncio.CancelledError:  # the lease was lost mid-run; its new holder carries on
-        log.warning("run %s: lease lost to another worker; stopped here", run_id)
+        result = process.loop.run_until_complete(
+            process.runner.execute(workflow, run_id, time_limit_s=row["time_limit_s"])
+        )
+    except LeaseLost as exc:  # another worker took the run over; it carries on there
+        log.warning("%s", exc)
         return "lease-lost"
+    finally:
+        _drain(process.loop)
     if result is None:
         log.info("run %s is leased by another worker or finished; skipped", run_id)
         return "skipped"
@@ -176,13 +171,29 @@ def execute_by_id(
     return result.status
 
 
+HARD_LIMIT_GRACE_S = 60.0
+
+
+def _drain(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel whatever a task left on the worker's loop, and wait for it to end.
+
+    The loop outlives the task; a coroutine left on it would resume inside the
+    next run this process takes.
+    """
+    left = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in left:
+        task.cancel()
+    if left:
+        log.warning("cancelled %d tasks left on the loop by the last run", len(left))
+        loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+
+
 def publish(app: Any, run_id: str, *, queue: str, time_limit_s: float | None) -> None:
     """Send the task that executes ``run_id`` to ``queue``'s workers."""
-    limits = (
-        {}
-        if time_limit_s is None
-        else {"time_limit": time_limit_s, "soft_time_limit": time_limit_s - 30}
-    )
+    # The runner enforces the limit itself and ends the run cleanly; Celery's hard
+    # limit, later, is the last resort (it replaces the process). No soft limit:
+    # its exception would land inside whatever coroutine runs on the loop.
+    limits = {} if time_limit_s is None else {"time_limit": time_limit_s + HARD_LIMIT_GRACE_S}
     app.send_task(
         TASK,
         args=[run_id],
@@ -221,6 +232,8 @@ def start_sweeper(settings: Settings) -> threading.Thread:
         event = threading.Event()
         while not event.wait(ttl / 3):
             try:
+                if ended := store.abandon_orphans():
+                    log.warning("%d ended runs had calls pending; abandoned them", ended)
                 for row in store.runs_to_publish(
                     lease_ttl_s=ttl, queued_for_s=QUEUED_FOR_TTLS * ttl
                 ):
@@ -266,7 +279,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     Each entry's task creates the run and publishes it, on the queue of the
     tier its first step starts on, so a worker that can start it records it.
     """
-    from orchestrator.spec import crontab_of, load_workflow
+    from orchestrator.spec import crontab_of, load_workflow, project_path
 
     entries = {}
     for path in sorted((settings.root / settings.config.workflows_dir).glob("*.yaml")):
@@ -275,7 +288,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             entries[f"{workflow.name}#{index}"] = {
                 "task": SCHEDULED,
                 "schedule": crontab_of(schedule.cron),
-                "args": [str(path.resolve()), schedule.inputs],
+                "args": [project_path(path, settings), schedule.inputs],
                 "options": {"queue": first_queue(settings, workflow)},
             }
     return entries

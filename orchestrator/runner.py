@@ -14,26 +14,33 @@ steps still running here finish, the run goes back to the queue of that tier
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import uuid
-from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator import budgets
-from orchestrator.errors import RunCancelled, RunError, StepFailed
+from orchestrator.errors import LeaseLost, RunCancelled, RunError, StepFailed
 from orchestrator.graph import OUTPUTS, compile_graph
+from orchestrator.lease import LeaseKeeper
 from orchestrator.ledger import Call, Pricer, StepRecord
 from orchestrator.models import Clients
-from orchestrator.scheduler import NeedsTier, StepRunner
+from orchestrator.scheduler import (
+    BACKSTOP_S,
+    FAN_OUT_CONCURRENCY,
+    NeedsTier,
+    StepRunner,
+    ladder,
+)
 from orchestrator.settings import Settings
-from orchestrator.spec import LoadedWorkflow, StepPlan
-from orchestrator.store import Store
+from orchestrator.spec import LoadedWorkflow, StepPlan, project_path
+from orchestrator.store import Checkpoint, Lease, Store
 
 
 @dataclass
@@ -49,6 +56,9 @@ class RunResult:
     @property
     def cost_usd(self) -> Decimal:
         return sum((step.cost_usd for step in self.steps), Decimal(0))
+
+
+_T = TypeVar("_T")
 
 
 class _HandedOff(Exception):
@@ -88,6 +98,16 @@ class _HandOffGate:
         raise _HandedOff(self.tiers[0])
 
 
+class _Watch:
+    """Why a run's work was cut off from inside the engine: its time limit."""
+
+    timed_out: float | None = None
+
+    def time_out(self, task: asyncio.Future[Any], limit: float) -> None:
+        self.timed_out = limit
+        task.cancel()
+
+
 class Runner:
     """Runs workflows against one store. ``on_step`` is told of each step as it ends.
 
@@ -112,7 +132,6 @@ class Runner:
         self._on_step = on_step
         self._graphs: dict[str, Any] = {}  # compiled once per workflow content
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._cancelled: set[str] = set()
         self._tiers = tiers
 
     def create(
@@ -127,13 +146,14 @@ class Runner:
 
         Bad inputs raise ``UserError`` before anything is written.
         """
-        return self._create(
+        run_id, _ = self._create(
             workflow,
             workflow.resolve_inputs(inputs),
             status="queued",
             queue=queue,
             time_limit_s=time_limit_s,
         )
+        return run_id
 
     def _create(
         self,
@@ -144,94 +164,158 @@ class Runner:
         leased: bool = False,
         queue: str | None = None,
         time_limit_s: float | None = None,
-    ) -> str:
+    ) -> tuple[str, Lease | None]:
         run_id = uuid.uuid4().hex
         version = workflow.spec.version
-        self._store.create_run(
+        lease = self._store.create_run(
             run_id=run_id,
             workflow=workflow.name,
             version=None if version is None else str(version),
             content_hash=workflow.content_hash,
             inputs=values,
-            path=str(workflow.path.resolve()),
+            path=project_path(workflow.path, self._settings),
             status=status,
             lease_owner=self._owner if leased else None,
             lease_ttl_s=self._settings.config.lease_ttl_s,
             queue=queue,
             time_limit_s=time_limit_s,
         )
-        return run_id
+        return run_id, lease
 
-    async def run(self, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> RunResult:
-        """Record and run ``workflow`` here, to the end. Bad inputs raise ``UserError`` first."""
+    async def run(
+        self,
+        workflow: LoadedWorkflow,
+        inputs: Mapping[str, Any],
+        *,
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> RunResult:
+        """Record and run ``workflow`` here, to the end. Bad inputs raise ``UserError`` first.
+
+        ``on_step`` (else the runner's own) is told of each step as it ends.
+        """
         values = workflow.resolve_inputs(inputs)
-        run_id = self._create(workflow, values, status="running", leased=True)
-        return await self._leased(self._execute(workflow, run_id, values, {}, {}, {}), run_id)
+        _, lease = await _off_loop(
+            lambda: self._create(workflow, values, status="running", leased=True)
+        )
+        assert lease is not None
+        return await self._leased(workflow, lease, values, Checkpoint(), on_step=on_step)
 
-    async def execute(self, workflow: LoadedWorkflow, run_id: str) -> RunResult | None:
+    async def execute(
+        self, workflow: LoadedWorkflow, run_id: str, *, time_limit_s: float | None = None
+    ) -> RunResult | None:
         """Run (or resume) a recorded run, holding its lease while it runs.
 
         Returns None without doing anything when another live process holds the
         lease or the run has already finished: a duplicate delivery is harmless.
         Steps that finished before are not run again; their outputs are reused.
+        Raises ``LeaseLost`` if another executor takes the run over meanwhile.
+        Past ``time_limit_s`` its work is cut off and the run fails.
         """
         ttl = self._settings.config.lease_ttl_s
-        if not self._store.acquire_lease(run_id, owner=self._owner, ttl_s=ttl):
+        lease = await _off_loop(
+            lambda: self._store.acquire_lease(run_id, owner=self._owner, ttl_s=ttl)
+        )
+        if lease is None:
             return None
         row = self._store.run_row(run_id)
         assert row is not None
         if row["workflow_hash"] != workflow.content_hash:
-            error = f"{workflow.path} changed since run {run_id} was queued"
-            self._store.finish_run(run_id, status="failed", error=error)
+            error = (
+                f"{workflow.path}, its agents or the tiers it uses changed since run"
+                f" {run_id} was recorded; start a new run"
+            )
+            self._store.finish_run(run_id, status="failed", error=error, lease=lease)
             return RunResult(
                 run_id=run_id, workflow=workflow.name, status="failed", outputs={}, error=error
             )
-        done, last_attempts, handed_on = self._store.prepare_resume(run_id)
+        checkpoint = await _off_loop(lambda: self._store.prepare_resume(lease))
         return await self._leased(
-            self._execute(workflow, run_id, row["inputs"], done, last_attempts, handed_on), run_id
+            workflow, lease, row["inputs"], checkpoint, time_limit_s=time_limit_s
         )
 
-    async def _leased(self, work: Coroutine[Any, Any, RunResult], run_id: str) -> RunResult:
-        """Await ``work`` while a heartbeat keeps this process's lease on the run fresh.
+    async def aclose(self) -> None:
+        """Close the model clients, inside the event loop that used them."""
+        await self._clients.aclose()
 
-        If the lease is lost (this process stalled past the TTL and another
-        worker took the run over), the work is cancelled: one run, one executor.
+    def fail(self, run_id: str, *, error: str) -> str | None:
+        """End a run that cannot execute (its workflow no longer loads) as failed.
+
+        Taken under the lease like any execution, so a live executor elsewhere
+        is left alone (None); calls the run left pending are abandoned.
         """
-        task = asyncio.ensure_future(work)
-        heartbeat = asyncio.create_task(
-            self._keep_lease(run_id, self._settings.config.lease_ttl_s, task)
+        ttl = self._settings.config.lease_ttl_s
+        lease = self._store.acquire_lease(run_id, owner=self._owner, ttl_s=ttl)
+        if lease is None:
+            return None
+        return self._store.finish_run(run_id, status="failed", error=error, lease=lease)
+
+    async def _leased(
+        self,
+        workflow: LoadedWorkflow,
+        lease: Lease,
+        values: dict[str, Any],
+        checkpoint: Checkpoint,
+        *,
+        time_limit_s: float | None = None,
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> RunResult:
+        """Execute the run while a heartbeat keeps ``lease`` fresh.
+
+        A cancel stops the run's work within a second, and so does passing
+        ``time_limit_s`` (every call cut off is recorded abandoned); a lost
+        lease stops it and raises ``LeaseLost``.
+        """
+        loop = asyncio.get_running_loop()
+        work: list[asyncio.Future[RunResult]] = []
+        keeper = LeaseKeeper(
+            self._store,
+            lease,
+            ttl_s=self._settings.config.lease_ttl_s,
+            on_stop=lambda: loop.call_soon_threadsafe(work[0].cancel),
         )
+        watch = _Watch()
+        task = asyncio.ensure_future(
+            self._execute(
+                workflow, lease, values, checkpoint, keeper, watch, on_step or self._on_step
+            )
+        )
+        work.append(task)
+        keeper.start()
+        if time_limit_s is not None:
+            limit = time_limit_s
+            alarm = loop.call_later(limit, watch.time_out, task, limit)
+            task.add_done_callback(lambda _: alarm.cancel())
         try:
             return await task
+        except asyncio.CancelledError:
+            if keeper.lost is not None:
+                raise LeaseLost(f"run {lease.run_id}: {keeper.lost}") from None
+            raise
         finally:
-            heartbeat.cancel()
+            keeper.stop()
             if self._owns_clients:
                 await self._clients.aclose()
 
-    async def _keep_lease(self, run_id: str, ttl: float, work: asyncio.Future[Any]) -> None:
-        while True:
-            await asyncio.sleep(ttl / 3)
-            status = self._store.renew_lease(run_id, owner=self._owner, ttl_s=ttl)
-            if status is None:
-                work.cancel()
-                return
-            if status == "cancelled":
-                self._cancelled.add(run_id)  # the run stops before its next step
-
-    def _reserve(
-        self, workflow: LoadedWorkflow, run_id: str, plan: StepPlan, call: Call
+    async def _reserve(
+        self, workflow: LoadedWorkflow, lease: Lease, plan: StepPlan, call: Call
     ) -> str | None:
-        """Reserve ``call`` against the budgets and write it pending; why not, if refused."""
+        """Reserve ``call`` against the budgets and write it pending; why not, if refused.
+
+        ``LeaseLost`` if another executor holds the run: the request must not go out.
+        """
         day = call.created_at.astimezone(UTC).date()
-        limits = budgets.limits(self._settings, workflow, run_id, day)
-        refused = self._store.open_call(
-            run_id=run_id,
-            workflow=workflow.name,
-            content_hash=workflow.content_hash,
-            agent=plan.agent.name,
-            step_id=plan.id,
-            call=call,
-            limits=limits,
+        limits = budgets.limits(self._settings, workflow, lease.run_id, day)
+        refused = await _off_loop(
+            lambda: self._store.open_call(
+                run_id=lease.run_id,
+                workflow=workflow.name,
+                content_hash=workflow.content_hash,
+                agent=plan.agent.name,
+                step_id=plan.id,
+                call=call,
+                limits=limits,
+                lease=lease,
+            )
         )
         if refused is None:
             return None
@@ -263,22 +347,25 @@ class Runner:
     async def _execute(
         self,
         workflow: LoadedWorkflow,
-        run_id: str,
+        lease: Lease,
         values: dict[str, Any],
-        done: dict[str, Any],
-        last_attempts: dict[str, int],
-        handed_on: dict[str, dict[str, Any]],
+        checkpoint: Checkpoint,
+        keeper: LeaseKeeper,
+        watch: _Watch,
+        on_step: Callable[[StepRecord], None] | None,
     ) -> RunResult:
+        run_id = lease.run_id
+        done = checkpoint.done
         result = RunResult(run_id=run_id, workflow=workflow.name, status="running", outputs={})
         steps = StepRunner(
             settings=self._settings,
             clients=self._clients,
             pricer=self._pricer,
             max_calls=workflow.spec.max_steps or self._settings.config.max_steps,
-            on_call_start=lambda plan, call: self._reserve(workflow, run_id, plan, call),
-            last_attempts=last_attempts,
+            on_call_start=lambda plan, call: self._reserve(workflow, lease, plan, call),
+            last_attempts=checkpoint.last_attempts,
             tiers=self._tiers,
-            handed_on=handed_on,
+            handed_on=checkpoint.handed_on,
             tier_cap=lambda plan: self._tier_cap(workflow, run_id),
             budgeted=bool(
                 budgets.limits(self._settings, workflow, run_id, datetime.now(UTC).date())
@@ -286,11 +373,13 @@ class Runner:
         )
         run_info = {"id": run_id, "workflow": workflow.name}
         gate = _HandOffGate()
+        cancelled = False  # seen in a step's record; the keeper's own flag may lag
 
         async def run_step(plan: StepPlan, outputs: dict[str, Any]) -> Any:
+            nonlocal cancelled
             if plan.id in done:  # finished before this process took the run over
                 return done[plan.id]
-            if run_id in self._cancelled:
+            if cancelled or keeper.cancelled:
                 raise RunCancelled(f"run {run_id} was cancelled before step '{plan.id}'")
             if gate.tiers:  # the run is leaving this worker: start nothing new
                 await gate.wait()
@@ -307,19 +396,21 @@ class Runner:
                 except NeedsTier as exc:
                     needs = exc
                 finally:  # a cancelled step still has its calls written
-                    status = self._store.record_step(
-                        run_id=run_id,
-                        workflow=workflow.name,
-                        content_hash=workflow.content_hash,
-                        record=record,
+                    status = await _off_loop(
+                        lambda: self._store.record_step(
+                            run_id=run_id,
+                            workflow=workflow.name,
+                            content_hash=workflow.content_hash,
+                            record=record,
+                            lease=lease,
+                        )
                     )
-                    if status == "cancelled":
-                        self._cancelled.add(run_id)
+                    cancelled = cancelled or status == "cancelled"
                     result.steps.append(record)
             if needs is not None:
                 await gate.wait(needs.tier)
-            if self._on_step is not None:
-                self._on_step(record)
+            if on_step is not None:
+                on_step(record)
             if record.status == "failed":
                 raise StepFailed(f"step '{plan.id}' failed: {record.error}")
             return record.output
@@ -339,35 +430,106 @@ class Runner:
             result.status = "succeeded"
         except _HandedOff as exc:
             queue = self._settings.queue_of(exc.tier)
-            if self._store.hand_off(run_id, owner=self._owner, queue=queue):
+            if await _off_loop(lambda: self._store.hand_off(lease, queue=queue)):
                 result.status, result.queue = "queued", queue
-            else:  # cancelled meanwhile, or this process lost its lease
-                row = self._store.run_row(run_id)
-                result.status = row["status"] if row else "failed"
-            return result
+                return result
+            result.status, result.error = "cancelled", f"run {run_id} was cancelled"
         except RunError as exc:
             result.status = "cancelled" if isinstance(exc, RunCancelled) else "failed"
             result.error = str(exc)
+        except LeaseLost:
+            raise  # another executor owns the run: write nothing more
+        except asyncio.CancelledError:
+            if keeper.lost is None and watch.timed_out is not None:
+                result.status = "failed"
+                result.error = (
+                    f"the run passed its time limit of {watch.timed_out:g}s;"
+                    " the calls in flight were cut off"
+                )
+            elif keeper.lost is None and keeper.cancelled:
+                result.status, result.error = "cancelled", f"run {run_id} was cancelled mid-step"
+            else:
+                await self._interrupted(lease, "CancelledError", keeper)
+                raise
+        except BaseException as exc:
+            await self._interrupted(lease, type(exc).__name__, keeper)
+            raise
+        if result.status != "succeeded":
             result.outputs = {
                 **done,
                 **{s.step_id: s.output for s in result.steps if s.status == "succeeded"},
             }
-        except BaseException as exc:
-            self._store.finish_run(
+        final = await _off_loop(
+            lambda: self._store.finish_run(
                 run_id,
-                status="failed",
-                error=f"interrupted: {type(exc).__name__}",
-                owner=self._owner,
+                status=result.status,
+                outputs=result.outputs,
+                error=result.error,
+                lease=lease,
             )
-            raise
-        self._store.finish_run(
-            run_id,
-            status=result.status,
-            outputs=result.outputs,
-            error=result.error,
-            owner=self._owner,
         )
+        if final == "cancelled" and result.status != "cancelled":
+            # Cancelled during the last step: the run stays cancelled.
+            result.status, result.error = "cancelled", f"run {run_id} was cancelled"
         return result
+
+    async def _interrupted(self, lease: Lease, why: str, keeper: LeaseKeeper) -> None:
+        """The run's work was cut off from outside: end it failed, unless it is not ours."""
+        if keeper.lost is not None:
+            return
+        with contextlib.suppress(LeaseLost):
+            await _off_loop(
+                lambda: self._store.finish_run(
+                    lease.run_id, status="failed", error=f"interrupted: {why}", lease=lease
+                )
+            )
+
+
+async def _off_loop(call: Callable[[], _T]) -> _T:
+    """The result of a blocking store ``call``, run in a thread so it never stalls the loop.
+
+    A cancel that arrives meanwhile waits for the call to finish, and is then
+    raised (or the call's own error, such as ``LeaseLost``): what the write did
+    is always known before the caller moves on.
+    """
+    future = asyncio.get_running_loop().run_in_executor(None, call)
+    interrupted = False
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            interrupted = True
+    if interrupted:
+        if future.exception() is not None:
+            raise future.exception()  # type: ignore[misc]
+        raise asyncio.CancelledError
+    return future.result()
+
+
+# Besides each call's own timeout: store I/O, rendering and checks, per call,
+# and the waits of retries on the same model (429, 5xx), per attempt.
+PER_CALL_SLACK_S = 15.0
+RUN_SLACK_S = 30.0
+
+
+def time_limit_s(settings: Settings, workflow: LoadedWorkflow) -> float:
+    """The longest a run of ``workflow`` can legitimately take, steps one after another.
+
+    Each step uses every attempt at its slowest model (its own ``timeout_s``
+    where it sets one). A ``for_each`` step runs in waves of
+    ``FAN_OUT_CONCURRENCY`` items, and its list can hold up to the run's
+    ``max_steps`` units, since its size is known only when it runs.
+    """
+    attempts = settings.config.escalation.max_attempts
+    units = workflow.spec.max_steps or settings.config.max_steps
+    total = RUN_SLACK_S
+    for plan in workflow.steps:
+        climb = ladder(settings, plan)
+        slowest = max((entry.timeout_s for _, tier in climb for entry in tier.models), default=0)
+        per_call = (plan.step.timeout_s or slowest) + BACKSTOP_S + PER_CALL_SLACK_S
+        waves = -(-units // FAN_OUT_CONCURRENCY) if plan.for_each is not None else 1
+        total += waves * attempts * per_call
+    return total
 
 
 def _usd(amount: Decimal) -> str:
@@ -380,106 +542,3 @@ def open_store(settings: Settings) -> Store:
 
     url = settings.database_url
     return Store(open_engine(url, migrate=url.startswith("sqlite")))
-
-
-class Enqueuer:
-    """Records queued runs and publishes them, keeping its store, broker connection
-    and loaded workflows from one run to the next. ``close`` releases them."""
-
-    def __init__(self, settings: Settings) -> None:
-        from orchestrator.queue import make_app
-        from orchestrator.spec import WorkflowCache
-
-        self.settings = settings
-        self.workflows = WorkflowCache(settings)
-        self._store = open_store(settings)
-        self._app = make_app(settings)
-
-    def enqueue(self, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> str:
-        """Record a queued run and publish it; a broker that refuses fails the run."""
-        from orchestrator.queue import enqueue_run, first_queue, time_limit_s
-
-        settings = self.settings
-        queue, limit = first_queue(settings, workflow), time_limit_s(settings, len(workflow.steps))
-        run_id = Runner(settings=settings, store=self._store).create(
-            workflow, inputs, queue=queue, time_limit_s=limit
-        )
-        try:
-            enqueue_run(self._app, run_id, queue=queue, time_limit_s=limit)
-        except RunError as exc:
-            self._store.finish_run(run_id, status="failed", error=str(exc))
-            raise
-        return run_id
-
-    def close(self) -> None:
-        self._app.close()  # the producer pool's connection
-        self._store.engine.dispose()
-
-
-_enqueuers: dict[tuple[Any, ...], Enqueuer] = {}
-
-
-def enqueue(
-    workflow: str, inputs: Mapping[str, Any] | None = None, *, config: str | None = None
-) -> str:
-    """Record a queued run of ``workflow`` and publish it for a worker; returns the run id.
-
-    Repeated calls in one process reuse one ``Enqueuer`` per configuration
-    (made again if the file or TIERFLOW_* variables change).
-    """
-    from orchestrator.settings import find_config_path, load_settings
-    from orchestrator.spec import find_workflow
-
-    path = find_config_path(config)
-    key = (
-        None if path is None else (str(path.resolve()), path.stat().st_mtime_ns),
-        Path.cwd() if path is None else None,
-        *(os.environ.get(name) for name in ("TIERFLOW_DATABASE_URL", "TIERFLOW_BROKER_URL")),
-    )
-    enqueuer = _enqueuers.get(key)
-    if enqueuer is None:
-        enqueuer = _enqueuers[key] = Enqueuer(load_settings(config))
-    loaded = enqueuer.workflows.load(find_workflow(workflow, enqueuer.settings))
-    return enqueuer.enqueue(loaded, inputs or {})
-
-
-def enqueue_loaded(settings: Settings, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> str:
-    """Enqueue one run of a workflow already loaded, with connections made for it alone."""
-    enqueuer = Enqueuer(settings)
-    try:
-        return enqueuer.enqueue(workflow, inputs)
-    finally:
-        enqueuer.close()
-
-
-def get_run(run_id: str, *, config: str | None = None) -> dict[str, Any] | None:
-    """A run with its steps and ledger rows, as ``tierflow show --json`` prints it."""
-    from orchestrator.settings import load_settings
-
-    store = open_store(load_settings(config))
-    try:
-        return store.run(run_id)
-    finally:
-        store.engine.dispose()
-
-
-async def arun(
-    workflow: str,
-    inputs: Mapping[str, Any] | None = None,
-    *,
-    config: str | None = None,
-    on_step: Callable[[StepRecord], None] | None = None,
-) -> RunResult:
-    """Load ``workflow`` (a name or a path), run it and record it. See ``orchestrator.run``."""
-    from orchestrator.settings import load_settings
-    from orchestrator.spec import find_workflow, load_workflow
-
-    settings = load_settings(config)
-    loaded = load_workflow(find_workflow(workflow, settings), settings)
-    store = open_store(settings)
-    try:
-        return await Runner(settings=settings, store=store, on_step=on_step).run(
-            loaded, inputs or {}
-        )
-    finally:
-        store.engine.dispose()

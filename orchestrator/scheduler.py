@@ -1,10 +1,11 @@
 """One step: render → choose tier → call → verify → escalate → record.
 
 The ladder is the configured tiers from the step's tier upwards (only tiers
-marked ``local`` for a sensitive step). Within a tier, models are tried in order
-on error or timeout; output that fails the step's schema or checks moves the
-step straight to the next tier. A model that is unavailable (no key, server
-down, not pulled) is recorded and skipped without using up an attempt.
+marked ``local`` for a sensitive step, or one that reads confidential data).
+Within a tier, models are tried in order on error or timeout; output that fails
+the step's schema or checks moves the step straight to the next tier. A model
+that is unavailable (no key, server down, not pulled) is recorded and skipped
+without using up an attempt.
 
 A queue worker serves only some tiers. A step that starts on, or escalates to,
 a tier it does not serve raises ``NeedsTier``: the run is handed to that tier's
@@ -20,14 +21,21 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 from orchestrator import schemas
-from orchestrator.errors import ModelError, ModelTimeout, RunError, StepFailed, redact
+from orchestrator.errors import (
+    LeaseLost,
+    ModelError,
+    ModelTimeout,
+    RunError,
+    StepFailed,
+    redact,
+)
 from orchestrator.ledger import Call, Pricer, StepRecord
 from orchestrator.models import Clients, ModelRequest
 from orchestrator.models.base import prompt_tokens_upper_bound
@@ -78,15 +86,15 @@ def ladder(
     first = names.index(start or (names[0] if plan.tier == AUTO_TIER else plan.tier))
     last = len(tiers) if cap is None else names.index(cap) + 1
     climb = tiers[min(first, last - 1) : last]
-    if plan.step.sensitive:
-        # Fail closed: a sensitive prompt only ever reaches tiers marked local.
+    if plan.local_only:
+        # Fail closed: a sensitive or tainted prompt only ever reaches tiers marked local.
         climb = [(name, tier) for name, tier in climb if tier.local]
     return climb
 
 
 # Told of each call before its request, with its worst-case usage; returns why
 # the call may not go out (a budget would be passed), or None.
-OnCallStart = Callable[[StepPlan, Call], str | None]
+OnCallStart = Callable[[StepPlan, Call], Awaitable[str | None]]
 TierCap = Callable[[StepPlan], str | None]
 
 
@@ -177,7 +185,7 @@ class StepRunner:
         except RunError as exc:
             record.status, record.error = "failed", str(exc)
         except NeedsTier as need:
-            record.status, record.output, record.error = "handed_off", need.as_record(), str(need)
+            record.status, record.handoff, record.error = "handed_off", need.as_record(), str(need)
             raise
         except asyncio.CancelledError:
             record.status, record.error = (
@@ -333,7 +341,9 @@ class StepRunner:
             reserved = pending.cost_usd if self._budgeted else None
             make_call = functools.partial(make_call, reserved_usd=reserved)
             try:
-                refusal = self._on_call_start(plan, replace(pending, reserved_usd=reserved))
+                refusal = await self._on_call_start(plan, replace(pending, reserved_usd=reserved))
+            except LeaseLost:
+                raise  # another executor holds the run: no request from here
             except Exception as exc:  # the ledger is unreachable: no record, no request
                 refusal = redact(
                     f"the call could not be reserved in the ledger: {type(exc).__name__}: {str(exc)[:200]}"

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from orchestrator import pricing
+from orchestrator import locality, pricing
 from orchestrator.errors import SpecError, UserError
 from orchestrator.loading import YamlDoc, read_yaml, suggest, validate
 
@@ -54,11 +54,6 @@ class ModelEntry(_Strict):
     def provider(self) -> str:
         return pricing.provider_of(self.model)
 
-    @property
-    def runs_locally(self) -> bool:
-        """Served by this machine or network: Ollama, llama.cpp, or an explicit api_base."""
-        return pricing.is_local_provider(self.model) or self.api_base is not None
-
 
 QUEUE_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
@@ -76,17 +71,6 @@ class Tier(_Strict):
         if isinstance(value, list):
             return [{"model": item} if isinstance(item, str) else item for item in value]
         return value
-
-    @model_validator(mode="after")
-    def _local_means_local(self) -> Tier:
-        if self.local:
-            for entry in self.models:
-                if not entry.runs_locally:
-                    raise ValueError(
-                        f"tier is marked local but {entry.model} is a hosted provider;"
-                        " give it an api_base on your network or move it to another tier"
-                    )
-        return self
 
 
 class PriceOverride(_Strict):
@@ -128,6 +112,8 @@ class Config(_Strict):
     queue: str = Field(default="tierflow", pattern=QUEUE_PATTERN)  # Celery's default queue
     agents_dir: str = "agents"
     workflows_dir: str = "workflows"
+    # Besides loopback and private addresses, the hosts a local tier may name.
+    local_hosts: list[Annotated[str, AfterValidator(locality.check_local_host_entry)]] = []
 
     @field_validator("database")
     @classmethod
@@ -239,7 +225,9 @@ def load_settings(path: str | Path | None = None) -> Settings:
         doc = read_yaml(found)
         root = found.resolve().parent
     config = validate(Config, doc)
-    _check_prices(config, doc)
+    problems = [*_price_problems(config, doc), *_locality_problems(config, doc)]
+    if problems:
+        raise SpecError(*problems)
     database = _from_environment("TIERFLOW_DATABASE_URL", check_database_url) or config.database
     return Settings(
         config=config,
@@ -260,7 +248,28 @@ def _from_environment(name: str, check: Callable[[str], str]) -> str | None:
         raise UserError(f"${name}: {exc}") from None
 
 
-def _check_prices(config: Config, doc: YamlDoc) -> None:
+def _locality_problems(config: Config, doc: YamlDoc) -> list[str]:
+    """A tier marked local holds only local models: confidential data relies on it."""
+    ollama_host = os.environ.get("OLLAMA_HOST")
+    problems = []
+    for tier_name, tier in config.tiers.items():
+        if not tier.local:
+            continue
+        for index, entry in enumerate(tier.models):
+            reason = locality.why_not_local(
+                entry.model, entry.api_base, local_hosts=config.local_hosts, ollama_host=ollama_host
+            )
+            if reason is not None:
+                problems.append(
+                    doc.problem(
+                        ("tiers", tier_name, "models", index),
+                        f"tier is marked local but {reason}; move it to another tier",
+                    )
+                )
+    return problems
+
+
+def _price_problems(config: Config, doc: YamlDoc) -> list[str]:
     """Refuse a hosted model we cannot price: its spend would be recorded as $0."""
     problems = []
     wanted: list[tuple[tuple[str | int, ...], str]] = [
@@ -278,8 +287,7 @@ def _check_prices(config: Config, doc: YamlDoc) -> None:
             problems.append(
                 doc.problem(loc, f"no known price for {model}{hint}; add it under prices:")
             )
-    if problems:
-        raise SpecError(*problems)
+    return problems
 
 
 def _anchor_sqlite(url: str, root: Path) -> str:

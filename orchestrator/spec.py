@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +30,8 @@ from orchestrator.settings import (
     Budget,
     Settings,
 )
-from orchestrator.templates import Expression, Template, TemplateProblem
+from orchestrator.taint import Taint, taints
+from orchestrator.templates import Expression, Read, Template, TemplateProblem
 
 AUTO_TIER = "auto"
 MAX_WORKFLOW_STEPS = 1000  # steps in one file; for_each items are counted by max_steps
@@ -47,6 +48,8 @@ class InputSpec(_Strict):
     default: Any = None
     enum: list[Any] | None = None
     items: dict[str, Any] | None = None
+    # Every step that reads it, directly or through other steps' outputs, stays local.
+    confidential: bool = False
 
     @field_validator("items")
     @classmethod
@@ -57,7 +60,9 @@ class InputSpec(_Strict):
 
     def json_schema(self) -> dict[str, Any]:
         """The JSON Schema a value of this input must match."""
-        return self.model_dump(exclude={"default", "description"}, exclude_none=True)
+        return self.model_dump(
+            exclude={"default", "description", "confidential"}, exclude_none=True
+        )
 
     @property
     def required(self) -> bool:
@@ -170,10 +175,29 @@ class StepPlan:
     for_each: Expression | None
     checks: tuple[Expression, ...]
     max_tokens: int
+    taint: Taint | None = None  # how it reads a confidential input, if it does
 
     @property
     def id(self) -> str:
         return self.step.id
+
+    @property
+    def local_only(self) -> bool:
+        """Only tiers marked local may run it: it is sensitive or reads confidential data."""
+        return self.step.sensitive or self.taint is not None
+
+    def texts(self) -> list[tuple[str, frozenset[Read]]]:
+        """Each text the step renders or evaluates, named, with what it reads."""
+        found = [
+            ("prompt" if self.step.prompt is not None else "agent's prompt", self.prompt.reads)
+        ]
+        if self.system is not None:
+            found.append(("agent's system prompt", self.system.reads))
+        for name, expression in (("when", self.when), ("for_each", self.for_each)):
+            if expression is not None:
+                found.append((name, expression.reads))
+        found += [(f"checks[{i}]", check.reads) for i, check in enumerate(self.checks)]
+        return found
 
 
 @dataclass(frozen=True)
@@ -267,13 +291,31 @@ def load_workflow(path: str | Path, settings: Settings) -> LoadedWorkflow:
     plans = checker.plan()
     if checker.problems:
         raise SpecError(*checker.problems)
-    canonical = json.dumps(doc.data, sort_keys=True, default=str).encode()
     return LoadedWorkflow(
-        spec=spec,
-        path=path,
-        content_hash=hashlib.sha256(canonical).hexdigest(),
-        steps=tuple(plans),
+        spec=spec, path=path, content_hash=_identity(doc, plans, settings), steps=tuple(plans)
     )
+
+
+def _identity(doc: YamlDoc, plans: list[StepPlan], settings: Settings) -> str:
+    """The hash of everything a run of this workflow depends on: the file, its
+    agents, and the tiers and escalation rules it climbs. A run resumed or handed
+    off after any of them changed fails instead of mixing two versions."""
+    canonical = {
+        "workflow": doc.data,
+        "agents": {plan.agent.name: plan.agent.model_dump(mode="json") for plan in plans},
+        "tiers": settings.config.model_dump(mode="json", include={"tiers", "escalation"}),
+    }
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def project_path(path: Path, settings: Settings) -> str:
+    """``path`` relative to the project root when it lies inside, so every machine
+    with a checkout of the project finds it; else absolute."""
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(settings.root.resolve()))
+    except ValueError:
+        return str(resolved)
 
 
 class WorkflowCache:
@@ -352,6 +394,7 @@ class _Checker:
             plan = self._plan_step(index, ancestors.get(self.spec.steps[index].id, set()))
             if plan is not None:
                 plans.append(plan)
+        plans = self._taint(plans)
         cap = self.spec.budget.downgrade_to
         if cap is not None and cap not in self.settings.config.tiers:
             names = self.settings.tier_names
@@ -382,6 +425,28 @@ class _Checker:
                     ok = False
                     break
         return ok
+
+    def _taint(self, plans: list[StepPlan]) -> list[StepPlan]:
+        """``plans`` with their taint; reports a tainted step no local tier can run."""
+        confidential = [name for name, spec in self.spec.inputs.items() if spec.confidential]
+        found = taints({plan.id: plan.texts() for plan in plans}, confidential)
+        index_of = {step.id: index for index, step in enumerate(self.spec.steps)}
+        for plan in plans:
+            taint = found.get(plan.id)
+            if taint is None or plan.step.sensitive or self._local_tier_from(plan.tier):
+                continue  # a sensitive step without a local tier is reported already
+            loc: tuple[str | int, ...] = ("steps", index_of[plan.id])
+            if plan.step.tier is not None:
+                loc = (*loc, "tier")
+            elif plan.agent.tier is not None:
+                loc = (*loc, "agent")
+            where = "no tier is" if plan.tier == AUTO_TIER else f"none at or above '{plan.tier}' is"
+            self.report(
+                loc,
+                f"step '{plan.id}' {taint}, so it may use only tiers marked local: true,"
+                f" and {where} marked local",
+            )
+        return [replace(plan, taint=found.get(plan.id)) for plan in plans]
 
     def _order(self) -> list[int]:
         """Step indexes in dependency order; reports a cycle if there is one."""

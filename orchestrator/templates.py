@@ -32,6 +32,10 @@ from orchestrator.sandbox import (
 )
 
 CONTEXT_NAMES = frozenset({"inputs", "steps", "run", "item"})
+# The context objects that hold inputs and step outputs: what taint follows.
+DATA_NAMES = frozenset({"inputs", "steps"})
+# (name, key): ``inputs.ticket`` is ("inputs", "ticket"); key None reads the whole object.
+Read = tuple[str, str | None]
 _SHOWN = 200  # characters of an expression quoted in an error
 
 
@@ -100,7 +104,8 @@ class Template:
         ast = _parse(source, expression=False)
         self.names = meta.find_undeclared_variables(ast)
         self.references = list(_references(ast))
-        self._template = _compile(ast)
+        self.reads = frozenset(_reads(ast))
+        self._template = _compile(ast)  # rewrites the tree: read it first
 
     def render(self, context: dict[str, Any]) -> str:
         try:
@@ -127,6 +132,7 @@ class Expression:
         ast = _parse(source, expression=True)
         self.names = meta.find_undeclared_variables(ast)
         self.references = list(_references(ast))
+        self.reads = frozenset(_reads(ast))
         self._compiled = TemplateExpression(_compile(ast), undefined_to_none=False)
 
     def evaluate(self, context: dict[str, Any]) -> Any:
@@ -175,6 +181,29 @@ def _references(ast: nodes.Template) -> Iterator[tuple[str, str, int]]:
                 key = _const(node.arg) if isinstance(node, nodes.Getitem) else None
             if key is not None:
                 yield target.name, key, node.lineno
+
+
+def _reads(ast: nodes.Template) -> Iterator[Read]:
+    """Every read of ``inputs`` and ``steps``, failing closed: anything but a constant
+    key (``inputs`` passed on whole, looped over, indexed by a variable, filtered,
+    or a dict method such as ``inputs.items()``) reads the whole object."""
+    stack: list[nodes.Node] = [ast]
+    while stack:  # a loop, not recursion: deep nesting must not exhaust the stack
+        parent = stack.pop()
+        for child in parent.iter_child_nodes():
+            stack.append(child)
+            if not (
+                isinstance(child, nodes.Name) and child.ctx == "load" and child.name in DATA_NAMES
+            ):
+                continue
+            key: str | None = None
+            if isinstance(parent, nodes.Getattr) and parent.node is child:
+                # A name such as `items` is the key when there is one and the
+                # method when there is not: read the whole object.
+                key = None if hasattr(dict, parent.attr) else parent.attr
+            elif isinstance(parent, nodes.Getitem) and parent.node is child:
+                key = _const(parent.arg)
+            yield child.name, key
 
 
 def _const(node: nodes.Node) -> str | None:

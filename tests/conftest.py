@@ -27,7 +27,7 @@ from orchestrator.runner import Runner, RunResult, open_store
 from orchestrator.settings import load_settings
 from orchestrator.spec import LoadedWorkflow, find_workflow, load_workflow
 from orchestrator.store import Store
-from orchestrator.store.tables import model_calls
+from orchestrator.store.tables import budget_usage, model_calls
 from orchestrator.testing import OllamaServer, OpenAIServer
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -351,3 +351,55 @@ def seed_ledger(store: Store) -> None:
             store.record_step(
                 run_id=run_id, workflow=workflow, content_hash=content_hash, record=record
             )
+
+
+# $1 per 1K prompt tokens and $2 per 1K completion tokens on the frontier model.
+PRICES = {"openai/gpt-4o-mini": {"input": 1000, "output": 2000}}
+
+
+def frontier_project(
+    root: Path,
+    ollama: OllamaServer,
+    frontier: OpenAIServer,
+    workflow_budget: dict[str, Any],
+    **config: Any,
+) -> Project:
+    """Workflow ``ask``: one frontier step, under ``workflow_budget``."""
+    project = Project(
+        root, {"tiers": tiers_for(ollama, frontier, timeout_s=30), "prices": PRICES, **config}
+    )
+    project.agent("brief", prompt="{{ inputs.text }}", max_tokens=10)
+    project.workflow(
+        {
+            "name": "ask",
+            "budget": workflow_budget,
+            "steps": [{"id": "answer", "agent": "brief", "tier": "frontier"}],
+        }
+    )
+    return project
+
+
+def ledger(project: Project) -> list[dict[str, Any]]:
+    store = project.store()
+    try:
+        with store.engine.connect() as connection:
+            return [dict(row) for row in connection.execute(select(model_calls)).mappings()]
+    finally:
+        store.engine.dispose()
+
+
+def counters(project: Project) -> dict[str, tuple[Decimal, Decimal]]:
+    store = project.store()
+    try:
+        with store.engine.connect() as connection:
+            rows = connection.execute(select(budget_usage)).all()
+    finally:
+        store.engine.dispose()
+    return {key: (spent, reserved) for key, spent, reserved in rows}
+
+
+def assert_nothing_reserved(project: Project) -> None:
+    """The invariant after any end of a run: no call is left pending, and no budget
+    counter holds a reservation (what pending calls hold is zero)."""
+    assert [row for row in ledger(project) if row["state"] == "pending"] == []
+    assert all(reserved == 0 for _, reserved in counters(project).values()), counters(project)

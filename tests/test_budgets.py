@@ -11,14 +11,13 @@ import sys
 import time
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import Project, tiers_for, wait_for
+from conftest import PRICES, Project, counters, frontier_project, ledger, tiers_for, wait_for
 from sqlalchemy import create_engine, func, select, text
 
 from orchestrator.store import open_engine
-from orchestrator.store.tables import budget_usage, model_calls
+from orchestrator.store.tables import budget_usage
 from orchestrator.testing import OllamaServer, OpenAIServer, Reply
 
 CONCURRENT_RUNS = """
@@ -33,50 +32,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-# $1 per 1K prompt tokens and $2 per 1K completion tokens on the frontier model.
-PRICES = {"openai/gpt-4o-mini": {"input": 1000, "output": 2000}}
-
-
-def frontier_project(
-    root: Path,
-    ollama: OllamaServer,
-    frontier: OpenAIServer,
-    workflow_budget: dict[str, Any],
-    **config: Any,
-) -> Project:
-    """Workflow ``ask``: one frontier step, under ``workflow_budget``."""
-    project = Project(
-        root, {"tiers": tiers_for(ollama, frontier, timeout_s=30), "prices": PRICES, **config}
-    )
-    project.agent("brief", prompt="{{ inputs.text }}", max_tokens=10)
-    project.workflow(
-        {
-            "name": "ask",
-            "budget": workflow_budget,
-            "steps": [{"id": "answer", "agent": "brief", "tier": "frontier"}],
-        }
-    )
-    return project
-
-
-def ledger(project: Project) -> list[dict[str, Any]]:
-    store = project.store()
-    try:
-        with store.engine.connect() as connection:
-            return [dict(row) for row in connection.execute(select(model_calls)).mappings()]
-    finally:
-        store.engine.dispose()
-
-
-def counters(project: Project) -> dict[str, tuple[Decimal, Decimal]]:
-    store = project.store()
-    try:
-        with store.engine.connect() as connection:
-            rows = connection.execute(select(budget_usage)).all()
-    finally:
-        store.engine.dispose()
-    return {key: (spent, reserved) for key, spent, reserved in rows}
 
 
 def test_concurrent_runs_never_pass_a_shared_budget(

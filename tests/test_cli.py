@@ -5,15 +5,23 @@ from __future__ import annotations
 import csv
 import io
 import json
+import socket
 import subprocess
 import sys
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from conftest import Project, tierflow
 
 from orchestrator.store.database import head_revision
 from orchestrator.testing import OllamaServer, OpenAIServer, Reply
+
+
+def cli_show(project: Project) -> Any:
+    """``tierflow show --json`` of the project's newest run."""
+    [latest, *_] = json.loads(tierflow("runs", "--json", cwd=project.root).stdout)
+    return json.loads(tierflow("show", latest["id"], "--json", cwd=project.root).stdout)
 
 
 def typed_project(project: Project) -> None:
@@ -178,3 +186,31 @@ def test_cancel_command(project: Project, ollama: OllamaServer) -> None:
     missing = tierflow("cancel", "nope", cwd=project.root)
     assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
     assert orchestrator.get_run(finished, config=settings_path) is not None
+
+
+def test_an_unreachable_model_is_said_once_per_run(tmp_path: Path, ollama: OllamaServer) -> None:
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        light = [
+            {"model": "ollama/llama3.2:1b", "api_base": down, "timeout_s": 5},
+            {"model": "ollama/llama3.2:1b", "api_base": ollama.url, "timeout_s": 5},
+        ]
+        project = Project(tmp_path / "p", {"tiers": {"light": {"local": True, "models": light}}})
+        steps = [{"id": "one", "agent": "helper", "tier": "light"}]
+        steps += [{"id": f"s{n}", "agent": "helper", "tier": "light", "needs": [f"s{n - 1}" if n > 2 else "one"]} for n in (2, 3)]  # fmt: skip
+        project.workflow({"name": "three", "steps": steps})
+        ollama.reply("a", "b", "c")
+        proc = tierflow("run", "three", cwd=project.root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    said = [line for line in proc.stdout.splitlines() if "skipped ollama/" in line]
+    assert len(said) == 1, proc.stdout
+    assert "unreachable" in said[0]
+    assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("✓")] == [
+        "one",
+        "s2",
+        "s3",
+    ]
+    # The ledger still records every skip.
+    outcomes = [c["outcome"] for c in cli_show(project)["calls"]]
+    assert outcomes.count("unavailable") == 3

@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from html.parser import HTMLParser
@@ -81,6 +83,37 @@ def accepting(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+@dataclass
+class Serving:
+    port: int
+    log: str = ""  # what the server printed, once it has stopped
+
+
+@contextmanager
+def serving(root: Path, *, token: str) -> Iterator[Serving]:
+    """A real `tierflow serve` in ``root`` on a free loopback port, stopped at the end."""
+    served = Serving(free_port())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "serve", "--port", str(served.port)],
+        cwd=root,
+        env={**os.environ, "TIERFLOW_API_TOKEN": token},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(lambda: accepting(served.port) or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, proc.communicate()[0]
+        yield served
+    finally:
+        proc.terminate()
+        try:
+            served.log = proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:  # a connection it still waits on
+            proc.kill()
+            served.log = proc.communicate()[0]
+
+
 @pytest.fixture
 def server(project: Project, ollama: OllamaServer, frontier: OpenAIServer) -> Iterator[str]:
     """`tierflow serve` on a loopback port over the seeded ledger plus one real run."""
@@ -101,25 +134,10 @@ def server(project: Project, ollama: OllamaServer, frontier: OpenAIServer) -> It
         seed_ledger(store)
     finally:
         store.engine.dispose()
-    port = free_port()
-    env = {**os.environ, "TIERFLOW_API_TOKEN": TOKEN}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "serve", "--port", str(port)],
-        cwd=project.root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_for(lambda: accepting(port) or proc.poll() is not None, timeout=30)
-        assert proc.poll() is None, proc.communicate()[0]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        log = proc.communicate(timeout=10)[0]
-        assert TOKEN not in log  # the access log shows token=***
-        assert "token=***" in log
+    with serving(project.root, token=TOKEN) as served:
+        yield f"http://127.0.0.1:{served.port}"
+    assert TOKEN not in served.log  # the access log shows token=***
+    assert "token=***" in served.log
 
 
 def chromium(tmp_path: Path, *args: str) -> str:

@@ -9,10 +9,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from conftest import Project, tiers_for, wait_for, write_two_steps
+import pytest
+from conftest import (
+    Project,
+    assert_nothing_reserved,
+    counters,
+    frontier_project,
+    ledger,
+    tierflow,
+    tiers_for,
+    wait_for,
+    write_two_steps,
+)
 
+from orchestrator.queue import execute_by_id
 from orchestrator.runner import RunResult
+from orchestrator.settings import load_settings
 from orchestrator.testing import OllamaServer, OpenAIServer, Reply
 
 
@@ -103,25 +117,152 @@ def test_every_call_is_pending_before_its_request(project: Project, ollama: Olla
     assert project.ledger_states() == [("first", 1, "settled"), ("second", 1, "settled")]
 
 
-def test_cancel_stops_a_running_run_before_its_next_step(
+def test_cancel_cuts_off_the_step_in_flight_and_starts_no_other(
     project: Project, ollama: OllamaServer
 ) -> None:
     write_two_steps(project)
     store = project.store()
 
-    def answer(body: dict) -> Reply:
-        [run] = store.runs()
-        store.cancel_run(run["id"])  # while the first step is in flight
-        return Reply(text="one")
+    def answer(body: dict[str, Any]) -> Reply:
+        store.cancel_run(store.runs()[0]["id"])  # while the first step is in flight
+        return Reply(text="late", delay_s=60)
 
     ollama.responder = answer
-    result = project.run("two")
+    result = project.run("two")  # returns long before the model would answer
     store.engine.dispose()
     assert result.status == "cancelled"
     assert [r["messages"][-1]["content"] for r in ollama.chat_requests()] == ["first"]
     [run] = project.store().runs()
     assert run["status"] == "cancelled"
-    assert project.ledger_states() == [("first", 1, "settled")]  # what it spent stays recorded
+    assert project.ledger_states() == [("first", 1, "abandoned")]
+
+
+def wide_project(root: Path, ollama: OllamaServer, frontier: OpenAIServer) -> Project:
+    """Workflow ``wide``: two parallel frontier steps and a three-item fan-out, budgeted."""
+    project = frontier_project(root, ollama, frontier, {"daily_usd": "5"}, lease_ttl_s=1)
+    frontier_step = {"agent": "brief", "tier": "frontier"}
+    project.workflow(
+        {
+            "name": "wide",
+            "budget": {"daily_usd": "5"},
+            "inputs": {"words": {"type": "array", "default": ["x", "y", "z"]}},
+            "steps": [
+                {"id": "left", **frontier_step, "prompt": "left"},
+                {"id": "right", **frontier_step, "prompt": "right"},
+                {"id": "each", **frontier_step, "for_each": "inputs.words", "prompt": "{{ item }}"},
+            ],
+        }
+    )
+    return project
+
+
+def test_cancel_stops_parallel_steps_and_fan_out_items_in_flight(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    frontier.responder = lambda body: Reply(text="late", delay_s=60)
+    project = wide_project(tmp_path / "p", ollama, frontier)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "wide"],
+        cwd=project.root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: len(frontier.chat_requests()) == 5)  # every call is in flight
+        [run] = project.store().runs()
+        cancelled = tierflow("cancel", run["id"][:8], cwd=project.root)
+        assert cancelled.returncode == 0, cancelled.stderr
+        # The model would answer in 60 s; the run ends long before, its calls cut off.
+        assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    [run] = project.store().runs()
+    assert run["status"] == "cancelled"
+    assert sorted(project.ledger_states()) == sorted(
+        [("left", 1, "abandoned"), ("right", 1, "abandoned")]
+        + [("each", attempt, "abandoned") for attempt in (1, 2, 3)]
+    )
+    assert len(frontier.chat_requests()) == 5  # nothing was asked after the cancel
+    # Cut off mid-call, each may have been billed: its worst case is spent, none reserved.
+    assert_nothing_reserved(project)
+    spent = sum(row["cost_usd"] for row in ledger(project))
+    assert spent > 0 and all(counted == (spent, 0) for counted in counters(project).values())
+
+
+def killed_mid_call(project: Project, workflow: str, step: str) -> str:
+    """Start ``tierflow run WORKFLOW``, kill it once ``step``'s first call is pending."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", workflow],
+        cwd=project.root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: (step, 1, "pending") in project.ledger_states())
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    [run] = project.store().runs()
+    return str(run["id"])
+
+
+@pytest.mark.parametrize("end", ["resumed", "failed", "changed", "missing", "cancelled"])
+def test_no_reservation_outlives_any_end_of_a_run(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer, end: str
+) -> None:
+    frontier.responder = lambda body: Reply(text="slow", delay_s=60)
+    project = frontier_project(tmp_path / "p", ollama, frontier, {"daily_usd": "5"}, lease_ttl_s=1)
+    run_id = killed_mid_call(project, "ask", "answer")
+    assert any(reserved > 0 for _, reserved in counters(project).values())
+    frontier.responder = lambda body: (
+        Reply(status=500, text="down") if end == "failed" else Reply(text="fast")
+    )
+    time.sleep(1.2)  # the dead process's lease goes stale
+    if end == "changed":
+        project.agent("brief", prompt="Briefly: {{ inputs.text }}", max_tokens=10)
+    if end == "missing":
+        (project.root / "workflows" / "ask.yaml").unlink()
+    if end == "cancelled":
+        assert tierflow("cancel", run_id, cwd=project.root).returncode == 0
+    elif end == "missing":
+        assert execute_by_id(load_settings(project.config), run_id) == "failed"
+    else:
+        resumed = tierflow("resume", run_id, cwd=project.root)
+        assert resumed.returncode == (0 if end == "resumed" else 1), resumed.stderr
+    run = project.store().run(run_id)
+    assert run is not None
+    expected = {"resumed": "succeeded", "cancelled": "cancelled"}.get(end, "failed")
+    assert run["status"] == expected
+    if end == "changed":
+        assert "its agents or the tiers it uses changed" in run["error"]
+    assert_nothing_reserved(project)
+
+
+def test_a_run_whose_process_died_shows_stale_and_resumes_from_the_cli(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    project = Project(tmp_path, {"tiers": tiers_for(ollama, frontier), "lease_ttl_s": 1})
+    write_two_steps(project)
+    ollama.responder = lambda body: Reply(
+        text="slow", delay_s=60 if body["messages"][-1]["content"] == "second" else 0
+    )
+    run_id = killed_mid_call(project, "two", "second")
+    ollama.responder = lambda body: Reply(text="now")
+    wait_for(lambda: "stale" in tierflow("runs", cwd=project.root).stdout)
+    resumed = tierflow("resume", run_id[:10], cwd=project.root)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "succeeded" in resumed.stdout
+    assert project.ledger_states() == [
+        ("first", 1, "settled"),
+        ("second", 1, "abandoned"),
+        ("second", 2, "settled"),
+    ]
+    again = tierflow("resume", run_id, cwd=project.root)
+    assert again.returncode == 2 and "already succeeded" in again.stderr
 
 
 def test_a_cancelled_queued_run_is_never_executed(project: Project, ollama: OllamaServer) -> None:

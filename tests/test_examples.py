@@ -58,26 +58,28 @@ def test_support_triage_runs_every_kind_of_step(
             "Label this ticket": json.dumps({"category": "billing", "urgency": 5}),
             "Translate:": "translated",
             "Draft a short reply": "Sorry, Ana: refund on its way.",
+            "What is the likely cause": "Probably a retried payment; refund the duplicate first.",
             ticket: "I was charged twice! Card [REDACTED], call me at [REDACTED]. — [REDACTED]",
         }
     )
-    frontier.reply("Probably a retried payment; refund the duplicate first.")
     result = shipped.run("support-triage", {"ticket": ticket, "attachments": ["hola", "bonjour"]})
     assert result.status == "succeeded", result.error
     assert result.outputs["classify"] == {"category": "billing", "urgency": 5}
     assert result.outputs["translate"] == ["translated", "translated"]
+    assert result.outputs["analyze"] == "Probably a retried payment; refund the duplicate first."
     assert result.outputs["reply"] == "Sorry, Ana: refund on its way."
     calls = shipped.calls(result.run_id)
-    analyze = [c for c in calls if c["step_id"] == "analyze"]
-    # The first reasoning model has no key here: skipped and recorded; the second answered.
-    assert [(c["model"], c["outcome"]) for c in analyze] == [
-        ("anthropic/claude-sonnet-4-5", "unavailable"),
-        ("openai/gpt-4.1", "ok"),
-    ]
-    [frontier_request] = frontier.chat_requests()
-    assert "4111" not in json.dumps(frontier_request) and "[REDACTED]" in json.dumps(
-        frontier_request
-    )
+    # The ticket is confidential: every step that reads it, even through redact's
+    # output, ran on a local tier, and the frontier heard nothing.
+    tiers = {c["step_id"]: c["tier_used"] for c in calls}
+    assert tiers == {
+        "classify": "light",
+        "redact": "light",
+        "analyze": "standard",
+        "translate": "light",
+        "reply": "standard",
+    }
+    assert frontier.requests == []
 
 
 def test_support_triage_sensitive_step_fails_closed(
@@ -110,7 +112,60 @@ def test_report_reasoning_step_runs_on_the_frontier(
     result = shipped.run("report", {"notes": "churn rose to 4% from 2%"})
     assert result.status == "succeeded", result.error
     assert "churn = 4%" in frontier.chat_requests()[0]["messages"][-1]["content"]
-    calls = {c["step_id"]: c for c in shipped.calls(result.run_id) if c["outcome"] == "ok"}
+    every = shipped.calls(result.run_id)
+    # The first reasoning model has no key here: skipped and recorded; the second answered.
+    assert [(c["model"], c["outcome"]) for c in every if c["step_id"] == "recommend"] == [
+        ("anthropic/claude-sonnet-4-5", "unavailable"),
+        ("openai/gpt-4.1", "ok"),
+    ]
+    calls = {c["step_id"]: c for c in every if c["outcome"] == "ok"}
     assert calls["recommend"]["tier_used"] == "reasoning"
     assert calls["figures"]["tier_used"] == calls["summary"]["tier_used"] == "light"
     assert calls["recommend"]["cost_usd"] > 0 and calls["summary"]["cost_usd"] == 0
+
+
+CANARY = "CANARY-5f1e-ticket-text"
+
+
+def answer_locally(scenario: str) -> object:
+    """Local answers: all unusable (not JSON, or a crashed model), or a redactor that
+    copies the ticket unchanged, as a 135M model may, with valid labels."""
+
+    def answer(body: dict) -> Reply:
+        prompt = body["messages"][-1]["content"]
+        if scenario == "garbage":
+            return Reply(text="}{ not an answer")
+        if scenario == "crash" or prompt.startswith("Translate:"):
+            return Reply(status=500, text="local model crashed")
+        if "Label this ticket" in prompt:
+            return Reply(text=json.dumps({"category": "bug", "urgency": 5}))
+        return Reply(text=prompt)  # echoes the ticket into the step's output
+
+    return answer
+
+
+@pytest.mark.parametrize("scenario", ["garbage", "crash", "echo"])
+def test_support_triage_never_sends_the_confidential_ticket_to_the_frontier(
+    shipped: Project, ollama: OllamaServer, frontier: OpenAIServer, scenario: str
+) -> None:
+    ollama.responder = answer_locally(scenario)
+    # The frontier would answer every step well, so nothing but taint keeps a step local.
+    frontier.responder = lambda body: Reply(text=json.dumps({"category": "bug", "urgency": 5}))
+    ticket = f"My account {CANARY} is locked, card 4111 1111 1111 1111"
+    result = shipped.run("support-triage", {"ticket": ticket, "attachments": ["hola"]})
+
+    leaked = [r for r in frontier.requests if CANARY in json.dumps(r)]
+    assert leaked == []
+    calls = shipped.calls(result.run_id)
+    remote = {c["step_id"] for c in calls if c["tier_used"] == "reasoning"}
+    if scenario == "echo":
+        # Every step that reads the ticket, even through another step's output, stayed
+        # local; the attachments are not confidential, and their step reached the frontier.
+        assert result.status == "succeeded", result.error
+        assert remote == {"translate"}
+        assert [r["messages"][-1]["content"] for r in frontier.chat_requests()] == [
+            "Translate: hola"
+        ]
+    else:
+        assert result.status == "failed"
+        assert remote == set()

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import Project, missing_service, tiers_for, wait_for, write_two_steps
 
 import orchestrator
-from orchestrator.queue import TASK, beat_schedule, make_app
+from orchestrator.queue import TASK, beat_schedule, make_app, publish
+from orchestrator.runner import time_limit_s
 from orchestrator.settings import load_settings
+from orchestrator.spec import find_workflow, load_workflow
 from orchestrator.testing import OllamaServer, OpenAIServer, Reply
 
 BROKERS = {
@@ -162,6 +165,126 @@ def test_a_killed_worker_leaves_the_run_to_another(
         ("second", 1, "abandoned"),
         ("second", 2, "settled"),
     ]
+
+
+def test_a_paused_worker_that_lost_its_run_writes_nothing_and_asks_no_model(
+    queued: Project, ollama: OllamaServer, workers: list[Worker]
+) -> None:
+    asked: list[str] = []
+
+    def answer(body: dict[str, Any]) -> Reply:
+        asked.append(body["messages"][-1]["content"])
+        return Reply(text=asked[-1], delay_s=3 if asked == ["first"] else 0)
+
+    ollama.responder = answer
+    paused = start_worker(queued, workers)
+    run_id = orchestrator.enqueue("two", config=str(queued.config))
+    wait_for(lambda: asked == ["first"])  # its request is in flight
+    os.killpg(paused.proc.pid, signal.SIGSTOP)
+    try:
+        start_worker(queued, workers)  # its sweeper finds the stale lease and takes the run
+        wait_for(lambda: status(queued, run_id) == "succeeded")
+    finally:
+        os.killpg(paused.proc.pid, signal.SIGCONT)
+    # Woken, the first executor finds its lease taken: it records nothing, asks nothing.
+    wait_for(lambda: "'lease-lost'" in paused.log.read_text())
+    assert asked == ["first", "first", "second"]
+    assert queued.ledger_states() == [
+        ("first", 1, "abandoned"),  # the paused call, ended by the executor that took over
+        ("first", 2, "settled"),
+        ("second", 1, "settled"),
+    ]
+    run = orchestrator.get_run(run_id, config=str(queued.config))
+    assert run is not None and (run["status"], run["error"]) == ("succeeded", None)
+    assert [step["status"] for step in run["steps"]] == ["succeeded", "succeeded"]
+
+
+def fan_out(project: Project, items: int) -> None:
+    """Workflow ``fan``: one step asked once per element of ``inputs.words``."""
+    project.workflow(
+        {
+            "name": "fan",
+            "max_steps": max(items, 1),
+            "inputs": {"words": {"type": "array", "default": [f"w{i}" for i in range(items)]}},
+            "steps": [
+                {
+                    "id": "each",
+                    "agent": "helper",
+                    "tier": "light",
+                    "for_each": "inputs.words",
+                    "prompt": "{{ item }}",
+                },
+            ],
+        }
+    )
+
+
+def test_a_run_past_its_time_limit_ends_cleanly_and_the_worker_starts_clean(
+    queued: Project, ollama: OllamaServer, workers: list[Worker]
+) -> None:
+    fan_out(queued, 20)
+    ollama.responder = lambda body: Reply(text="late", delay_s=60)
+    start_worker(queued, workers)  # one process, one loop, for both runs
+    settings = load_settings(queued.config)
+    runner, workflow, store = queued.runner("fan")
+    # Long enough for the first wave of items to be in flight on a loaded machine.
+    run_id = runner.create(workflow, {}, queue=settings.config.queue, time_limit_s=15)
+    store.engine.dispose()
+    app = make_app(settings)
+    publish(app, run_id, queue=settings.config.queue, time_limit_s=15)
+    wait_for(lambda: status(queued, run_id) == "failed")
+    run = orchestrator.get_run(run_id, config=str(queued.config))
+    assert run is not None and "time limit of 15s" in run["error"]
+    cut_off = [call["state"] for call in run["calls"]]
+    assert cut_off == ["abandoned"] * 8  # one wave of items was in flight; no more started
+    assert len(ollama.chat_requests()) == 8
+
+    ollama.responder = lambda body: Reply(text="quick")
+    second = orchestrator.enqueue("two", config=str(queued.config))
+    wait_for(lambda: status(queued, second) == "succeeded")
+    time.sleep(1)  # anything left of the first run on the worker's loop would show by now
+    run = orchestrator.get_run(run_id, config=str(queued.config))
+    assert run is not None and [call["state"] for call in run["calls"]] == cut_off
+    later = orchestrator.get_run(second, config=str(queued.config))
+    assert later is not None and [call["state"] for call in later["calls"]] == ["settled"] * 2
+    assert len(ollama.chat_requests()) == 10
+    app.close()
+
+
+def test_time_limits_count_fan_out_waves_and_step_timeouts(project: Project) -> None:
+    write_two_steps(project)
+    fan_out(project, 400)
+    settings = load_settings(project.config)
+    two = load_workflow(find_workflow("two", settings), settings)
+    fan = load_workflow(find_workflow("fan", settings), settings)
+    # 400 items in waves of 8, each wave using every attempt at the 5 s tier timeout.
+    assert time_limit_s(settings, fan) >= 50 * 3 * 5
+    data = yaml.safe_load((project.root / "workflows" / "two.yaml").read_text())
+    data["steps"][1]["timeout_s"] = 600
+    project.workflow(data)
+    slow = load_workflow(find_workflow("two", settings), settings)
+    assert time_limit_s(settings, slow) >= 3 * 600 + time_limit_s(settings, two) - 3 * 5 * 2
+
+
+def test_a_400_item_fan_out_runs_to_the_end_on_a_worker(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer, workers: list[Worker]
+) -> None:
+    project = Project(
+        tmp_path / "p",
+        {
+            "tiers": tiers_for(ollama, frontier, timeout_s=60),
+            "queue": f"tierflow-test-{uuid.uuid4().hex[:10]}",
+        },
+    )
+    fan_out(project, 400)
+    ollama.responder = lambda body: Reply(text=body["messages"][-1]["content"].upper())
+    start_worker(project, workers)
+    run_id = orchestrator.enqueue("fan", config=str(project.config))
+    wait_for(lambda: status(project, run_id) == "succeeded", timeout=120)
+    run = orchestrator.get_run(run_id, config=str(project.config))
+    assert run is not None
+    assert run["outputs"]["each"] == [f"W{i}" for i in range(400)]
+    assert [call["state"] for call in run["calls"]] == ["settled"] * 400
 
 
 def test_a_redelivered_message_does_not_call_the_model_twice(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
@@ -10,8 +11,9 @@ from conftest import make_call, make_step
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from orchestrator.errors import UserError
-from orchestrator.store import Store, open_engine
+from orchestrator.errors import LeaseLost, UserError
+from orchestrator.store import Lease, Store, open_engine
+from orchestrator.store.counters import Limit, scope_keys
 from orchestrator.store.database import alembic_config, current_revision, head_revision
 from orchestrator.store.tables import model_calls, step_runs
 
@@ -85,30 +87,124 @@ def test_run_inputs_outputs_and_status_round_trip(store: Store) -> None:
     assert store.runs(workflow="other") == []
 
 
-def test_leases_fence_the_end_of_a_run(store: Store) -> None:
+def queued_run(store: Store, run_id: str) -> None:
     store.create_run(
-        run_id="r2", workflow="wf", version=None, content_hash="h", inputs={}, status="queued"
+        run_id=run_id, workflow="wf", version=None, content_hash="h", inputs={}, status="queued"
     )
-    assert store.acquire_lease("r2", owner="a", ttl_s=60)
-    assert not store.acquire_lease("r2", owner="b", ttl_s=60)  # a live lease is exclusive
+
+
+def test_a_live_lease_is_exclusive_and_finished_runs_are_never_leased(store: Store) -> None:
+    queued_run(store, "r2")
+    lease = store.acquire_lease("r2", owner="a", ttl_s=60)
+    assert lease is not None and lease.token == 1
+    assert store.acquire_lease("r2", owner="b", ttl_s=60) is None  # a live lease is exclusive
     assert store.runs_to_publish(lease_ttl_s=0, queued_for_s=0) == []  # its lease is live
-    assert not store.finish_run("r2", status="succeeded", owner="b")
-    assert store.finish_run("r2", status="succeeded", owner="a")
+    assert store.finish_run("r2", status="succeeded", lease=lease) == "succeeded"
     found = store.run("r2")
     assert found is not None and found["status"] == "succeeded" and found["lease_owner"] is None
-    assert not store.acquire_lease(
-        "r2", owner="a", ttl_s=60
-    )  # finished runs are never leased again
+    assert store.acquire_lease("r2", owner="a", ttl_s=60) is None
 
 
-def test_a_stale_lease_can_be_taken_over(store: Store) -> None:
-    store.create_run(
-        run_id="r3", workflow="wf", version=None, content_hash="h", inputs={}, status="queued"
-    )
-    assert store.acquire_lease("r3", owner="a", ttl_s=-1)  # already expired
+def test_every_write_of_a_stale_lease_is_refused(store: Store) -> None:
+    queued_run(store, "r3")
+    old = store.acquire_lease("r3", owner="a", ttl_s=-1)  # expired at once, by the database's clock
+    assert old is not None
     assert [row["id"] for row in store.runs_to_publish(lease_ttl_s=0, queued_for_s=0)] == ["r3"]
-    assert store.acquire_lease("r3", owner="b", ttl_s=60)
-    assert not store.renew_lease("r3", owner="a", ttl_s=60)
+    new = store.acquire_lease("r3", owner="b", ttl_s=60)
+    assert new is not None and new.token == old.token + 1
+    assert store.renew_lease(old, ttl_s=60) is None
+    step = make_step("a", [make_call(1)])
+    writes = {
+        "record_step": lambda lease: store.record_step(
+            run_id="r3", workflow="wf", content_hash="h", record=step, lease=lease
+        ),
+        "open_call": lambda lease: store.open_call(
+            run_id="r3",
+            workflow="wf",
+            content_hash="h",
+            agent="helper",
+            step_id="b",
+            call=make_call(1, outcome="pending"),
+            lease=lease,
+        ),
+        "prepare_resume": lambda lease: store.prepare_resume(lease),
+        "hand_off": lambda lease: store.hand_off(lease, queue="cpu"),
+        "finish_run": lambda lease: store.finish_run("r3", status="failed", lease=lease),
+    }
+    for name, write in writes.items():
+        with pytest.raises(LeaseLost):
+            write(old)
+        found = store.run("r3")
+        assert found is not None
+        assert (found["status"], found["steps"], found["calls"]) == ("running", [], []), name
+    store.record_step(run_id="r3", workflow="wf", content_hash="h", record=step, lease=new)
+    assert store.finish_run("r3", status="succeeded", lease=new) == "succeeded"
+    with pytest.raises(LeaseLost):  # an ended run takes no more writes, even from its holder
+        store.record_step(
+            run_id="r3", workflow="wf", content_hash="h", record=make_step("c", []), lease=new
+        )
+
+
+def test_a_cancel_during_the_last_step_is_never_overwritten_by_success(store: Store) -> None:
+    queued_run(store, "r4")
+    lease = store.acquire_lease("r4", owner="a", ttl_s=60)
+    assert lease is not None
+    assert store.cancel_run("r4") == "cancelled"
+    assert store.finish_run("r4", status="succeeded", outputs={"x": 1}, lease=lease) == "cancelled"
+    found = store.run("r4")
+    assert found is not None and (found["status"], found["outputs"]) == ("cancelled", None)
+
+
+def pending_call(store: Store, run_id: str, lease: Lease | None, limit: Limit) -> None:
+    refused = store.open_call(
+        run_id=run_id,
+        workflow="wf",
+        content_hash="h",
+        agent="helper",
+        step_id="a",
+        call=make_call(1, "0.25", outcome="pending", reserved_usd=Decimal("0.25")),
+        limits=[limit],
+        lease=lease,
+    )
+    assert refused is None
+
+
+def daily_limit() -> Limit:
+    key = scope_keys("", "wf", datetime.now(UTC).date())[3]  # every workflow, today
+    return Limit(key=key, usd=Decimal(10), label="global daily budget", own=False)
+
+
+def counter(store: Store, limit: Limit) -> tuple[Decimal, Decimal]:
+    return store.usage([limit.key])[limit.key]
+
+
+@pytest.mark.parametrize("executor_alive", [True, False])
+def test_no_reservation_outlives_a_cancelled_run(store: Store, executor_alive: bool) -> None:
+    limit = daily_limit()
+    queued_run(store, "r5")
+    lease = store.acquire_lease("r5", owner="a", ttl_s=60 if executor_alive else -1)
+    pending_call(store, "r5", lease, limit)
+    assert counter(store, limit) == (Decimal(0), Decimal("0.25"))
+    assert store.cancel_run("r5") == "cancelled"
+    if executor_alive:  # the executor records what it cut off; until then the call is pending
+        assert counter(store, limit) == (Decimal(0), Decimal("0.25"))
+        store.finish_run("r5", status="cancelled", lease=lease)
+    # The call may have been billed: its worst case moves from reserved to spent.
+    assert counter(store, limit) == (Decimal("0.25"), Decimal(0))
+    [call] = store.run("r5")["calls"]  # type: ignore[index]
+    assert call["state"] == "abandoned"
+
+
+def test_a_sweeper_ends_the_calls_of_a_cancelled_run_whose_executor_died(store: Store) -> None:
+    limit = daily_limit()
+    queued_run(store, "r6")
+    lease = store.acquire_lease("r6", owner="a", ttl_s=0.3)
+    pending_call(store, "r6", lease, limit)
+    assert store.cancel_run("r6") == "cancelled"  # its executor was alive then, and then died
+    assert store.abandon_orphans() == 0  # its lease is still live
+    time.sleep(0.4)
+    assert store.abandon_orphans() == 1
+    assert counter(store, limit) == (Decimal("0.25"), Decimal(0))
 
 
 def test_runs_whose_message_may_be_lost_are_claimed_once_per_period(store: Store) -> None:
@@ -128,9 +224,11 @@ def test_runs_whose_message_may_be_lost_are_claimed_once_per_period(store: Store
     assert (row["id"], row["queue"], row["time_limit_s"]) == ("q1", "gpu", 120.0)
     # Claiming moved its publication time to now: another sweeper does not publish it too.
     assert store.runs_to_publish(lease_ttl_s=60, queued_for_s=0.04) == []
-    assert store.acquire_lease("q1", owner="w", ttl_s=60)
-    assert store.hand_off("q1", owner="w", queue="cpu")
+    lease = store.acquire_lease("q1", owner="w", ttl_s=60)
+    assert lease is not None
+    assert store.hand_off(lease, queue="cpu")
     found = store.run_row("q1")
     assert found is not None
     assert (found["status"], found["queue"], found["lease_owner"]) == ("queued", "cpu", None)
-    assert not store.hand_off("q1", owner="w", queue="cpu")  # it no longer holds the run
+    with pytest.raises(LeaseLost):  # it no longer holds the run
+        store.hand_off(lease, queue="cpu")

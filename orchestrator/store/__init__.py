@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from orchestrator.store.calls import Checkpoint
 from orchestrator.store.database import open_engine
+from orchestrator.store.leases import Lease
 from orchestrator.store.repository import Store
 
-__all__ = ["Store", "open_engine"]
+__all__ = ["Checkpoint", "Lease", "Store", "open_engine"]

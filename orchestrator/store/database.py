@@ -15,9 +15,9 @@ from orchestrator.errors import UserError
 
 
 def migrations_dir() -> Path:
-    import orchestrator.migrations
+    import orchestrator.migrations as migrations
 
-    return Path(orchestrator.migrations.__file__).parent
+    return Path(str(migrations.__file__)).parent
 
 
 def head_revision() -> str:

@@ -77,8 +77,11 @@ runs = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True)),
     # The worker executing the run holds a lease; a stale lease means it died.
+    # The token grows on every acquisition and fences every write of the run;
+    # expiry is seconds since the epoch on the database's clock (store/clock.py).
     Column("lease_owner", String(200)),
-    Column("lease_expires_at", DateTime(timezone=True)),
+    Column("lease_token", Integer, nullable=False, server_default="0"),
+    Column("lease_expires_s", Float),
     # A queued run waits on this queue; the sweeper publishes it again if its
     # message was lost (a broker restart), at most once per period.
     Column("queue", String(200)),
@@ -103,6 +106,10 @@ step_runs = Table(
     Column("model", String(200)),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=False),
+    # A handed_off step carries on, on another tier's worker, from here.
+    Column("handoff_tier", String(50)),
+    Column("handoff_used", Integer),  # attempts it used before the hand-off
+    Column("handoff_reason", Text),  # why it escalated, for its next call's row
     UniqueConstraint("run_id", "step_id"),
 )
 

@@ -1,0 +1,232 @@
+"""``Client``: one configuration's store, model clients, workflows and broker, opened once.
+
+    with orchestrator.Client(config="tierflow.yaml") as client:
+        result = client.run("quickstart", {"topic": "tide pools"})
+        run_id = client.enqueue("quickstart", {"topic": "reefs"})
+        client.wait(run_id, timeout=60)
+
+A client is built once per configuration and reused, as an ``httpx.Client`` is:
+nothing re-reads tierflow.yaml or opens an engine per call, each workflow's
+graph is compiled once, and workflow and agent files are read again only when
+they change. ``orchestrator.run`` and friends use a default client per
+configuration. A client is meant for one thread; its ``arun`` may run many runs
+at once on one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Mapping
+from datetime import date
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.errors import RunError, UserError
+
+if TYPE_CHECKING:
+    from orchestrator.ledger import StepRecord
+    from orchestrator.reports import SpendRow
+    from orchestrator.runner import Runner, RunResult
+    from orchestrator.settings import Settings
+    from orchestrator.spec import LoadedWorkflow
+    from orchestrator.store import Store
+
+ENDED = ("succeeded", "failed", "cancelled")
+
+
+class Client:
+    """Runs, queues and reads runs of one configuration. Close it, or use ``with``.
+
+    ``config`` is a tierflow.yaml path (else ``$TIERFLOW_CONFIG``, else the
+    nearest one); ``settings`` may be given instead, already loaded.
+    """
+
+    def __init__(self, config: str | Path | None = None, *, settings: Settings | None = None):
+        from orchestrator.settings import load_settings
+        from orchestrator.spec import WorkflowCache
+
+        self.settings = settings if settings is not None else load_settings(config)
+        self._workflows = WorkflowCache(self.settings)
+        self._store: Store | None = None
+        self._app: Any = None  # the Celery app, made on the first enqueue
+        self._bound: tuple[asyncio.AbstractEventLoop, Runner] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # run()'s own loop
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            from orchestrator.runner import open_store
+
+            self._store = open_store(self.settings)
+        return self._store
+
+    def load(self, workflow: str | Path) -> LoadedWorkflow:
+        """The checked workflow (a name in workflows/ or a path); ``SpecError`` if it is not."""
+        from orchestrator.spec import find_workflow
+
+        return self._workflows.load(find_workflow(str(workflow), self.settings))
+
+    async def arun(
+        self,
+        workflow: str | Path,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> RunResult:
+        """Record and run ``workflow`` here to its end. Bad inputs raise ``UserError``
+        before anything is written; a run that fails returns ``status == "failed"``."""
+        loaded = self.load(workflow)
+        return await self._runner().run(loaded, inputs or {}, on_step=on_step)
+
+    def run(
+        self,
+        workflow: str | Path,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> RunResult:
+        """``arun`` for code that is not inside an event loop."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise UserError(
+                "Client.run() was called inside a running event loop: use 'await client.arun(...)'"
+            )
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(self.arun(workflow, inputs, on_step=on_step))
+
+    def _runner(self) -> Runner:
+        """The runner of the running loop: model clients belong to one loop."""
+        from orchestrator.models import Clients
+        from orchestrator.runner import Runner
+
+        loop = asyncio.get_running_loop()
+        if self._bound is None or self._bound[0] is not loop:
+            runner = Runner(settings=self.settings, store=self.store, clients=Clients())
+            self._bound = (loop, runner)
+        return self._bound[1]
+
+    def enqueue(self, workflow: str | Path, inputs: Mapping[str, Any] | None = None) -> str:
+        """Record a queued run and publish it for a worker; returns its run id.
+
+        A broker that refuses the message fails the run and raises ``RunError``.
+        """
+        return self.enqueue_loaded(self.load(workflow), inputs or {})
+
+    def enqueue_loaded(self, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> str:
+        """``enqueue`` for a workflow already loaded."""
+        from orchestrator.queue import enqueue_run, first_queue, make_app
+        from orchestrator.runner import Runner, time_limit_s
+
+        settings = self.settings
+        queue, limit = first_queue(settings, workflow), time_limit_s(settings, workflow)
+        run_id = Runner(settings=settings, store=self.store).create(
+            workflow, inputs, queue=queue, time_limit_s=limit
+        )
+        if self._app is None:
+            self._app = make_app(settings)
+        try:
+            enqueue_run(self._app, run_id, queue=queue, time_limit_s=limit)
+        except RunError as exc:
+            self.store.finish_run(run_id, status="failed", error=str(exc))
+            raise
+        return run_id
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        """The recorded run (status, inputs, outputs, steps, ledger rows), or None.
+        A unique prefix of a run id is enough."""
+        return self.store.run(run_id)
+
+    def wait(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """The run once it has ended (succeeded, failed or cancelled).
+
+        Raises ``TimeoutError`` after ``timeout`` seconds, ``UserError`` for an unknown run.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.01
+        while True:
+            found = self.store.run(run_id)
+            if found is None:
+                raise UserError(f"no run {run_id!r}")
+            if found["status"] in ENDED:
+                return found
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {run_id} is still {found['status']} after {timeout}s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+    def cancel(self, run_id: str) -> str:
+        """Cancel a queued or running run; its status afterwards. A running run's
+        executor stops its work within a second. ``UserError`` for an unknown run."""
+        found = self.store.find_run_id(run_id)
+        status = None if found is None else self.store.cancel_run(found)
+        if status is None:
+            raise UserError(f"no run {run_id!r}")
+        return status
+
+    def spend(
+        self, *, by: str = "workflow", since: date | None = None, until: date | None = None
+    ) -> list[SpendRow]:
+        """Spend grouped ``by`` workflow, version, step, tier, model or day (or several)."""
+        from orchestrator.reports import spend
+
+        return spend(self.store.engine, by=by, since=since, until=until)
+
+    async def aclose(self) -> None:
+        """Close the model clients of the running loop, then everything else."""
+        if self._bound is not None and self._bound[0] is asyncio.get_running_loop():
+            await self._bound[1].aclose()
+            self._bound = None
+        self.close()
+
+    def close(self) -> None:
+        """Release the store, the broker connection and the model clients."""
+        if self._bound is not None and self._bound[0] is self._loop and self._loop is not None:
+            self._loop.run_until_complete(self._bound[1].aclose())
+        self._bound = None
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+        if self._app is not None:
+            self._app.close()
+            self._app = None
+        if self._store is not None:
+            self._store.engine.dispose()
+            self._store = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+_defaults: dict[tuple[Any, ...], Client] = {}
+
+
+def default_client(config: str | Path | None = None) -> Client:
+    """The client of ``config``, made once per process and configuration; made
+    again when the file or the TIERFLOW_* variables change."""
+    from orchestrator.settings import find_config_path
+
+    path = find_config_path(config)
+    key = (
+        None if path is None else (str(path.resolve()), path.stat().st_mtime_ns),
+        Path.cwd() if path is None else None,
+        *(os.environ.get(name) for name in ("TIERFLOW_DATABASE_URL", "TIERFLOW_BROKER_URL")),
+    )
+    client = _defaults.get(key)
+    if client is None:
+        client = _defaults[key] = Client(config)
+    return client

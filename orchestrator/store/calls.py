@@ -1,0 +1,229 @@
+"""Ledger writes: a call pending before its request, settled or abandoned after, and
+each step's result written with its calls in one transaction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from datetime import UTC
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
+
+from orchestrator.ledger import Call, StepRecord
+from orchestrator.store import counters
+from orchestrator.store.counters import Limit
+from orchestrator.store.leases import Lease, fence
+from orchestrator.store.tables import model_calls, runs, step_runs
+
+CALL_FIELDS = tuple(field.name for field in fields(Call))
+_INSERT_STEP = insert(step_runs)
+_INSERT_CALL = insert(model_calls)
+_SETTLE_CALL = (
+    update(model_calls)
+    .where(
+        model_calls.c.run_id == bindparam("b_run_id"),
+        model_calls.c.step_id == bindparam("b_step_id"),
+        model_calls.c.attempt == bindparam("b_attempt"),
+        model_calls.c.state == "pending",
+    )
+    .values({name: bindparam(name) for name in (*CALL_FIELDS, "state")})
+)
+
+
+@dataclass
+class Checkpoint:
+    """Where a resumed run carries on: finished steps' outputs, each step's last
+    attempt number, and where handed-off steps continue (tier, used, reason)."""
+
+    done: dict[str, Any] = field(default_factory=dict)
+    last_attempts: dict[str, int] = field(default_factory=dict)
+    handed_on: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def abandon(connection: Any, why: str, *where: Any) -> None:
+    """Pending calls become abandoned: they may have been billed, so their
+    worst-case estimate moves from reserved to spent and stays there."""
+    pending = connection.execute(
+        select(
+            model_calls.c.id,
+            model_calls.c.run_id,
+            model_calls.c.workflow,
+            model_calls.c.day,
+            model_calls.c.cost_usd,
+            model_calls.c.reserved_usd,
+        ).where(model_calls.c.state == "pending", *where)
+    ).mappings()
+    for row in pending.all():
+        connection.execute(
+            update(model_calls)
+            .where(model_calls.c.id == row["id"])
+            .values(state="abandoned", outcome="abandoned", error=why)
+        )
+        if row["reserved_usd"] is not None:
+            cost = row["cost_usd"]
+            counters.move(connection, row, released=cost, spent=cost)
+
+
+class CallStore:
+    engine: Engine
+
+    def record_step(
+        self,
+        *,
+        run_id: str,
+        workflow: str,
+        content_hash: str,
+        record: StepRecord,
+        lease: Lease | None = None,
+    ) -> str | None:
+        """The step's result and all its ledger rows, in one transaction.
+
+        With ``lease``, only while it is the run's (else ``LeaseLost``, nothing
+        written). Returns the run's status as of that transaction, so the
+        executor sees a cancellation before it starts another step.
+        """
+        answer = record.answer
+        handoff = record.handoff or {}
+        step_row = {
+            "run_id": run_id,
+            "step_id": record.step_id,
+            "status": record.status,
+            "output": record.output,
+            "error": record.error,
+            "tier_asked": record.tier_asked,
+            "tier_used": answer.tier_used if answer else None,
+            "model": answer.model if answer else None,
+            "started_at": record.started_at,
+            "finished_at": record.finished_at,
+            "handoff_tier": handoff.get("tier"),
+            "handoff_used": handoff.get("used"),
+            "handoff_reason": handoff.get("reason"),
+        }
+        call_rows = [
+            _call_row(run_id, workflow, content_hash, record, call) for call in record.calls
+        ]
+        # Plain insert()/update() with parameters, not .values(): the compiled
+        # statement is cached, which matters on the per-step hot path.
+        with self.engine.begin() as connection:
+            fence(connection, lease)
+            connection.execute(_INSERT_STEP, step_row)
+            for row, call in zip(call_rows, record.calls, strict=True):
+                # The call's pending row (written before the request) is settled and
+                # its reservation gives way to its cost; a call recorded without
+                # one (refused by a budget, say) is inserted as it is.
+                if connection.execute(_SETTLE_CALL, row).rowcount == 0:
+                    columns = {key: value for key, value in row.items() if not key.startswith("b_")}
+                    connection.execute(_INSERT_CALL, columns)
+                elif call.reserved_usd is not None:
+                    counters.move(connection, row, released=call.reserved_usd, spent=call.cost_usd)
+            if record.status != "succeeded":
+                # Calls cut off by a cancellation never settle; they may have been billed.
+                abandon(
+                    connection,
+                    "cancelled mid-call",
+                    model_calls.c.run_id == run_id,
+                    model_calls.c.step_id == record.step_id,
+                )
+            return connection.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
+
+    def open_call(
+        self,
+        *,
+        run_id: str,
+        workflow: str,
+        content_hash: str,
+        agent: str,
+        step_id: str,
+        call: Call,
+        limits: list[Limit] | None = None,
+        lease: Lease | None = None,
+    ) -> Limit | None:
+        """Reserve a call's worst-case cost and write it pending, before its request.
+
+        In one transaction, the call's cost is added to the reserved amount of
+        every limit, each with a conditional UPDATE that fails if the limit
+        would be passed, and the pending row is written. Returns the limit that
+        refused the call (nothing is written then), or None. With ``lease``, only
+        while it is the run's: else ``LeaseLost``, and the request must not go out.
+        """
+        row = {
+            "run_id": run_id,
+            "step_id": step_id,
+            "workflow": workflow,
+            "workflow_hash": content_hash,
+            "agent": agent,
+            "day": call.created_at.astimezone(UTC).date(),
+            "state": "pending",
+            **{name: getattr(call, name) for name in CALL_FIELDS},
+        }
+        with self.engine.connect() as connection, connection.begin() as transaction:
+            fence(connection, lease)
+            for limit in limits or []:
+                if not counters.reserve(connection, limit, call.cost_usd):
+                    transaction.rollback()
+                    return limit
+            connection.execute(_INSERT_CALL, row)
+        return None
+
+    def prepare_resume(self, lease: Lease) -> Checkpoint:
+        """Where the run carries on, for the executor holding ``lease``.
+
+        Calls left pending by a dead process become abandoned (they may have
+        been billed, so their estimate stays in the spend), and unfinished step
+        records are cleared for their re-run.
+        """
+        run_id = lease.run_id
+        with self.engine.begin() as connection:
+            fence(connection, lease)
+            handed_on = {
+                step_id: {"tier": tier, "used": used or 0, "reason": reason}
+                for step_id, tier, used, reason in connection.execute(
+                    select(
+                        step_runs.c.step_id,
+                        step_runs.c.handoff_tier,
+                        step_runs.c.handoff_used,
+                        step_runs.c.handoff_reason,
+                    ).where(step_runs.c.run_id == run_id, step_runs.c.status == "handed_off")
+                )
+            }
+            abandon(connection, "its process died mid-call", model_calls.c.run_id == run_id)
+            connection.execute(
+                delete(step_runs).where(
+                    step_runs.c.run_id == run_id,
+                    step_runs.c.status.not_in(("succeeded", "skipped")),
+                )
+            )
+            done = dict(
+                connection.execute(
+                    select(step_runs.c.step_id, step_runs.c.output).where(
+                        step_runs.c.run_id == run_id
+                    )
+                ).all()
+            )
+            attempts = dict(
+                connection.execute(
+                    select(model_calls.c.step_id, func.max(model_calls.c.attempt))
+                    .where(model_calls.c.run_id == run_id)
+                    .group_by(model_calls.c.step_id)
+                ).all()
+            )
+        return Checkpoint(done=done, last_attempts=attempts, handed_on=handed_on)
+
+
+def _call_row(
+    run_id: str, workflow: str, content_hash: str, record: StepRecord, call: Call
+) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "step_id": record.step_id,
+        "workflow": workflow,
+        "workflow_hash": content_hash,
+        "agent": record.agent,
+        "day": call.created_at.astimezone(UTC).date(),
+        # A call that never reached its model (unavailable) released its reservation.
+        "state": "released" if call.outcome == "unavailable" else "settled",
+        "b_run_id": run_id,
+        "b_step_id": record.step_id,
+        "b_attempt": call.attempt,
+        **{name: getattr(call, name) for name in CALL_FIELDS},
+    }

@@ -1,0 +1,316 @@
+"""Runs and their leases: create, lease, hand off, cancel, finish, and read back."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, case, func, insert, or_, select, update
+
+from orchestrator.store.calls import abandon
+from orchestrator.store.clock import db_now_s
+from orchestrator.store.leases import Lease, fence
+from orchestrator.store.tables import model_calls, runs, step_runs
+
+ACTIVE = ("queued", "running")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _stale() -> Any:
+    """A lease nobody holds, or one that has expired by the database's clock."""
+    return or_(runs.c.lease_owner.is_(None), runs.c.lease_expires_s < db_now_s())
+
+
+class RunStore:
+    engine: Engine
+
+    def create_run(
+        self,
+        *,
+        run_id: str,
+        workflow: str,
+        version: str | None,
+        content_hash: str,
+        inputs: dict[str, Any],
+        path: str | None = None,
+        status: str = "running",
+        lease_owner: str | None = None,
+        lease_ttl_s: float = 0.0,
+        queue: str | None = None,
+        time_limit_s: float | None = None,
+    ) -> Lease | None:
+        """Record a new run; with ``lease_owner`` the creator holds its lease from
+        the start, and gets it back. ``queue`` is where its message is about to go."""
+        moment = now()
+        leased = lease_owner is not None
+        with self.engine.begin() as connection:
+            connection.execute(
+                insert(runs).values(
+                    id=run_id,
+                    workflow=workflow,
+                    workflow_version=version,
+                    workflow_hash=content_hash,
+                    workflow_path=path,
+                    status=status,
+                    inputs=inputs,
+                    created_at=moment,
+                    lease_owner=lease_owner,
+                    lease_token=1 if leased else 0,
+                    lease_expires_s=db_now_s() + lease_ttl_s if leased else None,
+                    queue=queue,
+                    enqueued_at=moment if queue else None,
+                    time_limit_s=time_limit_s,
+                )
+            )
+        return Lease(run_id, lease_owner, 1) if lease_owner is not None else None
+
+    def acquire_lease(self, run_id: str, *, owner: str, ttl_s: float) -> Lease | None:
+        """Take the run's lease unless a live lease belongs to someone else.
+
+        Each acquisition gets a token one higher than the last, which fences
+        off every write of earlier holders. Only queued or running runs can be
+        leased, so a finished run never runs again.
+        """
+        with self.engine.begin() as connection:
+            taken = connection.execute(
+                update(runs)
+                .where(
+                    runs.c.id == run_id,
+                    runs.c.status.in_(ACTIVE),
+                    or_(_stale(), runs.c.lease_owner == owner),
+                )
+                .values(
+                    status="running",
+                    lease_owner=owner,
+                    lease_token=runs.c.lease_token + 1,
+                    lease_expires_s=db_now_s() + ttl_s,
+                )
+            )
+            if taken.rowcount != 1:
+                return None
+            token = connection.execute(
+                select(runs.c.lease_token).where(runs.c.id == run_id)
+            ).scalar_one()
+        return Lease(run_id, owner, token)
+
+    def renew_lease(self, lease: Lease, *, ttl_s: float) -> str | None:
+        """Extend ``lease``; returns the run's status, or None if the lease is lost."""
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                update(runs)
+                .where(runs.c.id == lease.run_id, runs.c.lease_token == lease.token)
+                .values(lease_expires_s=db_now_s() + ttl_s)
+            )
+            if result.rowcount != 1:
+                return None
+            return connection.execute(
+                select(runs.c.status).where(runs.c.id == lease.run_id)
+            ).scalar()
+
+    def status_of(self, run_id: str) -> str | None:
+        with self.engine.connect() as connection:
+            return connection.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
+
+    def cancel_run(self, run_id: str) -> str | None:
+        """Cancel a queued or running run; returns its status afterwards, or None if unknown.
+
+        A queued run is never picked up; a running one is stopped by its
+        executor, which records the calls it cuts off. When no live executor
+        holds the run, its pending calls are abandoned here, so no reservation
+        outlives the run.
+        """
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.status.in_(ACTIVE))
+                .values(status="cancelled", finished_at=now())
+            )
+            orphaned = connection.execute(
+                select(runs.c.id).where(runs.c.id == run_id, _stale())
+            ).first()
+            if orphaned is not None:
+                abandon(connection, "its run was cancelled", model_calls.c.run_id == run_id)
+            return connection.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
+
+    def hand_off(self, lease: Lease, *, queue: str) -> bool:
+        """Queue a running run again, for ``queue``'s workers, dropping ``lease``.
+
+        False if it was cancelled meanwhile; ``LeaseLost`` if the lease is not its own.
+        """
+        with self.engine.begin() as connection:
+            fence(connection, lease)
+            moved = connection.execute(
+                update(runs)
+                .where(runs.c.id == lease.run_id, runs.c.status == "running")
+                .values(
+                    status="queued",
+                    lease_owner=None,
+                    lease_expires_s=None,
+                    queue=queue,
+                    enqueued_at=now(),
+                )
+            )
+            return moved.rowcount == 1
+
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        outputs: Any = None,
+        error: str | None = None,
+        lease: Lease | None = None,
+    ) -> str | None:
+        """Record the run's end, drop its lease, and abandon any call still pending.
+
+        With ``lease``, only while it is the run's (else ``LeaseLost``). A run
+        that was cancelled (or already ended) keeps that status: a cancel during
+        the last step never turns into success. Returns the run's status after.
+        """
+        with self.engine.begin() as connection:
+            fence(connection, lease)
+            connection.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.status.in_(ACTIVE))
+                .values(status=status, outputs=outputs, error=error, finished_at=now())
+            )
+            connection.execute(
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(lease_owner=None, lease_expires_s=None)
+            )
+            abandon(connection, f"its run ended ({status})", model_calls.c.run_id == run_id)
+            return connection.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
+
+    def abandon_orphans(self) -> int:
+        """Abandon pending calls of ended runs that no live executor holds; how many runs.
+
+        A run cancelled while its executor was alive leaves them to it; if
+        that executor died before it could, a sweeper ends them here.
+        """
+        with self.engine.begin() as connection:
+            orphans = connection.execute(
+                select(runs.c.id)
+                .where(runs.c.status.not_in(ACTIVE), _stale())
+                .where(
+                    runs.c.id.in_(
+                        select(model_calls.c.run_id).where(model_calls.c.state == "pending")
+                    )
+                )
+            ).all()
+            for (run_id,) in orphans:
+                abandon(connection, "its run had ended", model_calls.c.run_id == run_id)
+        return len(orphans)
+
+    def runs_to_publish(self, *, lease_ttl_s: float, queued_for_s: float) -> list[dict[str, Any]]:
+        """Runs whose message may be lost, each claimed for publishing once more.
+
+        They are running runs whose lease went stale (their executor died), and
+        queued runs waiting for longer than ``queued_for_s`` (a broker that
+        restarted empty). A run is claimed by moving its ``enqueued_at`` to now,
+        so concurrent sweepers publish it once, and a long backlog gets at most
+        one extra message per run per period.
+        """
+        moment = now()
+        published = func.coalesce(runs.c.enqueued_at, runs.c.created_at)
+        query = select(
+            runs.c.id, runs.c.status, runs.c.enqueued_at, runs.c.queue, runs.c.time_limit_s
+        ).where(
+            or_(
+                and_(
+                    runs.c.status == "running",
+                    _stale(),
+                    published < moment - timedelta(seconds=lease_ttl_s),
+                ),
+                and_(
+                    runs.c.status == "queued",
+                    published < moment - timedelta(seconds=queued_for_s),
+                ),
+            )
+        )
+        claimed = []
+        with self.engine.begin() as connection:
+            for row in connection.execute(query).mappings().all():
+                before = runs.c.enqueued_at
+                unchanged = (
+                    before.is_(None) if row["enqueued_at"] is None else before == row["enqueued_at"]
+                )
+                taken = connection.execute(
+                    update(runs)
+                    .where(runs.c.id == row["id"], runs.c.status == row["status"], unchanged)
+                    .values(enqueued_at=moment)
+                )
+                if taken.rowcount == 1:
+                    claimed.append(dict(row))
+        return claimed
+
+    def run_row(self, run_id: str) -> dict[str, Any] | None:
+        """The run's own row (no steps or calls), or None."""
+        with self.engine.connect() as connection:
+            row = connection.execute(_with_stale(select(runs)).where(runs.c.id == run_id))
+            found = row.mappings().first()
+        return None if found is None else dict(found)
+
+    def find_run_id(self, run_id: str) -> str | None:
+        """The id of the run ``run_id`` names, whole or as a unique prefix of 4 or more."""
+        with self.engine.connect() as connection:
+            exact = connection.execute(select(runs.c.id).where(runs.c.id == run_id)).scalar()
+            if exact is not None or len(run_id) < 4:
+                return exact
+            matches = connection.execute(
+                select(runs.c.id).where(runs.c.id.startswith(run_id, autoescape=True)).limit(2)
+            ).all()
+        return matches[0][0] if len(matches) == 1 else None
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        """The run with its steps and calls, or None. A unique id prefix is accepted."""
+        found_id = self.find_run_id(run_id)
+        if found_id is None:
+            return None
+        with self.engine.connect() as connection:
+            row = (
+                connection.execute(_with_stale(select(runs)).where(runs.c.id == found_id))
+                .mappings()
+                .first()
+            )
+            if row is None:
+                return None
+            steps = (
+                connection.execute(
+                    select(step_runs)
+                    .where(step_runs.c.run_id == found_id)
+                    .order_by(step_runs.c.started_at, step_runs.c.id)
+                )
+                .mappings()
+                .all()
+            )
+            calls = (
+                connection.execute(
+                    select(model_calls)
+                    .where(model_calls.c.run_id == found_id)
+                    .order_by(model_calls.c.id)
+                )
+                .mappings()
+                .all()
+            )
+        return {**row, "steps": [dict(s) for s in steps], "calls": [dict(c) for c in calls]}
+
+    def runs(
+        self, *, workflow: str | None = None, status: str | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """Recent runs, newest first. ``stale`` marks a running run nobody executes."""
+        query = _with_stale(select(runs)).order_by(runs.c.created_at.desc()).limit(limit)
+        if workflow:
+            query = query.where(runs.c.workflow == workflow)
+        if status:
+            query = query.where(runs.c.status == status)
+        with self.engine.connect() as connection:
+            return [dict(row) for row in connection.execute(query).mappings()]
+
+
+def _with_stale(query: Any) -> Any:
+    stale = and_(runs.c.status == "running", _stale())
+    return query.add_columns(case((stale, True), else_=False).label("stale"))

@@ -1,0 +1,95 @@
+"""The heartbeat that keeps a run's lease: it outlives a database outage shorter than its TTL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from conftest import Project, tiers_for, wait_for, write_two_steps
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from orchestrator.store import open_engine
+from orchestrator.testing import OllamaServer, OpenAIServer, Reply
+
+TTL_S = 3.0
+
+
+def refuse_connections(url: str, refuse: bool) -> None:
+    """Close every session of the database at ``url`` and refuse new ones, or allow them again."""
+    name = make_url(url).database
+    admin = create_engine(make_url(url).set(database="test"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {not refuse}'))
+            if refuse:
+                connection.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE datname = :name AND pid <> pg_backend_pid()"
+                    ),
+                    {"name": name},
+                )
+    finally:
+        admin.dispose()
+
+
+def runs(project: Project) -> list[dict[str, Any]]:
+    store = project.store()
+    try:
+        return store.runs()
+    finally:
+        store.engine.dispose()
+
+
+def test_the_lease_outlives_a_database_outage_shorter_than_its_ttl(
+    tmp_path: Path, postgres_url: str, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    project = Project(
+        tmp_path,
+        {
+            "tiers": tiers_for(ollama, frontier, timeout_s=60),
+            "lease_ttl_s": TTL_S,
+            "database": postgres_url,
+        },
+    )
+    write_two_steps(project)
+    open_engine(postgres_url, migrate=True).dispose()
+    asked: list[str] = []
+
+    def answer(body: dict) -> Reply:
+        asked.append(body["messages"][-1]["content"])
+        return Reply(text="ok", delay_s=4 * TTL_S if asked[-1] == "first" else 0)
+
+    ollama.responder = answer
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", "two"],
+        cwd=project.root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: asked == ["first"])
+        refuse_connections(postgres_url, True)  # every renewal fails for a while
+        time.sleep(TTL_S / 2)
+        refuse_connections(postgres_url, False)
+        # Well past the TTL from the last renewal before the outage, the step still
+        # waits on its model: a heartbeat that gave up would have let the lease go stale.
+        time.sleep(TTL_S)
+        [run] = runs(project)
+        assert asked == ["first"] and (run["status"], run["stale"]) == ("running", False)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        refuse_connections(postgres_url, False)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    [run] = runs(project)
+    assert run["status"] == "succeeded"
+    assert project.ledger_states() == [("first", 1, "settled"), ("second", 1, "settled")]
