@@ -36,6 +36,7 @@ from orchestrator.templates import Expression, Read, Template, TemplateProblem
 AUTO_TIER = "auto"
 MAX_WORKFLOW_STEPS = 1000  # steps in one file; for_each items are counted by max_steps
 NAME_LENGTH = 64
+MAX_FILE_TOKENS = 40_000  # template and expression tokens of one workflow, all steps together
 
 
 class _Strict(BaseModel):
@@ -363,6 +364,8 @@ class _Checker:
         # Steps share agents and often prompts: each is loaded or compiled once.
         self._agents: dict[str, Agent | None] = {}
         self._compiled: dict[tuple[str, str, str], Template | Expression | TemplateProblem] = {}
+        self._tokens = 0  # compiled so far; compiling is the slow part of a check
+        self._budget_told = False
 
     def report(self, loc: Iterable[str | int], message: str) -> None:
         self.problems.append(self.doc.problem(loc, message))
@@ -606,10 +609,13 @@ class _Checker:
         cached = self._compiled.get(key)
         if isinstance(cached, Template):
             template: Template | None = cached
+        elif self._over_budget(loc):
+            return None
         else:
             template = _compile_template(self.doc, loc, source, label=label, problems=self.problems)
             if template is not None:
                 self._compiled[key] = template
+                self._tokens += template.tokens
         if template is not None:
             self._check_references(loc, template.names, template.references, allowed, ancestors)
         return template
@@ -627,6 +633,8 @@ class _Checker:
             return None
         key = ("expression", label, source)
         cached = self._compiled.get(key)
+        if cached is None and self._over_budget(loc):
+            return None
         try:
             if isinstance(cached, TemplateProblem):
                 raise cached
@@ -637,9 +645,24 @@ class _Checker:
             self._compiled[key] = exc
             self.report(loc, f"bad expression: {exc}")
             return None
+        if cached is None:
+            self._tokens += expression.tokens
         self._compiled[key] = expression
         self._check_references(loc, expression.names, expression.references, allowed, ancestors)
         return expression
+
+    def _over_budget(self, loc: tuple[str | int, ...]) -> bool:
+        """Past ``MAX_FILE_TOKENS``, nothing more is compiled: say so once, where it happened."""
+        if self._tokens <= MAX_FILE_TOKENS:
+            return False
+        if not self._budget_told:
+            self._budget_told = True
+            self.report(
+                loc,
+                f"the templates and expressions of this workflow come to more than"
+                f" {MAX_FILE_TOKENS:,} tokens (the limit); the rest are not checked",
+            )
+        return True
 
     def _check_references(
         self,

@@ -54,11 +54,11 @@ def environment() -> BoundedEnvironment:
     return BoundedEnvironment()
 
 
-def _parse(source: str, *, expression: bool) -> nodes.Template:
-    """The checked, bounded tree of ``source``; raises ``TemplateProblem``."""
+def _parse(source: str, *, expression: bool) -> tuple[nodes.Template, int]:
+    """The checked tree of ``source`` and its size in tokens; raises ``TemplateProblem``."""
     env = environment()
     try:
-        check_nesting(env, source, expression=expression)
+        tokens = check_nesting(env, source, expression=expression)
         if expression:
             parser = Parser(env, source, state="variable")
             expr = parser.parse_expression()
@@ -71,7 +71,7 @@ def _parse(source: str, *, expression: bool) -> nodes.Template:
             ast = env.parse(source)
         ast.set_environment(env)
         check_depth(ast)  # before anything walks the tree recursively
-        return ast
+        return ast, tokens
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateProblem(exc.message or str(exc), exc.lineno) from None
     except LimitExceeded as exc:
@@ -95,13 +95,14 @@ def _compile(ast: nodes.Template) -> jinja2.Template:
 class Template:
     """A compiled prompt template and the names it reads from its context.
 
-    ``label`` says what the template is (``prompt``, ``system``) in errors.
+    ``label`` says what the template is (``prompt``, ``system``) in errors;
+    ``tokens`` is its size, as the lexer counts it.
     """
 
     def __init__(self, source: str, *, label: str = "template") -> None:
         self.source = source
         self.label = label
-        ast = _parse(source, expression=False)
+        ast, self.tokens = _parse(source, expression=False)
         self.names = meta.find_undeclared_variables(ast)
         self.references = list(_references(ast))
         self.reads = frozenset(_reads(ast))
@@ -123,13 +124,14 @@ class Template:
 class Expression:
     """A sandboxed expression such as ``steps.classify.output.urgency >= 4``.
 
-    ``label`` says where it sits (``when``, ``for_each``, ``check``) in errors.
+    ``label`` says where it sits (``when``, ``for_each``, ``check``) in errors;
+    ``tokens`` is its size, as the lexer counts it.
     """
 
     def __init__(self, source: str, *, label: str = "expression") -> None:
         self.source = source
         self.label = label
-        ast = _parse(source, expression=True)
+        ast, self.tokens = _parse(source, expression=True)
         self.names = meta.find_undeclared_variables(ast)
         self.references = list(_references(ast))
         self.reads = frozenset(_reads(ast))

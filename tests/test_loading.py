@@ -83,6 +83,27 @@ CASES: dict[str, tuple[Callable[[], bytes], int, str]] = {
         4,
         "steps[0].agent: String should match pattern",
     ),
+    "huge_template": (
+        lambda: (HEAD + step(id="a", prompt='"' + "{{ inputs.ticket }}" * 40000 + '"')).encode(),
+        4,
+        "steps[0].prompt: bad template: more than 10,000 tokens",
+    ),
+    "huge_expression": (
+        lambda: (HEAD + step(id="a", when='"[' + "1," * 100000 + '1]"')).encode(),
+        4,
+        "steps[0].when: bad expression: more than 10,000 tokens",
+    ),
+    "templates_over_the_file_budget": (
+        lambda: (
+            HEAD
+            + "".join(
+                step(id=f"s{i}", prompt=f'"{i}' + "{{ inputs.ticket }}" * 1500 + '"')
+                for i in range(20)
+            )
+        ).encode(),
+        4 + 6,
+        "steps[6].prompt: the templates and expressions of this workflow come to more than 40,000",
+    ),
     "many_steps": (_many_steps, 10001, "more than 50,000 keys, values and list items"),
     "long_step_id": (
         lambda: (HEAD + step(id="s" * 300)).encode(),
