@@ -210,6 +210,7 @@ def fuzzed_workflows(draw: st.DrawFn) -> dict[str, Any]:
                     "default": values,
                     "enum": st.lists(scalars, max_size=3),
                     "items": schemas,
+                    "confidential": st.booleans(),
                 },
             ),
             max_size=3,
@@ -254,7 +255,11 @@ def plausible_workflows(draw: st.DrawFn) -> dict[str, Any]:
     """Workflows right in every field but their expressions, so checking goes all the way."""
     steps: list[dict[str, Any]] = []
     for index in range(draw(st.integers(1, 3))):
-        step: dict[str, Any] = {"id": f"s{index}", "agent": "a", "tier": "light"}
+        step: dict[str, Any] = {
+            "id": f"s{index}",
+            "agent": "a",
+            "tier": draw(st.sampled_from(["light", "light", "frontier"])),
+        }
         if index and draw(st.booleans()):
             step["needs"] = [f"s{index - 1}"]
         for key, strategy in (
@@ -271,7 +276,7 @@ def plausible_workflows(draw: st.DrawFn) -> dict[str, Any]:
     return {
         "name": "w",
         "inputs": {
-            "ticket": {"type": "string"},
+            "ticket": {"type": "string", "confidential": draw(st.booleans())},
             "items": {"type": "array", "default": []},
             "keys": {"type": "string", "default": "k"},
             "n": {"type": "integer", "default": 1},
