@@ -140,7 +140,10 @@ class Expression:
     def evaluate(self, context: dict[str, Any]) -> Any:
         try:
             with metered():
-                return self._compiled(**context)
+                value = self._compiled(**context)
+                if isinstance(value, jinja2.Undefined):
+                    value._fail_with_undefined_error()  # a missing field is an error, not a value
+                return value
         except Exception as exc:
             raise TemplateProblem(
                 f"{self.label} '{_shorten(self.source)}' {_failure(exc)}"

@@ -102,6 +102,11 @@ def test_outputs_named_like_mapping_methods_are_the_outputs(
     assert result.outputs["each"] == ["fine", "fine"]
 
 
+def test_an_expression_that_gives_a_missing_field_raises_as_the_step_error() -> None:
+    with pytest.raises(TemplateProblem, match=r"when 'inputs\.a\.b' raised UndefinedError"):
+        Expression("inputs.a.b", label="when").evaluate({"inputs": {"a": {}}})
+
+
 def test_methods_still_answer_when_no_key_has_their_name() -> None:
     assert Expression("inputs.keys() | list").evaluate({"inputs": {"a": 1, "b": 2}}) == ["a", "b"]
     assert Expression("inputs.get('a')").evaluate({"inputs": {"a": 1}}) == 1
