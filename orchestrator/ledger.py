@@ -34,6 +34,11 @@ class Call:
     created_at: datetime
     reserved_usd: Decimal | None = None  # held against budgets before the request
     local: bool = False  # served by a local tier
+    # Where the tokens come from: "reported" by the provider; "counted" here, as
+    # the provider reported none; "worst_case", the reservation's estimate, kept
+    # for a call that may have been billed and reported nothing; None, nothing
+    # was sent or the provider refused the request (4xx): no tokens.
+    usage_source: str | None = None
 
 
 @dataclass

@@ -5,7 +5,13 @@ marked ``local`` for a sensitive step, or one that reads confidential data).
 Within a tier, models are tried in order on error or timeout; output that fails
 the step's schema or checks moves the step straight to the next tier. A model
 that is unavailable (no key, server down, not pulled) is recorded and skipped
-without using up an attempt.
+without using up an attempt. A model that answered 429 or 5xx is asked again
+first, within ``retries``' bounds; its tries use one attempt between them, and
+each is a ledger row.
+
+A failed call whose request may have reached the provider is recorded at its
+worst case (the reservation's usage) unless the provider reported usage; only
+a call that provably never left, or that the provider refused (4xx), costs $0.
 
 A queue worker serves only some tiers. A step that starts on, or escalates to,
 a tier it does not serve raises ``NeedsTier``: the run is handed to that tier's
@@ -27,13 +33,15 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from orchestrator import schemas
+from orchestrator import retries, schemas
 from orchestrator.errors import (
     LeaseLost,
+    ModelBusy,
     ModelError,
     ModelTimeout,
     RunError,
     StepFailed,
+    clip,
     redact,
 )
 from orchestrator.ledger import Call, Pricer, StepRecord
@@ -262,21 +270,17 @@ class StepRunner:
             for entry in tier.models:
                 if used >= escalation.max_attempts:
                     break
-                try:
-                    call, value = await self._try(
-                        plan,
-                        entry,
-                        messages,
-                        context,
-                        attempt=next(attempts),
-                        item_index=item_index,
-                        tier_used=tier_name,
-                        escalation_reason=escalation_reason,
-                    )
-                except _CheckRaised as raised:
-                    record.calls.append(raised.call)
-                    raise raised.problem from None
-                record.calls.append(call)
+                call, value = await self._ask(
+                    plan,
+                    entry,
+                    messages,
+                    context,
+                    record,
+                    attempts=attempts,
+                    item_index=item_index,
+                    tier_used=tier_name,
+                    escalation_reason=escalation_reason,
+                )
                 if call.outcome == "ok":
                     return value
                 if call.outcome == "budget_blocked":
@@ -297,6 +301,44 @@ class StepRunner:
         )
         raise StepFailed(f"no tier gave a valid answer{limit}: " + "; ".join(failures))
 
+    async def _ask(
+        self,
+        plan: StepPlan,
+        entry: ModelEntry,
+        messages: list[dict[str, str]],
+        context: dict[str, Any],
+        record: StepRecord,
+        *,
+        attempts: Iterator[int],
+        item_index: int | None,
+        tier_used: str,
+        escalation_reason: str | None,
+    ) -> tuple[Call, Any]:
+        """Ask one model, and again after a 429 or 5xx within ``retries``' bounds.
+        Each try goes into ``record``; returns the last call and its value."""
+        asked, waited = 0, 0.0
+        while True:
+            try:
+                call, value, busy = await self._try(
+                    plan,
+                    entry,
+                    messages,
+                    context,
+                    attempt=next(attempts),
+                    item_index=item_index,
+                    tier_used=tier_used,
+                    escalation_reason=escalation_reason,
+                )
+            except _CheckRaised as raised:
+                record.calls.append(raised.call)
+                raise raised.problem from None
+            record.calls.append(call)
+            wait = retries.pause(busy, retries=asked, waited_s=waited)
+            if wait is None:
+                return call, value
+            await asyncio.sleep(wait)
+            asked, waited = asked + 1, waited + wait
+
     async def _try(
         self,
         plan: StepPlan,
@@ -308,7 +350,9 @@ class StepRunner:
         item_index: int | None,
         tier_used: str,
         escalation_reason: str | None,
-    ) -> tuple[Call, Any]:
+    ) -> tuple[Call, Any, ModelBusy | None]:
+        """One request: its ledger row, its value if it succeeded, and the
+        provider's answer if it is worth asking again."""
         timeout = plan.step.timeout_s or entry.timeout_s
         request = ModelRequest(
             model=entry.model.split("/", 1)[1],
@@ -318,7 +362,11 @@ class StepRunner:
             timeout_s=timeout,
             json_schema=plan.step.output,
             stream=entry.stream,
+            structured=entry.structured,
         )
+        # What the provider may bill at most: kept as spend when a request that
+        # may have reached it fails without reporting usage.
+        worst = (prompt_tokens_upper_bound(request), plan.max_tokens)
         make_call = functools.partial(
             self._call,
             plan,
@@ -332,11 +380,12 @@ class StepRunner:
         )
         if self._on_call_start is not None:
             pending = make_call(
-                prompt_tokens=prompt_tokens_upper_bound(messages),
-                completion_tokens=plan.max_tokens,
+                prompt_tokens=worst[0],
+                completion_tokens=worst[1],
                 latency_ms=(timeout + BACKSTOP_S) * 1000,
                 outcome="pending",
                 error=None,
+                usage_source="worst_case",
             )
             reserved = pending.cost_usd if self._budgeted else None
             make_call = functools.partial(make_call, reserved_usd=reserved)
@@ -345,8 +394,11 @@ class StepRunner:
             except LeaseLost:
                 raise  # another executor holds the run: no request from here
             except Exception as exc:  # the ledger is unreachable: no record, no request
-                refusal = redact(
-                    f"the call could not be reserved in the ledger: {type(exc).__name__}: {str(exc)[:200]}"
+                refusal = clip(
+                    redact(
+                        f"the call could not be reserved in the ledger: {type(exc).__name__}: {exc}",
+                        self._settings.key_names,
+                    )
                 )
             if refusal is not None:
                 blocked = make_call(
@@ -357,12 +409,15 @@ class StepRunner:
                     error=refusal,
                     reserved_usd=None,
                 )
-                return blocked, None
+                return blocked, None, None
         clock = time.perf_counter()
-        prompt_tokens = completion_tokens = 0
+        # Until an answer or the provider says otherwise, the call may have been billed.
+        (prompt_tokens, completion_tokens) = worst
+        source: str | None = "worst_case"
         value: Any = None
         error: str | None = None
         check_raised: TemplateProblem | None = None
+        busy: ModelBusy | None = None
         try:
             client = self._clients.for_entry(entry)
             # Each client enforces the timeout itself and ends its request cleanly;
@@ -370,13 +425,18 @@ class StepRunner:
             async with asyncio.timeout(timeout + BACKSTOP_S):
                 reply = await client.complete(request)
             prompt_tokens, completion_tokens = reply.prompt_tokens, reply.completion_tokens
+            source = "counted" if reply.counted else "reported"
             value = verify(plan, reply.text, context)
             outcome = "ok"
         except TimeoutError:
             outcome, error = ModelTimeout.outcome, f"no answer within {timeout:g}s"
         except ModelError as exc:
             outcome, error = exc.outcome, exc.reason
-            prompt_tokens, completion_tokens = exc.prompt_tokens, exc.completion_tokens
+            busy = exc if isinstance(exc, ModelBusy) else None
+            if exc.usage is not None:
+                (prompt_tokens, completion_tokens), source = exc.usage, "reported"
+            elif not exc.billed:
+                (prompt_tokens, completion_tokens), source = (0, 0), None
         except InvalidOutput as exc:
             outcome, error = "invalid_output", str(exc)
         except TemplateProblem as exc:
@@ -385,8 +445,9 @@ class StepRunner:
             outcome, check_raised = "ok", exc
         except Exception as exc:
             # A client library failing in a way it does not document (a garbled
-            # response, say) is still a failed call: record it and escalate.
-            outcome, error = "error", redact(f"{type(exc).__name__}: {str(exc)[:300]}")
+            # response, say) is still a failed call, maybe billed: record it and escalate.
+            outcome = "error"
+            error = clip(redact(f"{type(exc).__name__}: {exc}", self._settings.key_names))
         latency_ms = (time.perf_counter() - clock) * 1000
         call = make_call(
             prompt_tokens=prompt_tokens,
@@ -394,10 +455,11 @@ class StepRunner:
             latency_ms=round(latency_ms, 3),
             outcome=outcome,
             error=error,
+            usage_source=source,
         )
         if check_raised is not None:
             raise _CheckRaised(call, check_raised)
-        return call, value
+        return call, value, busy
 
     def _call(
         self,
@@ -416,6 +478,7 @@ class StepRunner:
         outcome: str,
         error: str | None,
         reserved_usd: Decimal | None = None,
+        usage_source: str | None = None,
     ) -> Call:
         # A call refused before its request, or never delivered, used no machine time.
         seconds = 0.0 if outcome in ("unavailable", "budget_blocked") else latency_ms / 1000
@@ -437,6 +500,7 @@ class StepRunner:
             created_at=started,
             reserved_usd=reserved_usd,
             local=local,
+            usage_source=usage_source,
         )
 
 

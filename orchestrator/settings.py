@@ -49,6 +49,9 @@ class ModelEntry(_Strict):
     api_key_env: str | None = None
     timeout_s: float = Field(default=60.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     stream: bool = False  # ask for streamed answers; usage is recorded the same way
+    # How the model takes a step's output schema: the schema itself, any JSON
+    # object, or nothing. A server that refuses one form gets the next.
+    structured: Literal["json_schema", "json_object", "none"] = "json_schema"
 
     @property
     def provider(self) -> str:
@@ -177,6 +180,20 @@ class Settings:
     @property
     def tier_names(self) -> list[str]:
         return list(self.config.tiers)
+
+    @property
+    def key_names(self) -> tuple[str, ...]:
+        """Every variable tierflow.yaml names as a key (``api_key_env``): their values are masked."""
+        return tuple(
+            sorted(
+                {
+                    entry.api_key_env
+                    for tier in self.config.tiers.values()
+                    for entry in tier.models
+                    if entry.api_key_env
+                }
+            )
+        )
 
     def queue_of(self, tier: str) -> str:
         """The queue whose workers run steps on ``tier``."""

@@ -5,6 +5,12 @@ speaks OpenAI chat completions. The real ``ollama`` and litellm clients talk to
 them, so a test exercises everything but the model. Queue replies with
 ``reply(...)`` or set ``responder``; every request body is kept in ``requests``.
 
+A reply can also fail on the wire the way real providers and proxies do:
+``FAILURES`` names one of each (a reply later than the client waits, a
+connection closed or reset after the request, a body cut midway, malformed
+JSON, an HTML page with status 200, no choices, no usage, a stream cut before
+its first chunk, a 429 with ``Retry-After``, and 500/502/503).
+
 Responses go out in one write with TCP_NODELAY set: otherwise Nagle's algorithm
 and delayed ACKs add about 40 ms to every call.
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import struct
 import sys
 import threading
 import time
@@ -23,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,13 @@ class Reply:
     raw: bytes | None = None  # sent as the body instead of a well-formed answer
     # For a streamed request: the connection drops after this many chunks.
     abort_after: int | None = None
+    # After reading the request: "close" or "reset" the connection with no
+    # answer, or send the headers and half the body, then close ("mid_body").
+    drop: Literal["close", "reset", "mid_body"] | None = None
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()  # more response headers, e.g. Retry-After
+    with_usage: bool = True  # False: the answer (or stream) reports no usage
+    empty: bool = False  # a 200 that holds no answer: OpenAI's ``choices: []``, Ollama's no message
 
     def usage(self, body: dict[str, Any]) -> tuple[int, int]:
         """Prompt and completion tokens to report for this reply to ``body``."""
@@ -58,6 +72,14 @@ class Stream:
     chunks: list[bytes]
     complete: bool
     content_type: str
+
+
+Payload = dict[str, Any] | bytes | Stream
+
+
+def _unscripted(status: int, payload: Payload) -> tuple[int, Payload, Reply]:
+    """An answer that no script chose (the model list, a missing route)."""
+    return status, payload, Reply()
 
 
 def _words(text: str) -> list[str]:
@@ -119,10 +141,8 @@ class LoopbackServer:
             time.sleep(reply.delay_s)
         return reply
 
-    def route(
-        self, method: str, path: str, body: dict[str, Any]
-    ) -> tuple[int, dict[str, Any] | bytes | Stream]:
-        """Status and JSON payload (or raw bytes, or a stream) for one request."""
+    def route(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Payload, Reply]:
+        """Status, JSON payload (or raw bytes, or a stream) and the reply it came from."""
         raise NotImplementedError
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
@@ -152,19 +172,40 @@ class LoopbackServer:
                 body["_headers"] = {k.lower(): v for k, v in self.headers.items()}
                 with server._lock:
                     server.requests.append(body)
-                status, payload = server.route(method, body["_path"], body)
+                status, payload, reply = server.route(method, body["_path"], body)
+                if reply.drop in ("close", "reset"):
+                    self._drop(reset=reply.drop == "reset")
+                    return
                 if isinstance(payload, Stream):
                     self._send_stream(payload)
                     return
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                extra = "".join(f"{name}: {value}\r\n" for name, value in reply.headers)
                 head = (
                     f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
-                    "Content-Type: application/json\r\n"
+                    f"Content-Type: {reply.content_type}\r\n{extra}"
                     f"Content-Length: {len(data)}\r\n\r\n"
                 ).encode()
+                if reply.drop == "mid_body":
+                    data = data[: len(data) // 2]
                 # The client may have given up already (a timeout test).
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(head + data)
+                    if reply.drop == "mid_body":
+                        self.wfile.flush()
+                        self._drop(reset=False)
+
+            def _drop(self, *, reset: bool) -> None:
+                """End the connection with nothing more: a FIN, or with ``reset`` an RST."""
+                self.close_connection = True
+                if reset:  # a zero linger time makes close() send an RST
+                    self.connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    self.connection.close()
+                    return
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
 
             def _send_stream(self, stream: Stream) -> None:
                 head = (
@@ -181,8 +222,7 @@ class LoopbackServer:
                         self.wfile.write(b"0\r\n\r\n")
                         return
                 # Cut off mid-body, as a crashed or disconnected provider would.
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
+                self._drop(reset=False)
 
         return Handler
 
@@ -194,32 +234,33 @@ class OllamaServer(LoopbackServer):
         super().__init__(**options)
         self.models = list(models)
 
-    def route(
-        self, method: str, path: str, body: dict[str, Any]
-    ) -> tuple[int, dict[str, Any] | bytes | Stream]:
+    def route(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Payload, Reply]:
         if path == "/api/tags":
-            return 200, {
-                "models": [
-                    {
-                        "name": m,
-                        "model": m,
-                        "modified_at": "2026-11-01T00:00:00Z",
-                        "size": 1,
-                        "digest": "0" * 64,
-                        "details": {},
-                    }
-                    for m in self.models
-                ]
-            }
+            return _unscripted(
+                200,
+                {
+                    "models": [
+                        {
+                            "name": m,
+                            "model": m,
+                            "modified_at": "2026-11-01T00:00:00Z",
+                            "size": 1,
+                            "digest": "0" * 64,
+                            "details": {},
+                        }
+                        for m in self.models
+                    ]
+                },
+            )
         if path != "/api/chat":
-            return 404, {"error": f"no route {path}"}
+            return _unscripted(404, {"error": f"no route {path}"})
         if body.get("model") not in self.models:
-            return 404, {"error": f"model '{body.get('model')}' not found"}
+            return _unscripted(404, {"error": f"model '{body.get('model')}' not found"})
         reply = self._next_reply(body)
         if reply.raw is not None:
-            return reply.status, reply.raw
+            return reply.status, reply.raw, reply
         if reply.status != 200:
-            return reply.status, {"error": reply.text}
+            return reply.status, {"error": reply.text}, reply
         prompt, completion = reply.usage(body)
         final = {
             "model": body["model"],
@@ -231,37 +272,40 @@ class OllamaServer(LoopbackServer):
             "prompt_eval_count": prompt,
             "eval_count": completion,
         }
+        if not reply.with_usage:
+            del final["prompt_eval_count"], final["eval_count"]
+        if reply.empty:
+            del final["message"]
         if body.get("stream") is False:
-            return 200, final
+            return 200, final, reply
         pieces = [
             {**final, "message": {"role": "assistant", "content": word}, "done": False}
             for word in _words(reply.text)
         ]
         for piece in pieces:
             for key in ("done_reason", "total_duration", "prompt_eval_count", "eval_count"):
-                del piece[key]
+                piece.pop(key, None)
         lines = [json.dumps(p).encode() + b"\n" for p in pieces]
         lines.append(
             json.dumps({**final, "message": {"role": "assistant", "content": ""}}).encode() + b"\n"
         )
-        return 200, _cut(lines, reply, "application/x-ndjson")
+        return 200, _cut(lines, reply, "application/x-ndjson"), reply
 
 
 class OpenAIServer(LoopbackServer):
     """Speaks OpenAI's ``POST /v1/chat/completions``, streamed (SSE) or not."""
 
-    def route(
-        self, method: str, path: str, body: dict[str, Any]
-    ) -> tuple[int, dict[str, Any] | bytes | Stream]:
+    def route(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Payload, Reply]:
         if not path.endswith("/chat/completions"):
-            return 404, {"error": {"message": f"no route {path}", "type": "invalid_request_error"}}
+            return _unscripted(
+                404, {"error": {"message": f"no route {path}", "type": "invalid_request_error"}}
+            )
         reply = self._next_reply(body)
         if reply.raw is not None:
-            return reply.status, reply.raw
+            return reply.status, reply.raw, reply
         if reply.status != 200:
-            return reply.status, {
-                "error": {"message": reply.text, "type": "server_error", "code": None}
-            }
+            error = {"message": reply.text, "type": "server_error", "code": None}
+            return reply.status, {"error": error}, reply
         prompt, completion = reply.usage(body)
         usage = {
             "prompt_tokens": prompt,
@@ -269,8 +313,8 @@ class OpenAIServer(LoopbackServer):
             "total_tokens": prompt + completion,
         }
         if body.get("stream"):
-            return 200, self._stream(body, reply, usage)
-        return 200, {
+            return 200, self._stream(body, reply, usage), reply
+        answer = {
             "id": f"chatcmpl-{len(self.requests)}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -284,6 +328,11 @@ class OpenAIServer(LoopbackServer):
             ],
             "usage": usage,
         }
+        if not reply.with_usage:
+            del answer["usage"]
+        if reply.empty:
+            answer["choices"] = []
+        return 200, answer, reply
 
     def _stream(self, body: dict[str, Any], reply: Reply, usage: dict[str, int]) -> Stream:
         """Server-sent events: a delta per word, then usage if asked for, then [DONE]."""
@@ -298,7 +347,7 @@ class OpenAIServer(LoopbackServer):
             for word in _words(reply.text)
         ]
         events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if reply.with_usage and (body.get("stream_options") or {}).get("include_usage"):
             events.append({**base, "choices": [], "usage": usage})
         lines = [b"data: " + json.dumps(event).encode() + b"\n\n" for event in events]
         lines.append(b"data: [DONE]\n\n")
@@ -310,6 +359,28 @@ def _cut(chunks: list[bytes], reply: Reply, content_type: str) -> Stream:
     if reply.abort_after is None:
         return Stream(chunks, complete=True, content_type=content_type)
     return Stream(chunks[: reply.abort_after], complete=False, content_type=content_type)
+
+
+# One reply for each way a provider or a proxy in front of it fails after the
+# request has reached it. ``slow`` outlasts any client timeout under 3 s;
+# ``stream_cut`` fails only a streamed request.
+FAILURES: dict[str, Reply] = {
+    "slow": Reply(delay_s=3.0),
+    "closed": Reply(drop="close"),
+    "reset": Reply(drop="reset"),
+    "body_cut": Reply(drop="mid_body"),
+    "malformed_json": Reply(raw=b'{"id": "chatcmpl-1", "choices": [{"index": 0, "mess'),
+    "html_200": Reply(
+        raw=b"<html><body>Welcome to our portal</body></html>", content_type="text/html"
+    ),
+    "no_choices": Reply(empty=True, with_usage=False),
+    "no_usage": Reply(with_usage=False),
+    "stream_cut": Reply(abort_after=0),
+    "rate_limited": Reply(status=429, text="Rate limit reached", headers=(("Retry-After", "1"),)),
+    "500": Reply(status=500, text="The server had an error while processing your request"),
+    "502": Reply(status=502, text="Bad gateway"),
+    "503": Reply(status=503, text="The engine is currently overloaded"),
+}
 
 
 def main(argv: list[str]) -> None:

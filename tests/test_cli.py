@@ -52,7 +52,7 @@ def test_run_show_runs_and_spend(
     project: Project, ollama: OllamaServer, frontier: OpenAIServer
 ) -> None:
     typed_project(project)
-    ollama.reply(Reply(status=500, text="boom"), "drafted")
+    ollama.reply(Reply(status=400, text="boom"), "drafted")
     frontier.reply(Reply(text="polished", prompt_tokens=1000, completion_tokens=100))
     proc = tierflow("run", "pair", "-i", "text=hello", "-i", "count=3", "--json", cwd=project.root)
     assert proc.returncode == 0, proc.stderr
@@ -99,8 +99,8 @@ def test_failed_run_exits_1_and_keeps_its_ledger(
     project: Project, ollama: OllamaServer, frontier: OpenAIServer
 ) -> None:
     typed_project(project)
-    ollama.reply(Reply(status=500, text="down"))
-    frontier.default = Reply(status=500, text="also down")
+    ollama.reply(Reply(status=400, text="down"))
+    frontier.default = Reply(status=400, text="also down")
     proc = tierflow("run", "pair", "-i", "text=x", cwd=project.root)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -247,7 +247,7 @@ def test_failed_step_stops_its_dependents_and_keeps_the_ledger(
             ],
         }
     )
-    ollama.reply(Reply(status=500, text="broken"))
+    ollama.reply(Reply(status=400, text="broken"))
     result = project.run("halt")
     assert result.status == "failed"
     assert statuses(result.steps) == {"first": "failed"}
@@ -291,7 +291,7 @@ def test_a_failed_parallel_branch_leaves_no_call_unaccounted(
     def answer(body: dict) -> Reply:
         prompt = last_prompt(body)
         if prompt == "fails":
-            return Reply(status=500, text="broken")
+            return Reply(status=400, text="broken")
         return Reply(text="slow", delay_s=1.0)
 
     ollama.responder = answer

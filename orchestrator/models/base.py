@@ -2,14 +2,19 @@
 
 A client knows its protocol (Ollama, llama.cpp, litellm). Where it runs and with
 which key is the tier configuration's business, handed to the constructor.
-Clients translate their library's errors into ``ModelUnavailable``,
-``ModelTimeout`` or ``ModelCallError`` at this boundary.
+Clients translate their library's errors into ``ModelError``s at this
+boundary, and say whether the request may have reached the model: a call that
+provably never left is ``ModelUnavailable``; anything else may have been billed.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 
@@ -22,6 +27,8 @@ class ModelRequest:
     timeout_s: float
     json_schema: dict[str, Any] | None = None
     stream: bool = False  # ask for the answer as a stream, and assemble it
+    # How to ask for ``json_schema``: the first of FORMS to try (ModelEntry.structured).
+    structured: str = "json_schema"
 
 
 @dataclass(frozen=True)
@@ -29,12 +36,60 @@ class ModelReply:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    counted: bool = False  # the backend reported no usage: the tokens were counted here
 
 
-def prompt_tokens_upper_bound(messages: list[dict[str, str]]) -> int:
-    """At least the prompt's real token count: a byte-level BPE token holds at
-    least one byte, plus a chat template's tokens around each message."""
-    return sum(len(m["content"].encode()) + 16 for m in messages)
+# Ways to ask for structured output, strongest first: the schema itself, any
+# JSON object, or nothing (the answer is checked against the schema here either way).
+FORMS = ("json_schema", "json_object", "none")
+# A schema may travel as a tool, for which a provider adds its own system prompt
+# (Anthropic's tool-use prompt is about 350 tokens), besides the schema's own tokens.
+STRUCTURED_OVERHEAD_TOKENS = 512
+
+
+def prompt_tokens_upper_bound(request: ModelRequest) -> int:
+    """At least the prompt tokens a provider can bill for ``request``.
+
+    A byte-level BPE token holds at least one byte, and a chat template adds
+    tokens around each message. A JSON schema is billed too: counted twice, as
+    the response format and as the instructions that name it for servers that
+    take only JSON objects, plus what a provider wraps around it.
+    """
+    tokens = sum(len(m["content"].encode()) + 16 for m in request.messages)
+    if request.json_schema is not None:
+        schema = len(json.dumps(request.json_schema).encode())
+        tokens += 2 * schema + STRUCTURED_OVERHEAD_TOKENS
+    return tokens
+
+
+def instructed(messages: list[dict[str, str]], schema: dict[str, Any]) -> list[dict[str, str]]:
+    """``messages`` with the schema stated in the system message, for a server that
+    is asked for any JSON object, or for nothing: the answer's shape in words."""
+    note = f"Answer with JSON only, matching this JSON Schema: {json.dumps(schema)}"
+    if messages and messages[0]["role"] == "system":
+        first = messages[0]
+        return [{**first, "content": f"{first['content']}\n\n{note}"}, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
+
+
+class Forms:
+    """The structured-output form each model takes, learnt from its refusals and
+    kept for the life of the client that owns this."""
+
+    def __init__(self) -> None:
+        self._fallen: dict[str, int] = {}  # model -> index in FORMS of the first form it took
+
+    def of(self, request: ModelRequest) -> str:
+        start = FORMS.index(request.structured)
+        return FORMS[max(start, self._fallen.get(request.model, 0))]
+
+    def refused(self, request: ModelRequest, form: str) -> bool:
+        """Remember that the model refused ``form``; False if no weaker form is left."""
+        after = FORMS.index(form) + 1
+        if after >= len(FORMS):
+            return False
+        self._fallen[request.model] = max(self._fallen.get(request.model, 0), after)
+        return True
 
 
 class ModelClient(ABC):
@@ -44,3 +99,23 @@ class ModelClient(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - most clients hold nothing to close
         """Release connections. Called once, inside the event loop that used the client."""
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from an HTTP ``Retry-After`` value: delay-seconds or an
+    HTTP date (RFC 9110 §10.2.3). None when absent or unreadable; a date in the
+    past is 0."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None

@@ -2,28 +2,78 @@
 
 This is the only module that imports litellm. It sets
 LITELLM_LOCAL_MODEL_COST_MAP first, so importing litellm never reaches for the
-internet, and turns litellm's exceptions into ours here, at the boundary.
+internet, keeps litellm's banner, debug hints and log handlers off the user's
+terminal, and turns litellm's exceptions into ours here, at the boundary.
+
+litellm raises one class for many failures (``InternalServerError`` for a
+real 500, a refused connection and a dropped one alike), so a failure is read
+from its cause chain: an HTTP status the server sent, a connection that was
+never made (the request never left), or anything else (it may have been billed).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import logging
 import os
+import re
+import socket
+from collections.abc import Iterator
 from typing import Any
 
-from orchestrator.errors import ModelCallError, ModelTimeout, ModelUnavailable
-from orchestrator.models.base import ModelClient, ModelReply, ModelRequest
+from orchestrator.errors import (
+    ModelBusy,
+    ModelCallError,
+    ModelError,
+    ModelRefused,
+    ModelTimeout,
+    ModelUnavailable,
+)
+from orchestrator.models.base import (
+    Forms,
+    ModelClient,
+    ModelReply,
+    ModelRequest,
+    instructed,
+    parse_retry_after,
+)
 
 # A loopback or self-hosted OpenAI-compatible server often wants no key, but the
 # OpenAI SDK refuses to send a request without one.
 NO_KEY = "no-key"
+# Words of a refusal of the output form we asked for (llama-cpp-python's server:
+# "'loc': ('body', 'response_format', 'type'), 'msg': \"Input should be 'text' or 'json_object'\"").
+FORM_WORDS = ("response_format", "json_schema", "json_object")
 
 
 def import_litellm() -> Any:
     os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
     import litellm
 
+    # Otherwise every provider error prints "Give Feedback / Get Help" and a
+    # debug hint to stdout, which breaks `--json` output.
+    litellm.suppress_debug_info = True
+    _quiet_loggers()
     return litellm
+
+
+def _quiet_loggers() -> None:
+    """litellm's loggers write to stdout and stderr through a handler of their own.
+    Replace it with a NullHandler, keeping its secret filters on the logger: the
+    records still reach whatever logging the host application configured, and
+    nothing reaches the terminal of a CLI that configured none."""
+    for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.NullHandler):
+                continue
+            for kept in handler.filters:
+                if kept not in logger.filters:
+                    logger.addFilter(kept)
+            logger.removeHandler(handler)
+        if not logger.handlers:
+            logger.addHandler(logging.NullHandler())
 
 
 class LiteLLMClient(ModelClient):
@@ -35,13 +85,22 @@ class LiteLLMClient(ModelClient):
 
     def __init__(self, *, model: str, api_base: str | None, api_key_env: str | None) -> None:
         self._litellm = import_litellm()
-        import openai  # already imported by litellm; its APIError is litellm's base class
+        import aiohttp  # litellm's transport; both already imported by litellm
+        import httpx
 
-        self._openai = openai
+        self._httpx = httpx
+        # Failures to connect: the request never left this machine.
+        self._never_sent: tuple[type[BaseException], ...] = (
+            ConnectionRefusedError,
+            socket.gaierror,  # the host name did not resolve
+            httpx.ConnectTimeout,
+            aiohttp.ClientConnectorError,  # refused, DNS, TLS, connect timeout
+        )
         self._model = model
         self._api_base = api_base
         self._api_key_env = api_key_env
         self._checked_key: tuple[str | None] | None = None
+        self._forms = Forms()
 
     def _api_key(self) -> str | None:
         """The key to send; checked once per client, since a process's environment is fixed."""
@@ -64,14 +123,8 @@ class LiteLLMClient(ModelClient):
 
     async def complete(self, request: ModelRequest) -> ModelReply:
         api_key = self._api_key()
-        litellm = self._litellm
-        response_format = None
-        if request.json_schema is not None:
-            response_format = {
-                "type": "json_schema",
-                "json_schema": {"name": "output", "schema": request.json_schema},
-            }
-        options = {
+        form = self._forms.of(request) if request.json_schema is not None else "none"
+        options: dict[str, Any] = {
             "model": self._model,
             "messages": request.messages,
             "max_tokens": request.max_tokens,
@@ -79,76 +132,148 @@ class LiteLLMClient(ModelClient):
             "timeout": request.timeout_s,
             "api_base": self._api_base,
             "api_key": api_key,
-            "response_format": response_format,
+            "response_format": None,
             "drop_params": True,
-            "num_retries": 0,  # the tier ladder is the retry policy
+            "num_retries": 0,  # the scheduler decides what to ask again
             "max_retries": 0,
         }
-        if request.stream:
-            return await self._stream(request, options)
+        if request.json_schema is not None:
+            if form == "json_schema":
+                options["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "output", "schema": request.json_schema},
+                }
+            else:
+                options["messages"] = instructed(request.messages, request.json_schema)
+            if form == "json_object":
+                # "schema" is llama-cpp-python's: its server makes a grammar of it.
+                options["response_format"] = {"type": "json_object", "schema": request.json_schema}
         try:
-            response = await litellm.acompletion(**options)
+            if request.stream:
+                return await self._stream(request, options)
+            response = await self._litellm.acompletion(**options)
+        except ModelError:
+            raise
         except Exception as exc:
-            raise self._error(exc, request) from None
-        usage = getattr(response, "usage", None)
-        return ModelReply(
-            text=response.choices[0].message.content or "",
-            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-        )
+            raise self._error(exc, request, form) from None
+        usage = _reported(getattr(response, "usage", None))
+        if not response.choices:
+            raise ModelCallError(f"{self._model}: the answer held no choices", usage=usage)
+        text = response.choices[0].message.content or ""
+        if usage is None:
+            prompt, completion = self._count(request, options["messages"], text)
+            return ModelReply(text, prompt, completion, counted=True)
+        return ModelReply(text, *usage)
 
     async def _stream(self, request: ModelRequest, options: dict[str, Any]) -> ModelReply:
-        """Assemble a streamed answer, with the usage the provider sends at its end.
+        """Assemble a streamed answer, with the usage at its end.
 
-        A stream cut short (or one whose provider sends no usage) is counted
-        with litellm's tokenizer for the model: the prompt, and the text received.
+        litellm counts a stream's tokens itself when the provider sends no usage,
+        and says not which it did; usage that equals litellm's own count is taken
+        as counted. A stream that breaks, or ends with neither text nor usage (what
+        litellm makes of a body that is not a stream), may still have been billed:
+        it is an error with no usage.
         """
         parts: list[str] = []
         usage = None
+        chunks = await self._litellm.acompletion(
+            **options, stream=True, stream_options={"include_usage": True}
+        )
         try:
-            chunks = await self._litellm.acompletion(
-                **options, stream=True, stream_options={"include_usage": True}
-            )
             async for chunk in chunks:
                 if chunk.choices and chunk.choices[0].delta.content:
                     parts.append(chunk.choices[0].delta.content)
                 usage = getattr(chunk, "usage", None) or usage
         except Exception as exc:
             if not parts:
-                raise self._error(exc, request) from None
-            prompt, completion = self._count(request, parts)
+                raise
             raise ModelCallError(
-                f"{self._model}: the stream broke after {len(parts)} chunks: {_first_line(exc)}",
-                prompt_tokens=prompt,
-                completion_tokens=completion,
+                f"{self._model}: the stream broke after {len(parts)} chunks: {_message(exc)}",
+                mask=[self._api_key_env],
             ) from None
         text = "".join(parts)
-        if usage is None or not getattr(usage, "prompt_tokens", 0):
-            prompt, completion = self._count(request, parts)
-            return ModelReply(text=text, prompt_tokens=prompt, completion_tokens=completion)
-        return ModelReply(
-            text=text,
-            prompt_tokens=int(usage.prompt_tokens),
-            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-        )
+        if not parts and usage is None:
+            raise ModelCallError(f"{self._model}: the stream ended with no answer")
+        reported = _reported(usage)
+        litellms = (self._count_messages(options["messages"]), self._count_text(text))
+        if reported is None or reported == litellms:
+            prompt, completion = self._count(request, options["messages"], text)
+            return ModelReply(text, prompt, completion, counted=True)
+        return ModelReply(text, *reported)
 
-    def _count(self, request: ModelRequest, parts: list[str]) -> tuple[int, int]:
+    def _count(
+        self, request: ModelRequest, messages: list[dict[str, str]], text: str
+    ) -> tuple[int, int]:
+        """Tokens of what was sent (``messages`` and the schema) and of ``text``, by
+        litellm's tokenizer for the model: for an answer whose provider reported no usage."""
+        prompt = self._count_messages(messages)
+        if request.json_schema is not None:
+            prompt += int(
+                self._litellm.token_counter(model=self._model, text=json.dumps(request.json_schema))
+            )
+        return prompt, self._count_text(text)
+
+    def _count_messages(self, messages: list[dict[str, str]]) -> int:
+        return int(self._litellm.token_counter(model=self._model, messages=messages))
+
+    def _count_text(self, text: str) -> int:
+        if not text:
+            return 0
         count = self._litellm.token_counter
-        prompt = count(model=self._model, messages=request.messages)
-        return int(prompt), int(count(model=self._model, text="".join(parts))) if parts else 0
+        return int(count(model=self._model, text=text, count_response_tokens=True))
 
-    def _error(self, exc: Exception, request: ModelRequest) -> Exception:
-        """Ours for a litellm failure; anything else as it is."""
-        litellm = self._litellm
-        if isinstance(exc, litellm.Timeout):
-            return ModelTimeout(f"{self._model} timed out after {request.timeout_s:g}s")
-        if isinstance(exc, litellm.APIConnectionError):
-            return ModelUnavailable(f"{self._model} unreachable: {_first_line(exc)}")
-        if isinstance(exc, litellm.AuthenticationError | litellm.PermissionDeniedError):
-            return ModelUnavailable(f"{self._model}: credentials refused")
-        if isinstance(exc, self._openai.APIError):  # the base of every other provider error
-            return ModelCallError(f"{self._model}: {_first_line(exc)}")
-        return exc
+    def _error(self, exc: Exception, request: ModelRequest, form: str) -> ModelError:
+        """Ours for a litellm failure, read from its cause chain (see the module's docstring)."""
+        mask = [self._api_key_env]
+        name = self._model
+        answer = self._http_answer(exc)
+        if answer is not None:
+            status, headers, body = answer
+            said = f"{name}: HTTP {status}: {body or _message(exc)}"
+            if status in (401, 403):
+                return ModelUnavailable(f"{name}: credentials refused ({status})", mask=mask)
+            if (
+                status in (400, 422, 500)
+                and form != "none"
+                and any(word in (body or _message(exc)) for word in FORM_WORDS)
+                and self._forms.refused(request, form)
+            ):
+                return ModelBusy(
+                    f"{said} (next: {self._forms.of(request)})",
+                    billed=status >= 500,
+                    retry_after_s=0.0,
+                    mask=mask,
+                )
+            if status == 429 or status >= 500:
+                wait = parse_retry_after(headers.get("retry-after"))
+                if headers.get("retry-after-ms"):
+                    wait = (parse_retry_after(headers.get("retry-after-ms")) or 0) / 1000
+                return ModelBusy(said, billed=status != 429, retry_after_s=wait, mask=mask)
+            if status == 408:  # a proxy gave up waiting: the model may have run
+                return ModelTimeout(said, mask=mask)
+            return ModelRefused(said, mask=mask)
+        sent = not any(isinstance(cause, self._never_sent) for cause in _chain(exc))
+        if not sent:
+            return ModelUnavailable(f"{name} unreachable: {_root_cause(exc)}", mask=mask)
+        if isinstance(exc, self._litellm.Timeout):
+            return ModelTimeout(f"{name} gave no answer within {request.timeout_s:g}s", mask=mask)
+        return ModelCallError(f"{name}: {_message(exc)} ({_root_cause(exc)})", mask=mask)
+
+    def _http_answer(self, exc: BaseException) -> tuple[int, Any, str] | None:
+        """(status, headers, body) of the HTTP error answer behind ``exc``, if the
+        server sent one; None for a failure with no answer (litellm gives those a
+        made-up status)."""
+        for cause in _chain(exc):
+            if isinstance(cause, self._httpx.HTTPStatusError):
+                response = cause.response
+                try:
+                    body = response.text
+                except Exception:  # a streamed body that was never read
+                    body = ""
+                return response.status_code, response.headers, _error_text(body)
+        if isinstance(exc, self._litellm.RateLimitError):
+            return 429, getattr(exc, "litellm_response_headers", None) or {}, ""
+        return None
 
     async def aclose(self) -> None:
         # litellm caches HTTP clients per process; they belong to the event loop
@@ -162,6 +287,47 @@ class LiteLLMClient(ModelClient):
         cache.flush_cache()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+def _reported(usage: Any) -> tuple[int, int] | None:
+    """(prompt, completion) tokens a provider reported; None if it reported none
+    (litellm fills in zeros)."""
+    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+    if prompt <= 0:
+        return None
+    return prompt, int(getattr(usage, "completion_tokens", 0) or 0)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it was raised from or while handling."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _root_cause(exc: BaseException) -> str:
+    last = list(_chain(exc))[-1]
+    return f"{type(last).__name__}: {last}" if str(last) else type(last).__name__
+
+
+def _message(exc: BaseException) -> str:
+    """litellm's message without its class prefixes ("litellm.InternalServerError: ...")."""
+    return _PREFIXES.sub("", str(exc).strip()) or type(exc).__name__
+
+
+_PREFIXES = re.compile(r"^(?:(?:litellm\.)?\w+(?:Error|Exception)(?::| -)\s*)+")
+
+
+def _error_text(body: str) -> str:
+    """The message of an OpenAI-style error body (``{"error": {"message": ...}}``), or the body."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    if isinstance(error, str):
+        return error
+    return body

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Any
 
-from orchestrator.errors import ModelCallError, ModelTimeout, ModelUnavailable
+from orchestrator.errors import (
+    ModelBusy,
+    ModelCallError,
+    ModelError,
+    ModelRefused,
+    ModelTimeout,
+    ModelUnavailable,
+)
 from orchestrator.models.base import (
+    Forms,
     ModelClient,
     ModelReply,
     ModelRequest,
-    prompt_tokens_upper_bound,
+    instructed,
+    parse_retry_after,
 )
 
 
@@ -41,13 +51,19 @@ class OllamaClient(ModelClient):
         self._timed: dict[float, Any] = {}
         self._host = host or os.environ.get("OLLAMA_HOST") or "127.0.0.1:11434"
         self._pulled: set[str] | None = None
+        self._forms = Forms()
 
     async def complete(self, request: ModelRequest) -> ModelReply:
         await self._check_pulled(request.model)
+        form = self._forms.of(request) if request.json_schema is not None else "none"
+        messages = request.messages
+        if request.json_schema is not None and form != "json_schema":
+            messages = instructed(messages, request.json_schema)
         chat: dict[str, Any] = {
             "model": request.model,
-            "messages": request.messages,
-            "format": request.json_schema,
+            "messages": messages,
+            # A schema (Ollama 0.5 and later), any JSON ("json"), or free text.
+            "format": {"json_schema": request.json_schema, "json_object": "json"}.get(form),
             "options": {"num_predict": request.max_tokens, "temperature": request.temperature},
         }
         client = self._timed.get(request.timeout_s)
@@ -56,55 +72,66 @@ class OllamaClient(ModelClient):
             client = self._timed[request.timeout_s] = self._ollama.AsyncClient(
                 host=self._host_arg, timeout=request.timeout_s, verify=_tls()
             )
-        if request.stream:
-            return await self._stream(client, request, chat)
         try:
+            if request.stream:
+                return await self._stream(client, chat)
             response = await client.chat(**chat, stream=False)
+            text = response.message.content or ""
+        except ModelError:
+            raise
         except Exception as exc:
-            raise self._error(exc, request) from None
-        return ModelReply(
-            text=response.message.content or "",
-            prompt_tokens=response.prompt_eval_count or 0,
-            completion_tokens=response.eval_count or 0,
-        )
+            raise self._error(exc, request, form) from None
+        return _reply(chat, text, response.prompt_eval_count, response.eval_count)
 
-    async def _stream(self, client: Any, request: ModelRequest, chat: dict[str, Any]) -> ModelReply:
+    async def _stream(self, client: Any, chat: dict[str, Any]) -> ModelReply:
         """Assemble a streamed answer. Ollama sends one token a chunk and its counts in
-        the last; a stream cut short is billed as the chunks received, after a prompt
-        counted at its upper bound (Ollama reports prompt tokens only at the end)."""
+        the last; a stream that breaks or ends before its last chunk may still have
+        been billed, and reported nothing: an error with no usage."""
         parts: list[str] = []
         try:
             chunks = await client.chat(**chat, stream=True)
             async for chunk in chunks:
                 parts.append(chunk.message.content or "")
                 if chunk.done:
-                    return ModelReply(
-                        text="".join(parts),
-                        prompt_tokens=chunk.prompt_eval_count or 0,
-                        completion_tokens=chunk.eval_count or len(parts),
-                    )
+                    return _reply(chat, "".join(parts), chunk.prompt_eval_count, chunk.eval_count)
             why = "it ended before its last chunk"
         except Exception as exc:
             if not parts:
-                raise self._error(exc, request) from None
-            why = f"{type(exc).__name__}: {str(exc)[:200]}"
-        raise ModelCallError(
-            f"Ollama: the stream broke after {len(parts)} chunks: {why}",
-            prompt_tokens=prompt_tokens_upper_bound(request.messages),
-            completion_tokens=len(parts),
-        )
+                raise
+            why = f"{type(exc).__name__}: {exc}"
+        raise ModelCallError(f"Ollama: the stream broke after {len(parts)} chunks: {why}")
 
-    def _error(self, exc: Exception, request: ModelRequest) -> Exception:
-        """Ours for a failure of the ``ollama`` client; anything else as it is."""
-        if isinstance(exc, ConnectionError):
+    def _error(self, exc: Exception, request: ModelRequest, form: str) -> ModelError:
+        """Ours for a failure of the ``ollama`` client. The client turns httpx's
+        ConnectError (raised before the request is written) into ConnectionError."""
+        if isinstance(exc, ConnectionError | self._httpx.ConnectTimeout):
             return ModelUnavailable(f"Ollama unreachable at {self._host}")
         if isinstance(exc, self._ollama.ResponseError):
-            return ModelCallError(f"Ollama {exc.status_code}: {exc.error}")
+            status, said = exc.status_code, f"Ollama {exc.status_code}: {exc.error}"
+            if status == 404 and "not found" in exc.error:
+                self._pulled = None  # read the model list again next time
+                return ModelUnavailable(
+                    f"{request.model} is not pulled on {self._host} (run: ollama pull {request.model})"
+                )
+            if (
+                status in (400, 500)
+                and form != "none"
+                and "format" in exc.error.lower()
+                and self._forms.refused(request, form)
+            ):
+                return ModelBusy(
+                    f"{said} (next: {self._forms.of(request)})",
+                    billed=status >= 500,
+                    retry_after_s=0.0,
+                )
+            if status == 429 or status >= 500:
+                return ModelBusy(said, billed=status != 429, retry_after_s=_retry_after(exc))
+            if 400 <= status < 500:
+                return ModelRefused(said)
+            return ModelCallError(said)  # an error line inside a stream
         if isinstance(exc, self._httpx.TimeoutException):
             return ModelTimeout(f"Ollama gave no answer within {request.timeout_s:g}s")
-        if isinstance(exc, self._httpx.HTTPError):
-            return ModelCallError(f"Ollama: {type(exc).__name__}: {exc}")
-        return exc
+        return ModelCallError(f"Ollama: {type(exc).__name__}: {exc}")
 
     async def aclose(self) -> None:
         for client in [self._client, *self._timed.values()]:
@@ -116,13 +143,41 @@ class OllamaClient(ModelClient):
                 listing = await self._client.list()
             except ConnectionError:
                 raise ModelUnavailable(f"Ollama unreachable at {self._host}") from None
-            except self._ollama.ResponseError as exc:
-                raise ModelCallError(f"Ollama {exc.status_code}: {exc.error}") from None
+            except Exception as exc:
+                # No chat request was sent: the model could not be asked.
+                why = exc.error if isinstance(exc, self._ollama.ResponseError) else exc
+                raise ModelUnavailable(
+                    f"Ollama at {self._host} could not list its models: {type(exc).__name__}: {why}"
+                ) from None
             self._pulled = {_tagged(entry.model or "") for entry in listing.models}
         if _tagged(model) not in self._pulled:
             raise ModelUnavailable(
                 f"{model} is not pulled on {self._host} (run: ollama pull {model})"
             )
+
+
+def _reply(
+    chat: dict[str, Any], text: str, prompt: int | None, completion: int | None
+) -> ModelReply:
+    """The reply, with Ollama's counts. Ollama leaves a count out (the prompt's, when
+    its cache held the prompt), so a missing one is estimated at its upper bound:
+    a byte-level token holds at least one byte."""
+    if prompt and completion is not None:
+        return ModelReply(text, prompt, completion)
+    if not prompt:
+        sent = [m["content"] for m in chat["messages"]]
+        if isinstance(chat["format"], dict):
+            sent.append(json.dumps(chat["format"]))
+        prompt = sum(len(part.encode()) + 16 for part in sent)
+    if completion is None:
+        completion = len(text.encode())
+    return ModelReply(text, prompt, completion, counted=True)
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    """The ``Retry-After`` of the HTTP answer the ollama client raised ``exc`` for."""
+    response = getattr(exc.__context__, "response", None)
+    return parse_retry_after(getattr(response, "headers", {}).get("retry-after"))
 
 
 def _tagged(name: str) -> str:

@@ -134,6 +134,8 @@ model_calls = Table(
     # The worst case reserved before the request; what cost_usd leaves of it was released.
     Column("reserved_usd", Money),
     Column("local", Boolean),  # served by a local tier: its cost is not provider spend
+    # reported, counted (the provider reported none), worst_case, or NULL (nothing billed).
+    Column("usage_source", String(12)),
     Column("latency_ms", Float, nullable=False),
     Column("outcome", String(20), nullable=False),
     # pending: written before the request; settled: its real usage is known;
