@@ -80,6 +80,14 @@ def _parse(source: str, *, expression: bool) -> tuple[nodes.Template, int]:
         raise TemplateProblem("nested too deeply to read") from None
 
 
+def _names(ast: nodes.Template) -> set[str]:
+    """The context names ``ast`` reads; finding them compiles it, so it can fail too."""
+    try:
+        return meta.find_undeclared_variables(ast)
+    except jinja2.TemplateSyntaxError as exc:  # an unknown filter or test, say
+        raise TemplateProblem(exc.message or str(exc), exc.lineno) from None
+
+
 def _compile(ast: nodes.Template) -> jinja2.Template:
     env = environment()
     try:
@@ -103,7 +111,7 @@ class Template:
         self.source = source
         self.label = label
         ast, self.tokens = _parse(source, expression=False)
-        self.names = meta.find_undeclared_variables(ast)
+        self.names = _names(ast)
         self.references = list(_references(ast))
         self.reads = frozenset(_reads(ast))
         self._template = _compile(ast)  # rewrites the tree: read it first
@@ -132,7 +140,7 @@ class Expression:
         self.source = source
         self.label = label
         ast, self.tokens = _parse(source, expression=True)
-        self.names = meta.find_undeclared_variables(ast)
+        self.names = _names(ast)
         self.references = list(_references(ast))
         self.reads = frozenset(_reads(ast))
         self._compiled = TemplateExpression(_compile(ast), undefined_to_none=False)

@@ -367,6 +367,13 @@ def test_a_runtime_bomb_in_when_fails_the_run_cleanly(tmp_path: Path) -> None:
 # --- nesting ---------------------------------------------------------------------
 
 
+def test_an_unknown_filter_is_a_template_problem() -> None:
+    with pytest.raises(TemplateProblem, match="No filter named 'nope'"):
+        Template("{{ 1 | nope }}")
+    with pytest.raises(TemplateProblem, match="No test named 'nope'"):
+        Expression("1 is nope")
+
+
 @pytest.mark.parametrize(
     ("kind", "source"),
     [
