@@ -100,11 +100,9 @@ _METER: contextvars.ContextVar[_Meter | None] = contextvars.ContextVar("meter", 
 
 
 def _meter() -> _Meter:
-    meter = _METER.get()
-    if meter is None:  # used outside ``metered``: still bounded, on a meter of its own
-        meter = _Meter()
-        _METER.set(meter)
-    return meter
+    # Outside ``metered`` (nothing of ours evaluates there), each operation is
+    # still bounded on its own.
+    return _METER.get() or _Meter()
 
 
 class metered:

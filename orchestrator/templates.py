@@ -18,8 +18,9 @@ from types import TracebackType
 from typing import Any
 
 import jinja2
-from jinja2 import meta, nodes
+from jinja2 import nodes
 from jinja2.environment import TemplateExpression
+from jinja2.meta import TrackingCodeGenerator
 from jinja2.parser import Parser
 
 from orchestrator.sandbox import (
@@ -81,11 +82,18 @@ def _parse(source: str, *, expression: bool) -> tuple[nodes.Template, int]:
 
 
 def _names(ast: nodes.Template) -> set[str]:
-    """The context names ``ast`` reads; finding them compiles it, so it can fail too."""
+    """The context names ``ast`` reads (``jinja2.meta.find_undeclared_variables``).
+
+    Its code generator folds constants, which would evaluate ``0[0]`` and the
+    like while a file is checked; here it runs with the optimizer off.
+    """
+    codegen = TrackingCodeGenerator(ast.environment)  # type: ignore[arg-type]
+    codegen.optimizer = None
     try:
-        return meta.find_undeclared_variables(ast)
+        codegen.visit(ast)
     except jinja2.TemplateSyntaxError as exc:  # an unknown filter or test, say
         raise TemplateProblem(exc.message or str(exc), exc.lineno) from None
+    return codegen.undeclared_identifiers
 
 
 def _compile(ast: nodes.Template) -> jinja2.Template:

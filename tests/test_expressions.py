@@ -367,6 +367,13 @@ def test_a_runtime_bomb_in_when_fails_the_run_cleanly(tmp_path: Path) -> None:
 # --- nesting ---------------------------------------------------------------------
 
 
+def test_nothing_is_evaluated_while_names_are_found() -> None:
+    # jinja2.meta folds constants while it looks for names: 0[0] raised there.
+    expression = Expression("-(0 if 0[0] else 0)")
+    with pytest.raises(TemplateProblem, match="raised UndefinedError"):
+        expression.evaluate({})
+
+
 def test_an_unknown_filter_is_a_template_problem() -> None:
     with pytest.raises(TemplateProblem, match="No filter named 'nope'"):
         Template("{{ 1 | nope }}")
