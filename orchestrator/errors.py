@@ -45,11 +45,16 @@ class SpecError(UserError):
     """A file failed validation; ``problems`` holds each ``FILE:LINE: field: message``."""
 
     def __init__(self, *problems: str) -> None:
+        # One line each, whatever a file or a library put in the message.
+        problems = tuple(_LINE_BREAKS.sub(" ", problem) for problem in problems)
         super().__init__(*problems)
         self.problems = list(problems)
 
     def __str__(self) -> str:
         return "\n".join(self.problems)
+
+
+_LINE_BREAKS = re.compile("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]+")
 
 
 class RunError(TierflowError):

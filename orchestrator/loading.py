@@ -27,7 +27,11 @@ Loc = tuple[str | int, ...]
 M = TypeVar("M", bound=BaseModel)
 
 
-class _SafeLoader(yaml.SafeLoader):
+# libyaml's parser when PyYAML has it: the pure-Python one takes seconds on a 1 MiB file.
+_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _SafeLoader(_BaseLoader):  # type: ignore[misc]
     """``yaml.SafeLoader`` with YAML 1.2 booleans: ``on``/``yes``/``no`` stay strings.
 
     Under YAML 1.1, ``escalation: {on: [...]}`` would load the key as ``True``.
@@ -43,6 +47,20 @@ _SafeLoader.add_implicit_resolver(
     re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
     list("tTfF"),
 )
+
+MAX_DEPTH = 64  # mappings and lists inside one another
+MAX_NODES = 50_000  # keys, values and list items in one file
+
+# What YAML allows in a file: tab, newlines and printable characters (YAML 1.2, 5.1).
+_NOT_PRINTABLE = re.compile(
+    "[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]"
+)
+_UTF16_32_BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
 
 
 @dataclass(frozen=True)
@@ -88,35 +106,106 @@ def read_yaml(path: Path | str) -> YamlDoc:
         raise SpecError(f"{path}:0: (file): cannot read: {exc.strerror or exc}") from exc
     if len(raw) > MAX_FILE_BYTES:
         raise SpecError(f"{path}:1: (file): {len(raw)} bytes is over the 1 MiB limit")
-    return parse_yaml(raw.decode("utf-8", errors="replace"), path=path)
+    return parse_yaml(decode(raw, path=path), path=path)
+
+
+def decode(raw: bytes, *, path: Path) -> str:
+    """``raw`` as UTF-8 text (a UTF-8 byte-order mark is dropped), or a ``SpecError``."""
+    for bom, encoding in _UTF16_32_BOMS.items():
+        if raw.startswith(bom):
+            raise SpecError(f"{path}:1: (file): the file is {encoding}; save it as UTF-8")
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        byte = raw[exc.start]
+        raise SpecError(
+            f"{path}:{line}: (file): not UTF-8 text (byte 0x{byte:02x}); save it as UTF-8"
+        ) from None
 
 
 def parse_yaml(text: str, *, path: Path) -> YamlDoc:
-    loader = _SafeLoader(text)
+    """Parse ``text`` with the safe loader; it must hold a mapping."""
+    bad = _NOT_PRINTABLE.search(text)
+    if bad:
+        line = text.count("\n", 0, bad.start()) + 1
+        code = f"U+{ord(bad.group()):04X}"
+        hint = (
+            "is the file UTF-16? save it as UTF-8"
+            if code == "U+0000"
+            else "write it as an escape in a double-quoted string"
+        )
+        raise SpecError(
+            f"{path}:{line}: (file): control character {code} is not allowed in YAML; {hint}"
+        )
     try:
-        node = loader.get_single_node()
-        if node is None:
-            raise SpecError(f"{path}:1: (file): the file is empty; expected a mapping")
-        lines: dict[Loc, int] = {}
-        _record_lines(node, (), lines, set(), path)
-        data = loader.construct_document(node)
+        _check_shape(text, path)
+        loader = _SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                raise SpecError(f"{path}:1: (file): the file is empty; expected a mapping")
+            lines: dict[Loc, int] = {}
+            problems: list[str] = []
+            _record_lines(node, (), lines, set(), path, problems)
+            if problems:
+                raise SpecError(*problems)
+            data = loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         # An error "at the end of the stream" points past the last line.
         line = min(mark.line + 1, text.count("\n") or 1) if mark else 1
         raise SpecError(f"{path}:{line}: (file): invalid YAML: {exc.problem}") from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}:1: (file): invalid YAML: {exc}") from None
-    finally:
-        loader.dispose()
+        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SpecError(f"{path}:1: (file): invalid YAML: {problem}") from None
     if not isinstance(data, dict):
         kind = type(data).__name__
         raise SpecError(f"{path}:1: (file): expected a mapping at the top, found {kind}")
     return YamlDoc(path=path, data=data, lines=lines)
 
 
+def _check_shape(text: str, path: Path) -> None:
+    """Refuse nesting past ``MAX_DEPTH`` and more than ``MAX_NODES`` values, before composing.
+
+    The events come from a parser that does not recurse, so this is safe on any
+    input; the composer that builds the tree does recurse, once per level.
+    """
+    depth = nodes = 0
+    loader = _SafeLoader(text)
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    line = event.start_mark.line + 1 if event.start_mark else 1
+                    raise SpecError(
+                        f"{path}:{line}: (file): nested deeper than {MAX_DEPTH} levels (the limit)"
+                    )
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            if isinstance(event, yaml.NodeEvent):
+                nodes += 1
+                if nodes > MAX_NODES:
+                    line = event.start_mark.line + 1 if event.start_mark else 1
+                    raise SpecError(
+                        f"{path}:{line}: (file): more than {MAX_NODES:,} keys, values and"
+                        " list items (the limit for one file)"
+                    )
+    finally:
+        loader.dispose()
+
+
 def _record_lines(
-    node: yaml.Node, loc: Loc, lines: dict[Loc, int], seen: set[int], path: Path
+    node: yaml.Node,
+    loc: Loc,
+    lines: dict[Loc, int],
+    seen: set[int],
+    path: Path,
+    problems: list[str],
 ) -> None:
     # An alias is the same node object reached twice. Refusing them keeps a
     # 1 MiB file from expanding into a billion-laughs document.
@@ -128,13 +217,25 @@ def _record_lines(
     seen.add(id(node))
     lines.setdefault(loc, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
+        first_at: dict[tuple[str, str], int] = {}
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node)
-            lines[(*loc, key)] = key_node.start_mark.line + 1
-            _record_lines(value_node, (*loc, key), lines, seen, path)
+            line = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode):
+                # Keys are the same when they load as the same value: `1` and "1" differ.
+                same = (key_node.tag, key_node.value)
+                if same in first_at:
+                    problems.append(
+                        f"{path}:{line}: {format_loc((*loc, key))}: duplicate key"
+                        f" '{key}' (first at line {first_at[same]})"
+                    )
+                    continue
+                first_at[same] = line
+            lines[(*loc, key)] = line
+            _record_lines(value_node, (*loc, key), lines, seen, path, problems)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _record_lines(item, (*loc, index), lines, seen, path)
+            _record_lines(item, (*loc, index), lines, seen, path, problems)
 
 
 def validate(model: type[M], doc: YamlDoc, *, data: Any = None) -> M:

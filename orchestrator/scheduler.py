@@ -33,9 +33,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import jsonschema
-
-from orchestrator import retries
+from orchestrator import retries, schemas
 from orchestrator.errors import (
     LeaseLost,
     ModelBusy,
@@ -60,6 +58,18 @@ _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 class InvalidOutput(Exception):
     pass
+
+
+class _CheckRaised(Exception):
+    """A check raised on a model's answer: the workflow's error, not the model's.
+
+    It carries the call, which was made and is recorded as it went; the step
+    then fails without asking another model.
+    """
+
+    def __init__(self, call: Call, problem: TemplateProblem) -> None:
+        super().__init__(str(problem))
+        self.call, self.problem = call, problem
 
 
 class NeedsTier(Exception):
@@ -192,6 +202,8 @@ class StepRunner:
             )
             raise
         finally:
+            if record.status == "running":  # an error we did not foresee: never left running
+                record.status, record.error = "failed", "stopped by an internal error"
             record.finished_at = _now()
 
     async def _fan_out(
@@ -306,16 +318,20 @@ class StepRunner:
         Each try goes into ``record``; returns the last call and its value."""
         asked, waited = 0, 0.0
         while True:
-            call, value, busy = await self._try(
-                plan,
-                entry,
-                messages,
-                context,
-                attempt=next(attempts),
-                item_index=item_index,
-                tier_used=tier_used,
-                escalation_reason=escalation_reason,
-            )
+            try:
+                call, value, busy = await self._try(
+                    plan,
+                    entry,
+                    messages,
+                    context,
+                    attempt=next(attempts),
+                    item_index=item_index,
+                    tier_used=tier_used,
+                    escalation_reason=escalation_reason,
+                )
+            except _CheckRaised as raised:
+                record.calls.append(raised.call)
+                raise raised.problem from None
             record.calls.append(call)
             wait = retries.pause(busy, retries=asked, waited_s=waited)
             if wait is None:
@@ -400,6 +416,7 @@ class StepRunner:
         source: str | None = "worst_case"
         value: Any = None
         error: str | None = None
+        check_raised: TemplateProblem | None = None
         busy: ModelBusy | None = None
         try:
             client = self._clients.for_entry(entry)
@@ -422,8 +439,10 @@ class StepRunner:
                 (prompt_tokens, completion_tokens), source = (0, 0), None
         except InvalidOutput as exc:
             outcome, error = "invalid_output", str(exc)
-        except TemplateProblem:
-            raise  # a check's template error is the workflow's, not the model's
+        except TemplateProblem as exc:
+            # A check that raises is the workflow's error: the answer came, the
+            # call is recorded as made, and the step fails without escalating.
+            outcome, check_raised = "ok", exc
         except Exception as exc:
             # A client library failing in a way it does not document (a garbled
             # response, say) is still a failed call, maybe billed: record it and escalate.
@@ -438,6 +457,8 @@ class StepRunner:
             error=error,
             usage_source=source,
         )
+        if check_raised is not None:
+            raise _CheckRaised(call, check_raised)
         return call, value, busy
 
     def _call(
@@ -489,17 +510,15 @@ def verify(plan: StepPlan, text: str, context: dict[str, Any]) -> Any:
     if plan.step.output is not None:
         value = parse_json(value)
         errors = sorted(
-            jsonschema.Draft202012Validator(plan.step.output).iter_errors(value),
+            schemas.validator(plan.step.output).iter_errors(value),
             key=lambda e: e.path,
         )
         if errors:
             where = "/".join(str(part) for part in errors[0].absolute_path) or "(top)"
             raise InvalidOutput(f"schema: {where}: {errors[0].message[:200]}")
     for check in plan.checks:
-        try:
-            passed = check.evaluate({**context, "output": value})
-        except TemplateProblem as exc:
-            raise InvalidOutput(f"check '{check.source}' failed: {exc}") from None
+        # A check that raises (TemplateProblem) is the workflow's error, not an invalid answer.
+        passed = check.evaluate({**context, "output": value})
         if not passed:
             raise InvalidOutput(f"check '{check.source}' failed")
     return value

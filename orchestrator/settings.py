@@ -9,6 +9,8 @@ configuration file's folder, so a project behaves the same from any directory.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -17,11 +19,22 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from orchestrator import locality, pricing
-from orchestrator.errors import SpecError
+from orchestrator.errors import SpecError, UserError
 from orchestrator.loading import YamlDoc, read_yaml, suggest, validate
 
 Outcome = Literal["error", "timeout", "invalid_output", "low_confidence"]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
+
+# Bounds a configuration must keep, so that what validates also runs. Money is
+# stored as integer pico-dollars in 64 bits (at most about $9.2 million a
+# value), so prices and budgets stay far inside that.
+MAX_TIMEOUT_S = 86_400.0  # a model call's timeout and a lease's TTL: one day at most
+MAX_PRICE_USD = Decimal(10_000)  # per 1M tokens, or per hour of a local machine
+MIN_BUDGET_USD = Decimal("0.000001")  # one micro-dollar; below it no call would fit
+MAX_BUDGET_USD = Decimal(1_000_000)
+DATABASE_KINDS = ("sqlite", "sqlite+pysqlite", "postgresql+psycopg")
+MAX_CALLS = 100_000  # max_steps: steps and for_each items that call a model, in one run
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "memory", "filesystem")
 
 
 class _Strict(BaseModel):
@@ -34,7 +47,7 @@ class ModelEntry(_Strict):
     model: str = Field(pattern=r"^[a-z0-9_-]+/.+$")
     api_base: str | None = None
     api_key_env: str | None = None
-    timeout_s: float = Field(default=60.0, gt=0)
+    timeout_s: float = Field(default=60.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     stream: bool = False  # ask for streamed answers; usage is recorded the same way
     # How the model takes a step's output schema: the schema itself, any JSON
     # object, or nothing. A server that refuses one form gets the next.
@@ -66,16 +79,20 @@ class Tier(_Strict):
 class PriceOverride(_Strict):
     """USD per 1M tokens, and for a local model the machine's USD per hour if it has one."""
 
-    input: Decimal = Field(default=Decimal(0), ge=0)
-    output: Decimal = Field(default=Decimal(0), ge=0)
-    per_hour: Decimal = Field(default=Decimal(0), ge=0)
+    input: Decimal = Field(default=Decimal(0), ge=0, le=MAX_PRICE_USD, allow_inf_nan=False)
+    output: Decimal = Field(default=Decimal(0), ge=0, le=MAX_PRICE_USD, allow_inf_nan=False)
+    per_hour: Decimal = Field(default=Decimal(0), ge=0, le=MAX_PRICE_USD, allow_inf_nan=False)
 
 
 class Budget(_Strict):
     """Spend limits in USD: per UTC day and per calendar month (UTC)."""
 
-    daily_usd: Decimal | None = Field(default=None, gt=0)
-    monthly_usd: Decimal | None = Field(default=None, gt=0)
+    daily_usd: Decimal | None = Field(
+        default=None, ge=MIN_BUDGET_USD, le=MAX_BUDGET_USD, allow_inf_nan=False
+    )
+    monthly_usd: Decimal | None = Field(
+        default=None, ge=MIN_BUDGET_USD, le=MAX_BUDGET_USD, allow_inf_nan=False
+    )
 
 
 class Escalation(_Strict):
@@ -91,15 +108,25 @@ class Config(_Strict):
     prices: dict[str, PriceOverride] = {}
     budget: Budget = Budget()  # across every workflow
     escalation: Escalation = Escalation()
-    max_steps: int = Field(default=200, ge=1)
+    max_steps: int = Field(default=200, ge=1, le=MAX_CALLS)  # model-calling units in one run
     # A run's executor renews its lease every third of this; a lease older
     # than this means the executor died, and a sweeper hands the run on.
-    lease_ttl_s: float = Field(default=60.0, gt=0)
+    lease_ttl_s: float = Field(default=60.0, ge=1, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     queue: str = Field(default="tierflow", pattern=QUEUE_PATTERN)  # Celery's default queue
     agents_dir: str = "agents"
     workflows_dir: str = "workflows"
     # Besides loopback and private addresses, the hosts a local tier may name.
     local_hosts: list[Annotated[str, AfterValidator(locality.check_local_host_entry)]] = []
+
+    @field_validator("database")
+    @classmethod
+    def _is_database_url(cls, url: str) -> str:
+        return check_database_url(url)
+
+    @field_validator("broker")
+    @classmethod
+    def _is_broker_url(cls, url: str | None) -> str | None:
+        return None if url is None else check_broker_url(url)
 
     @field_validator("tiers")
     @classmethod
@@ -108,6 +135,31 @@ class Config(_Strict):
             if name == "auto":
                 raise ValueError("'auto' is reserved: a step uses it to start at the cheapest tier")
         return tiers
+
+
+def check_database_url(url: str) -> str:
+    """``url`` if it names a database tierflow can use, else ``ValueError`` saying why."""
+    kind = url.split("://", 1)[0] if "://" in url else None
+    if kind is None or not re.fullmatch(r"[a-z0-9_]+(\+[a-z0-9_]+)?", kind):
+        raise ValueError("not a database URL; use sqlite:///FILE or postgresql+psycopg://HOST/DB")
+    backend = kind.split("+", 1)[0]
+    if kind == "postgresql":
+        raise ValueError("name the driver: postgresql+psycopg://HOST/DB")
+    if kind not in DATABASE_KINDS:
+        raise ValueError(f"{backend} is not supported; use sqlite:/// or postgresql+psycopg://")
+    return url
+
+
+def check_broker_url(url: str) -> str:
+    """``url`` if it names a broker Celery can reach, else ``ValueError`` saying why."""
+    scheme = url.split("://", 1)[0] if "://" in url else None
+    if scheme is None:
+        raise ValueError(
+            "not a broker URL; use redis://HOST:6379/0 or amqp://USER:PASS@HOST:5672//"
+        )
+    if scheme not in BROKER_SCHEMES:
+        raise ValueError(f"broker {scheme}:// is not supported; use redis:// or amqp://")
+    return url
 
 
 DEFAULT_CONFIG = {
@@ -193,14 +245,24 @@ def load_settings(path: str | Path | None = None) -> Settings:
     problems = [*_price_problems(config, doc), *_locality_problems(config, doc)]
     if problems:
         raise SpecError(*problems)
-    database = os.environ.get("TIERFLOW_DATABASE_URL") or config.database
+    database = _from_environment("TIERFLOW_DATABASE_URL", check_database_url) or config.database
     return Settings(
         config=config,
         root=root,
         path=found,
         database_url=_anchor_sqlite(database, root),
-        broker_url=os.environ.get("TIERFLOW_BROKER_URL") or config.broker,
+        broker_url=_from_environment("TIERFLOW_BROKER_URL", check_broker_url) or config.broker,
     )
+
+
+def _from_environment(name: str, check: Callable[[str], str]) -> str | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise UserError(f"${name}: {exc}") from None
 
 
 def _locality_problems(config: Config, doc: YamlDoc) -> list[str]:

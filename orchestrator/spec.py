@@ -9,22 +9,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from orchestrator import schemas
 from orchestrator.errors import SpecError, UserError
 from orchestrator.loading import YamlDoc, format_loc, read_yaml, suggest, validate
-from orchestrator.settings import NAME_PATTERN, Budget, Settings
+from orchestrator.settings import (
+    MAX_BUDGET_USD,
+    MAX_CALLS,
+    MAX_TIMEOUT_S,
+    MIN_BUDGET_USD,
+    NAME_PATTERN,
+    Budget,
+    Settings,
+)
 from orchestrator.taint import Taint, taints
 from orchestrator.templates import Expression, Read, Template, TemplateProblem
 
 AUTO_TIER = "auto"
+MAX_WORKFLOW_STEPS = 1000  # steps in one file; for_each items are counted by max_steps
+NAME_LENGTH = 64
+MAX_FILE_TOKENS = 40_000  # template and expression tokens of one workflow, all steps together
 
 
 class _Strict(BaseModel):
@@ -40,13 +52,26 @@ class InputSpec(_Strict):
     # Every step that reads it, directly or through other steps' outputs, stays local.
     confidential: bool = False
 
+    @field_validator("items")
+    @classmethod
+    def _items_is_a_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            schemas.check_schema(schema)
+        return schema
+
+    def json_schema(self) -> dict[str, Any]:
+        """The JSON Schema a value of this input must match."""
+        return self.model_dump(
+            exclude={"default", "description", "confidential"}, exclude_none=True
+        )
+
     @property
     def required(self) -> bool:
         return "default" not in self.model_fields_set
 
 
 class Agent(_Strict):
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN, max_length=NAME_LENGTH)
     description: str = ""
     tier: str | None = None
     system: str | None = None
@@ -56,8 +81,8 @@ class Agent(_Strict):
 
 
 class Step(_Strict):
-    id: str = Field(pattern=NAME_PATTERN)
-    agent: str
+    id: str = Field(pattern=NAME_PATTERN, max_length=NAME_LENGTH)
+    agent: str = Field(pattern=NAME_PATTERN, max_length=NAME_LENGTH)  # agents/NAME.yaml
     tier: str | None = None
     prompt: str | None = None
     output: dict[str, Any] | None = None
@@ -67,23 +92,22 @@ class Step(_Strict):
     for_each: str | None = None
     sensitive: bool = False
     max_tokens: int | None = Field(default=None, ge=1, le=200_000)
-    timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
 
     @field_validator("output")
     @classmethod
     def _output_is_a_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
         if schema is not None:
-            try:
-                jsonschema.Draft202012Validator.check_schema(schema)
-            except jsonschema.SchemaError as exc:
-                raise ValueError(f"not a valid JSON schema: {exc.message}") from None
+            schemas.check_schema(schema)
         return schema
 
 
 class WorkflowBudget(Budget):
     """The workflow's limits, and a tier cap once any of them is ``downgrade_at`` used."""
 
-    per_run_usd: Decimal | None = Field(default=None, gt=0)
+    per_run_usd: Decimal | None = Field(
+        default=None, ge=MIN_BUDGET_USD, le=MAX_BUDGET_USD, allow_inf_nan=False
+    )
     downgrade_at: float | None = Field(default=None, gt=0, le=1)
     downgrade_to: str | None = None
 
@@ -129,12 +153,12 @@ def crontab_of(cron: str) -> Any:
 
 
 class Workflow(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=NAME_LENGTH)
     version: int | str | None = None
     description: str = ""
     inputs: dict[str, InputSpec] = {}
     steps: list[Step] = Field(min_length=1)
-    max_steps: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, le=MAX_CALLS)
     schedule: list[Schedule] = []
     budget: WorkflowBudget = WorkflowBudget()
 
@@ -217,14 +241,9 @@ def _resolve_inputs(
     if not problems:
         schema = {
             "type": "object",
-            "properties": {
-                name: spec.model_dump(
-                    exclude={"default", "description", "confidential"}, exclude_none=True
-                )
-                for name, spec in declared.items()
-            },
+            "properties": {name: spec.json_schema() for name, spec in declared.items()},
         }
-        for error in jsonschema.Draft202012Validator(schema).iter_errors(values):
+        for error in schemas.validator(schema).iter_errors(values):
             where = ".".join(str(part) for part in error.absolute_path)
             problems.append(f"input '{where}': {error.message}")
     return values, problems
@@ -255,7 +274,7 @@ def load_agent(path: Path) -> Agent:
     for key in ("system", "prompt"):
         text = getattr(agent, key)
         if text is not None:
-            _compile_template(doc, (key,), text)
+            _compile_template(doc, (key,), text, label=key)
     return agent
 
 
@@ -264,6 +283,11 @@ def load_workflow(path: str | Path, settings: Settings) -> LoadedWorkflow:
     path = Path(path)
     doc = read_yaml(path)
     spec = validate(Workflow, doc)
+    if len(spec.steps) > MAX_WORKFLOW_STEPS:
+        count = len(spec.steps)
+        raise SpecError(
+            doc.problem(("steps",), f"{count} steps is over the limit of {MAX_WORKFLOW_STEPS}")
+        )
     checker = _Checker(doc, spec, settings)
     plans = checker.plan()
     if checker.problems:
@@ -337,26 +361,37 @@ class _Checker:
         self.settings = settings
         self.problems: list[str] = []
         self.agents_dir = settings.root / settings.config.agents_dir
+        # Steps share agents and often prompts: each is loaded or compiled once.
+        self._agents: dict[str, Agent | None] = {}
+        self._compiled: dict[tuple[str, str, str], Template | Expression | TemplateProblem] = {}
+        self._tokens = 0  # compiled so far; compiling is the slow part of a check
+        self._budget_told = False
 
     def report(self, loc: Iterable[str | int], message: str) -> None:
         self.problems.append(self.doc.problem(loc, message))
 
     def plan(self) -> list[StepPlan]:
         ids = [step.id for step in self.spec.steps]
+        first_index: dict[str, int] = {}
         for index, step_id in enumerate(ids):
-            if ids.index(step_id) != index:
+            if first_index.setdefault(step_id, index) != index:
                 self.report(("steps", index, "id"), f"duplicate step id '{step_id}'")
         for index, step in enumerate(self.spec.steps):
             for position, need in enumerate(step.needs):
-                if need not in ids:
+                if need not in first_index:
                     self.report(
                         ("steps", index, "needs", position),
                         f"unknown step '{need}'{suggest(need, ids)}",
                     )
                 elif need == step.id:
                     self.report(("steps", index, "needs", position), "a step cannot need itself")
+        inputs_ok = self._check_inputs()
+        for index, step in enumerate(self.spec.steps):
+            if step.output is not None:
+                for where, problem in schemas.outside_references(step.output):
+                    self.report(("steps", index, "output", *where), problem)
         order = self._order()
-        ancestors = self._ancestors()
+        ancestors = self._ancestors(order)
         plans = []
         for index in order:
             plan = self._plan_step(index, ancestors.get(self.spec.steps[index].id, set()))
@@ -367,13 +402,32 @@ class _Checker:
         if cap is not None and cap not in self.settings.config.tiers:
             names = self.settings.tier_names
             self.report(("budget", "downgrade_to"), f"unknown tier '{cap}'{suggest(cap, names)}")
-        for index, schedule in enumerate(self.spec.schedule):
+        for index, schedule in enumerate(self.spec.schedule if inputs_ok else ()):
             for problem in _resolve_inputs(self.spec.inputs, schedule.inputs)[1]:
                 self.report(("schedule", index, "inputs"), problem)
         limit = self.spec.max_steps or self.settings.config.max_steps
         if len(self.spec.steps) > limit:
             self.report(("steps",), f"{len(self.spec.steps)} steps is over max_steps ({limit})")
         return plans
+
+    def _check_inputs(self) -> bool:
+        """Defaults that fit their own input, and item schemas that stay inside themselves."""
+        ok = True
+        for name, spec in self.spec.inputs.items():
+            outside = schemas.outside_references(spec.items) if spec.items is not None else []
+            for where, problem in outside:
+                self.report(("inputs", name, "items", *where), problem)
+                ok = False
+            if outside:
+                continue  # its references cannot be followed to check the default
+            if not spec.required:
+                errors = schemas.validator(spec.json_schema()).iter_errors(spec.default)
+                for error in errors:
+                    where = ("inputs", name, "default", *error.absolute_path)
+                    self.report(where, error.message[:200])
+                    ok = False
+                    break
+        return ok
 
     def _taint(self, plans: list[StepPlan]) -> list[StepPlan]:
         """``plans`` with their taint; reports a tainted step no local tier can run."""
@@ -401,43 +455,43 @@ class _Checker:
         """Step indexes in dependency order; reports a cycle if there is one."""
         steps = self.spec.steps
         index_of = {step.id: i for i, step in enumerate(steps)}
-        waiting = {
-            i: {index_of[n] for n in step.needs if n in index_of and n != step.id}
-            for i, step in enumerate(steps)
-        }
+        waiting = [
+            {index_of[n] for n in step.needs if n in index_of and n != step.id} for step in steps
+        ]
+        dependents: list[list[int]] = [[] for _ in steps]
+        for i, deps in enumerate(waiting):
+            for dep in deps:
+                dependents[dep].append(i)
         order: list[int] = []
-        ready = [i for i, deps in waiting.items() if not deps]
+        ready = deque(i for i, deps in enumerate(waiting) if not deps)
         while ready:
-            current = ready.pop(0)
+            current = ready.popleft()
             order.append(current)
-            for i, deps in waiting.items():
-                if current in deps:
-                    deps.discard(current)
-                    if not deps and i not in order and i not in ready:
-                        ready.append(i)
-        stuck = [i for i in range(len(steps)) if i not in order]
-        if stuck:
+            for i in dependents[current]:
+                waiting[i].discard(current)
+                if not waiting[i]:
+                    ready.append(i)
+        if len(order) < len(steps):
+            placed = set(order)
+            stuck = [i for i in range(len(steps)) if i not in placed]
             names = ", ".join(steps[i].id for i in stuck)
             self.report(("steps", stuck[0], "needs"), f"steps form a cycle: {names}")
             order.extend(stuck)
         return order
 
-    def _ancestors(self) -> dict[str, set[str]]:
-        needs = {step.id: set(step.needs) for step in self.spec.steps}
+    def _ancestors(self, order: list[int]) -> dict[str, set[str]]:
+        """Every step each step depends on, directly or not; built in dependency order."""
+        steps = self.spec.steps
+        known = {step.id for step in steps}
         result: dict[str, set[str]] = {}
-
-        def visit(step_id: str, trail: frozenset[str]) -> set[str]:
-            if step_id in result:
-                return result[step_id]
+        for index in order:
+            step = steps[index]
             found: set[str] = set()
-            for need in needs.get(step_id, ()):
-                if need in needs and need not in trail:
-                    found |= {need} | visit(need, trail | {need})
-            result[step_id] = found
-            return found
-
-        for step_id in needs:
-            visit(step_id, frozenset({step_id}))
+            for need in step.needs:
+                if need in known and need != step.id:
+                    found.add(need)
+                    found |= result.get(need, set())  # absent only inside a cycle
+            result[step.id] = found
         return result
 
     def _plan_step(self, index: int, ancestors: set[str]) -> StepPlan | None:
@@ -471,22 +525,29 @@ class _Checker:
             prompt_source,
             allowed,
             ancestors,
+            label="prompt",
         )
         system = (
-            self._template((*loc, "agent"), agent.system, allowed, ancestors)
+            self._template((*loc, "agent"), agent.system, allowed, ancestors, label="system")
             if agent.system
             else None
         )
-        when = self._expression((*loc, "when"), step.when, allowed - {"item"}, ancestors)
+        when = self._expression(
+            (*loc, "when"), step.when, allowed - {"item"}, ancestors, label="when"
+        )
         for_each = self._expression(
-            (*loc, "for_each"), step.for_each, allowed - {"item"}, ancestors
+            (*loc, "for_each"), step.for_each, allowed - {"item"}, ancestors, label="for_each"
         )
         checks = tuple(
             check
             for position, source in enumerate(step.checks)
             if (
                 check := self._expression(
-                    (*loc, "checks", position), source, allowed | {"output"}, ancestors
+                    (*loc, "checks", position),
+                    source,
+                    allowed | {"output"},
+                    ancestors,
+                    label="check",
                 )
             )
         )
@@ -505,6 +566,13 @@ class _Checker:
         )
 
     def _agent(self, step: Step, loc: tuple[str | int, ...]) -> Agent | None:
+        if step.agent in self._agents:
+            return self._agents[step.agent]
+        agent = self._load_agent(step, loc)
+        self._agents[step.agent] = agent
+        return agent
+
+    def _load_agent(self, step: Step, loc: tuple[str | int, ...]) -> Agent | None:
         path = self.agents_dir / f"{step.agent}.yaml"
         if not path.exists():
             known = (
@@ -529,25 +597,72 @@ class _Checker:
         return any(self.settings.config.tiers[name].local for name in names[start:])
 
     def _template(
-        self, loc: tuple[str | int, ...], source: str, allowed: set[str], ancestors: set[str]
+        self,
+        loc: tuple[str | int, ...],
+        source: str,
+        allowed: set[str],
+        ancestors: set[str],
+        *,
+        label: str,
     ) -> Template | None:
-        template = _compile_template(self.doc, loc, source, problems=self.problems)
+        key = ("template", label, source)
+        cached = self._compiled.get(key)
+        if isinstance(cached, Template):
+            template: Template | None = cached
+        elif self._over_budget(loc):
+            return None
+        else:
+            template = _compile_template(self.doc, loc, source, label=label, problems=self.problems)
+            if template is not None:
+                self._compiled[key] = template
+                self._tokens += template.tokens
         if template is not None:
             self._check_references(loc, template.names, template.references, allowed, ancestors)
         return template
 
     def _expression(
-        self, loc: tuple[str | int, ...], source: str | None, allowed: set[str], ancestors: set[str]
+        self,
+        loc: tuple[str | int, ...],
+        source: str | None,
+        allowed: set[str],
+        ancestors: set[str],
+        *,
+        label: str,
     ) -> Expression | None:
         if source is None:
             return None
+        key = ("expression", label, source)
+        cached = self._compiled.get(key)
+        if cached is None and self._over_budget(loc):
+            return None
         try:
-            expression = Expression(source)
+            if isinstance(cached, TemplateProblem):
+                raise cached
+            expression = (
+                cached if isinstance(cached, Expression) else Expression(source, label=label)
+            )
         except TemplateProblem as exc:
+            self._compiled[key] = exc
             self.report(loc, f"bad expression: {exc}")
             return None
+        if cached is None:
+            self._tokens += expression.tokens
+        self._compiled[key] = expression
         self._check_references(loc, expression.names, expression.references, allowed, ancestors)
         return expression
+
+    def _over_budget(self, loc: tuple[str | int, ...]) -> bool:
+        """Past ``MAX_FILE_TOKENS``, nothing more is compiled: say so once, where it happened."""
+        if self._tokens <= MAX_FILE_TOKENS:
+            return False
+        if not self._budget_told:
+            self._budget_told = True
+            self.report(
+                loc,
+                f"the templates and expressions of this workflow come to more than"
+                f" {MAX_FILE_TOKENS:,} tokens (the limit); the rest are not checked",
+            )
+        return True
 
     def _check_references(
         self,
@@ -575,10 +690,15 @@ class _Checker:
 
 
 def _compile_template(
-    doc: YamlDoc, loc: tuple[str | int, ...], source: str, *, problems: list[str] | None = None
+    doc: YamlDoc,
+    loc: tuple[str | int, ...],
+    source: str,
+    *,
+    label: str,
+    problems: list[str] | None = None,
 ) -> Template | None:
     try:
-        return Template(source)
+        return Template(source, label=label)
     except TemplateProblem as exc:
         line = doc.line_of(loc) + max(exc.line - 1, 0)
         message = f"{doc.path}:{line}: {format_loc(loc)}: bad template: {exc}"
