@@ -7,8 +7,10 @@ internet, and turns litellm's exceptions into ours here, at the boundary.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
+import weakref
 from typing import Any
 
 from orchestrator.errors import ModelCallError, ModelTimeout, ModelUnavailable
@@ -17,6 +19,15 @@ from orchestrator.models.base import ModelClient, ModelReply, ModelRequest
 # A loopback or self-hosted OpenAI-compatible server often wants no key, but the
 # OpenAI SDK refuses to send a request without one.
 NO_KEY = "no-key"
+
+# litellm keeps its HTTP clients in one process-wide cache, one set per event loop,
+# so every LiteLLMClient on a loop shares its connections. Only the last one open
+# on a loop may close them: closing them under another cuts off that one's calls
+# in flight (two runs on one loop, each with its own client: the first to end
+# broke the other's call).
+_open_on: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.WeakSet[LiteLLMClient]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def import_litellm() -> Any:
@@ -64,6 +75,7 @@ class LiteLLMClient(ModelClient):
 
     async def complete(self, request: ModelRequest) -> ModelReply:
         api_key = self._api_key()
+        _open_on.setdefault(asyncio.get_running_loop(), weakref.WeakSet()).add(self)
         litellm = self._litellm
         response_format = None
         if request.json_schema is not None:
@@ -151,8 +163,12 @@ class LiteLLMClient(ModelClient):
         return exc
 
     async def aclose(self) -> None:
-        # litellm caches HTTP clients per process; they belong to the event loop
-        # that is ending, so close them and drop them from its cache.
+        users = _open_on.get(asyncio.get_running_loop(), weakref.WeakSet())
+        users.discard(self)
+        if users:
+            return  # other clients on this loop still use the connections
+        # The cached HTTP clients belong to an event loop that may be ending, and a
+        # later loop can get its id, hence its cache entries: close and drop them.
         cache = self._litellm.in_memory_llm_clients_cache
         for cached in list(getattr(cache, "cache_dict", {}).values()):
             close = getattr(cached, "close", None)  # AsyncOpenAI and friends
