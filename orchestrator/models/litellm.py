@@ -13,12 +13,14 @@ never made (the request never left), or anything else (it may have been billed).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
 import os
 import re
 import socket
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +44,15 @@ from orchestrator.models.base import (
 # A loopback or self-hosted OpenAI-compatible server often wants no key, but the
 # OpenAI SDK refuses to send a request without one.
 NO_KEY = "no-key"
+
+# litellm keeps its HTTP clients in one process-wide cache, one set per event loop,
+# so every LiteLLMClient on a loop shares its connections. Only the last one open
+# on a loop may close them: closing them under another cuts off that one's calls
+# in flight (two runs on one loop, each with its own client: the first to end
+# broke the other's call).
+_open_on: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.WeakSet[LiteLLMClient]] = (
+    weakref.WeakKeyDictionary()
+)
 # Words of a refusal of the output form we asked for (llama-cpp-python's server:
 # "'loc': ('body', 'response_format', 'type'), 'msg': \"Input should be 'text' or 'json_object'\"").
 FORM_WORDS = ("response_format", "json_schema", "json_object")
@@ -123,6 +134,7 @@ class LiteLLMClient(ModelClient):
 
     async def complete(self, request: ModelRequest) -> ModelReply:
         api_key = self._api_key()
+        _open_on.setdefault(asyncio.get_running_loop(), weakref.WeakSet()).add(self)
         form = self._forms.of(request) if request.json_schema is not None else "none"
         options: dict[str, Any] = {
             "model": self._model,
@@ -276,8 +288,12 @@ class LiteLLMClient(ModelClient):
         return None
 
     async def aclose(self) -> None:
-        # litellm caches HTTP clients per process; they belong to the event loop
-        # that is ending, so close them and drop them from its cache.
+        users = _open_on.get(asyncio.get_running_loop(), weakref.WeakSet())
+        users.discard(self)
+        if users:
+            return  # other clients on this loop still use the connections
+        # The cached HTTP clients belong to an event loop that may be ending, and a
+        # later loop can get its id, hence its cache entries: close and drop them.
         cache = self._litellm.in_memory_llm_clients_cache
         for cached in list(getattr(cache, "cache_dict", {}).values()):
             close = getattr(cached, "close", None)  # AsyncOpenAI and friends
