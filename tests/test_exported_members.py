@@ -39,7 +39,7 @@ def test_the_public_names_are_exactly_these() -> None:
 
 
 def test_importing_the_package_loads_no_engine() -> None:
-    code = "import sys, orchestrator; print(sorted(m for m in ('litellm', 'langgraph', 'sqlalchemy', 'orchestrator.runner') if m in sys.modules))"
+    code = "import sys, orchestrator; print(sorted(m for m in ('litellm', 'langgraph', 'sqlalchemy', 'jinja2', 'orchestrator.runner') if m in sys.modules))"
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "[]"
 
