@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -155,7 +156,10 @@ def test_a_killed_worker_leaves_the_run_to_another(
     ollama.responder = answer
     doomed = start_worker(queued, workers)
     run_id = orchestrator.enqueue("two", config=str(queued.config))
-    wait_for(lambda: ("second", 1, "pending") in queued.ledger_states())
+    # Its request, not just its pending row (written first), must be at the model:
+    # killed in between, the next worker's try would be the slow one.
+    wait_for(lambda: "second" in asked)
+    assert ("second", 1, "pending") in queued.ledger_states()
     doomed.kill(signal.SIGKILL)  # mid-step, waiting on the slow model
     start_worker(queued, workers)  # its sweeper finds the stale lease and enqueues the run again
     wait_for(lambda: status(queued, run_id) == "succeeded")
@@ -171,16 +175,20 @@ def test_a_paused_worker_that_lost_its_run_writes_nothing_and_asks_no_model(
     queued: Project, ollama: OllamaServer, workers: list[Worker]
 ) -> None:
     asked: list[str] = []
+    stopped = threading.Event()
 
     def answer(body: dict[str, Any]) -> Reply:
         asked.append(body["messages"][-1]["content"])
-        return Reply(text=asked[-1], delay_s=3 if asked == ["first"] else 0)
+        if asked == ["first"]:
+            stopped.wait(timeout=60)  # the paused worker gets its answer only once stopped
+        return Reply(text=asked[-1])
 
     ollama.responder = answer
     paused = start_worker(queued, workers)
     run_id = orchestrator.enqueue("two", config=str(queued.config))
     wait_for(lambda: asked == ["first"])  # its request is in flight
     os.killpg(paused.proc.pid, signal.SIGSTOP)
+    stopped.set()
     try:
         start_worker(queued, workers)  # its sweeper finds the stale lease and takes the run
         wait_for(lambda: status(queued, run_id) == "succeeded")
@@ -291,26 +299,31 @@ def test_a_redelivered_message_does_not_call_the_model_twice(
     queued: Project, ollama: OllamaServer, workers: list[Worker]
 ) -> None:
     asked: list[str] = []
+    skipped = threading.Event()
 
     def answer(body: dict[str, Any]) -> Reply:
         asked.append(body["messages"][-1]["content"])
-        return Reply(text="ok", delay_s=2 if asked[-1] == "first" else 0)
+        if asked[-1] == "first":
+            skipped.wait(timeout=60)  # in flight until the duplicate has come and gone
+        return Reply(text="ok")
+
+    def logs() -> str:
+        return "".join(w.log.read_text() for w in workers)
 
     ollama.responder = answer
     start_worker(queued, workers)
     start_worker(queued, workers)
     run_id = orchestrator.enqueue("two", config=str(queued.config))
-    wait_for(lambda: ("first", 1, "pending") in queued.ledger_states())
+    wait_for(lambda: asked == ["first"])
     # The broker hands the same run to the idle worker, as Redis does after its visibility timeout.
     app = make_app(load_settings(queued.config))
     app.send_task(TASK, args=[run_id])
     app.close()
+    wait_for(lambda: "skipped" in logs())  # while the first worker still holds the run
+    skipped.set()
     wait_for(lambda: status(queued, run_id) == "succeeded")
-    time.sleep(1)  # give the duplicate time to be consumed
     assert asked == ["first", "second"]
     assert queued.ledger_states() == [("first", 1, "settled"), ("second", 1, "settled")]
-    logs = "".join(w.log.read_text() for w in workers)
-    assert "skipped" in logs
 
 
 def test_steps_of_one_run_go_to_the_workers_of_their_tiers(
