@@ -18,19 +18,19 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
-from orchestrator import budgets
 from orchestrator.errors import LeaseLost, RunCancelled, RunError, StepFailed
 from orchestrator.graph import OUTPUTS, compile_graph
+from orchestrator.hooks import Hooks
 from orchestrator.lease import LeaseKeeper
-from orchestrator.ledger import Call, Pricer, StepRecord
+from orchestrator.ledger import Pricer, StepRecord
 from orchestrator.models import Clients
+from orchestrator.recording import LedgerHooks
 from orchestrator.scheduler import (
     BACKSTOP_S,
     FAN_OUT_CONCURRENCY,
@@ -41,6 +41,7 @@ from orchestrator.scheduler import (
 from orchestrator.settings import Settings
 from orchestrator.spec import LoadedWorkflow, StepPlan, project_path
 from orchestrator.store import Checkpoint, Lease, Store
+from orchestrator.storeio import off_loop, write
 
 
 @dataclass
@@ -56,9 +57,6 @@ class RunResult:
     @property
     def cost_usd(self) -> Decimal:
         return sum((step.cost_usd for step in self.steps), Decimal(0))
-
-
-_T = TypeVar("_T")
 
 
 class _HandedOff(Exception):
@@ -112,7 +110,8 @@ class Runner:
     """Runs workflows against one store. ``on_step`` is told of each step as it ends.
 
     ``tiers`` are the tiers this process serves; None (the default) serves all,
-    and such a runner never hands a run off.
+    and such a runner never hands a run off. ``hooks`` are told of every step
+    and call, after the ledger's own (see ``orchestrator.hooks``).
     """
 
     def __init__(
@@ -123,8 +122,10 @@ class Runner:
         clients: Clients | None = None,
         on_step: Callable[[StepRecord], None] | None = None,
         tiers: Collection[str] | None = None,
+        hooks: Sequence[Hooks] = (),
     ) -> None:
         self._settings = settings
+        self._hooks = tuple(hooks)
         self._store = store
         self._owns_clients = clients is None
         self._clients = clients or Clients()
@@ -194,8 +195,8 @@ class Runner:
         ``on_step`` (else the runner's own) is told of each step as it ends.
         """
         values = workflow.resolve_inputs(inputs)
-        _, lease = await _off_loop(
-            lambda: self._create(workflow, values, status="running", leased=True)
+        _, lease = await write(
+            self._store, lambda: self._create(workflow, values, status="running", leased=True)
         )
         assert lease is not None
         return await self._leased(workflow, lease, values, Checkpoint(), on_step=on_step)
@@ -212,7 +213,7 @@ class Runner:
         Past ``time_limit_s`` its work is cut off and the run fails.
         """
         ttl = self._settings.config.lease_ttl_s
-        lease = await _off_loop(
+        lease = await off_loop(
             lambda: self._store.acquire_lease(run_id, owner=self._owner, ttl_s=ttl)
         )
         if lease is None:
@@ -228,7 +229,7 @@ class Runner:
             return RunResult(
                 run_id=run_id, workflow=workflow.name, status="failed", outputs={}, error=error
             )
-        checkpoint = await _off_loop(lambda: self._store.prepare_resume(lease))
+        checkpoint = await off_loop(lambda: self._store.prepare_resume(lease))
         return await self._leased(
             workflow, lease, row["inputs"], checkpoint, time_limit_s=time_limit_s
         )
@@ -296,54 +297,6 @@ class Runner:
             if self._owns_clients:
                 await self._clients.aclose()
 
-    async def _reserve(
-        self, workflow: LoadedWorkflow, lease: Lease, plan: StepPlan, call: Call
-    ) -> str | None:
-        """Reserve ``call`` against the budgets and write it pending; why not, if refused.
-
-        ``LeaseLost`` if another executor holds the run: the request must not go out.
-        """
-        day = call.created_at.astimezone(UTC).date()
-        limits = budgets.limits(self._settings, workflow, lease.run_id, day)
-        refused = await _off_loop(
-            lambda: self._store.open_call(
-                run_id=lease.run_id,
-                workflow=workflow.name,
-                content_hash=workflow.content_hash,
-                agent=plan.agent.name,
-                step_id=plan.id,
-                call=call,
-                limits=limits,
-                lease=lease,
-            )
-        )
-        if refused is None:
-            return None
-        spent, reserved = self._store.usage([refused.key]).get(refused.key, (Decimal(0),) * 2)
-        return (
-            f"the {refused.label} of {_usd(refused.usd)} would be passed:"
-            f" {_usd(spent)} spent, {_usd(reserved)} reserved,"
-            f" and this call may cost up to {_usd(call.cost_usd)} on {call.model}"
-        )
-
-    def _tier_cap(self, workflow: LoadedWorkflow, run_id: str) -> str | None:
-        """The budget's ``downgrade_to`` once any of the workflow's own limits is
-        ``downgrade_at`` used (spent plus reserved), else None."""
-        budget = workflow.spec.budget
-        if budget.downgrade_to is None or budget.downgrade_at is None:
-            return None
-        today = datetime.now(UTC).date()
-        own = [
-            limit for limit in budgets.limits(self._settings, workflow, run_id, today) if limit.own
-        ]
-        usage = self._store.usage([limit.key for limit in own])
-        shares = [sum(usage[limit.key]) / limit.usd for limit in own if limit.key in usage]
-        return (
-            budget.downgrade_to
-            if max(shares, default=0) >= Decimal(str(budget.downgrade_at))
-            else None
-        )
-
     async def _execute(
         self,
         workflow: LoadedWorkflow,
@@ -357,19 +310,15 @@ class Runner:
         run_id = lease.run_id
         done = checkpoint.done
         result = RunResult(run_id=run_id, workflow=workflow.name, status="running", outputs={})
+        ledger = LedgerHooks(self._settings, self._store, workflow, lease)
         steps = StepRunner(
             settings=self._settings,
             clients=self._clients,
             pricer=self._pricer,
             max_calls=workflow.spec.max_steps or self._settings.config.max_steps,
-            on_call_start=lambda plan, call: self._reserve(workflow, lease, plan, call),
-            last_attempts=checkpoint.last_attempts,
+            hooks=(ledger, *self._hooks),
+            checkpoint=checkpoint,
             tiers=self._tiers,
-            handed_on=checkpoint.handed_on,
-            tier_cap=lambda plan: self._tier_cap(workflow, run_id),
-            budgeted=bool(
-                budgets.limits(self._settings, workflow, run_id, datetime.now(UTC).date())
-            ),
         )
         run_info = {"id": run_id, "workflow": workflow.name}
         gate = _HandOffGate()
@@ -392,20 +341,11 @@ class Runner:
             needs: NeedsTier | None = None
             with gate.running():
                 try:
-                    await steps.run(plan, context, record)
+                    await steps.run(plan, context, record)  # its hooks record it
                 except NeedsTier as exc:
                     needs = exc
-                finally:  # a cancelled step still has its calls written
-                    status = await _off_loop(
-                        lambda: self._store.record_step(
-                            run_id=run_id,
-                            workflow=workflow.name,
-                            content_hash=workflow.content_hash,
-                            record=record,
-                            lease=lease,
-                        )
-                    )
-                    cancelled = cancelled or status == "cancelled"
+                finally:
+                    cancelled = cancelled or ledger.status == "cancelled"
                     result.steps.append(record)
             if needs is not None:
                 await gate.wait(needs.tier)
@@ -430,7 +370,7 @@ class Runner:
             result.status = "succeeded"
         except _HandedOff as exc:
             queue = self._settings.queue_of(exc.tier)
-            if await _off_loop(lambda: self._store.hand_off(lease, queue=queue)):
+            if await off_loop(lambda: self._store.hand_off(lease, queue=queue)):
                 result.status, result.queue = "queued", queue
                 return result
             result.status, result.error = "cancelled", f"run {run_id} was cancelled"
@@ -459,14 +399,15 @@ class Runner:
                 **done,
                 **{s.step_id: s.output for s in result.steps if s.status == "succeeded"},
             }
-        final = await _off_loop(
+        final = await write(
+            self._store,
             lambda: self._store.finish_run(
                 run_id,
                 status=result.status,
                 outputs=result.outputs,
                 error=result.error,
                 lease=lease,
-            )
+            ),
         )
         if final == "cancelled" and result.status != "cancelled":
             # Cancelled during the last step: the run stays cancelled.
@@ -478,32 +419,11 @@ class Runner:
         if keeper.lost is not None:
             return
         with contextlib.suppress(LeaseLost):
-            await _off_loop(
+            await off_loop(
                 lambda: self._store.finish_run(
                     lease.run_id, status="failed", error=f"interrupted: {why}", lease=lease
                 )
             )
-
-
-async def _off_loop(call: Callable[[], _T]) -> _T:
-    """The result of a blocking store ``call``, run in a thread so it never stalls the loop.
-
-    A cancel that arrives meanwhile waits for the call to finish, and is then
-    raised (or the call's own error, such as ``LeaseLost``): what the write did
-    is always known before the caller moves on.
-    """
-    future = asyncio.get_running_loop().run_in_executor(None, call)
-    interrupted = False
-    while not future.done():
-        try:
-            await asyncio.wait([future])
-        except asyncio.CancelledError:
-            interrupted = True
-    if interrupted:
-        if future.exception() is not None:
-            raise future.exception()  # type: ignore[misc]
-        raise asyncio.CancelledError
-    return future.result()
 
 
 # Besides each call's own timeout: store I/O, rendering and checks, per call,
@@ -530,10 +450,6 @@ def time_limit_s(settings: Settings, workflow: LoadedWorkflow) -> float:
         waves = -(-units // FAN_OUT_CONCURRENCY) if plan.for_each is not None else 1
         total += waves * attempts * per_call
     return total
-
-
-def _usd(amount: Decimal) -> str:
-    return f"${amount:.6f}".rstrip("0").rstrip(".")
 
 
 def open_store(settings: Settings) -> Store:

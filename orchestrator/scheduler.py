@@ -27,8 +27,7 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator
-from dataclasses import replace
+from collections.abc import Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -44,11 +43,13 @@ from orchestrator.errors import (
     clip,
     redact,
 )
+from orchestrator.hooks import CallRefused, Hooks
 from orchestrator.ledger import Call, Pricer, StepRecord
 from orchestrator.models import Clients, ModelRequest
 from orchestrator.models.base import prompt_tokens_upper_bound
 from orchestrator.settings import ModelEntry, Settings, Tier
 from orchestrator.spec import AUTO_TIER, StepPlan
+from orchestrator.store import Checkpoint
 from orchestrator.templates import TemplateProblem
 
 FAN_OUT_CONCURRENCY = 8
@@ -100,25 +101,14 @@ def ladder(
     return climb
 
 
-# Told of each call before its request, with its worst-case usage; returns why
-# the call may not go out (a budget would be passed), or None.
-OnCallStart = Callable[[StepPlan, Call], Awaitable[str | None]]
-TierCap = Callable[[StepPlan], str | None]
-
-
 class StepRunner:
     """Runs steps of one run. ``max_calls`` caps model-calling units (steps and items).
 
-    ``on_call_start`` sees each call before its request goes out, with
-    worst-case usage (the ledger reserves it against budgets and writes it
-    pending); a refusal, or a failure to record it, stops the call: fail closed.
-    ``tier_cap`` names the highest tier a step may use now (a budget's
-    ``downgrade_to`` once ``downgrade_at`` is reached), or None. With
-    ``budgeted``, each call holds its worst case as a reservation
-    (``Call.reserved_usd``) until it settles. ``last_attempts`` holds
-    the attempt numbers a resumed run already used, so numbers never repeat.
-    ``tiers`` are the tiers this process serves (None: all of them), and
-    ``handed_on`` the ``NeedsTier.as_record()`` of steps another worker handed here.
+    ``hooks`` (see ``orchestrator.hooks``) are told of each step and call: the
+    ledger and budgets are one. ``checkpoint`` is where a resumed run carries
+    on: attempt numbers already used never repeat, and a step another worker
+    handed here continues at its tier. ``tiers`` are the tiers this process
+    serves (None: all of them).
     """
 
     def __init__(
@@ -128,23 +118,19 @@ class StepRunner:
         clients: Clients,
         pricer: Pricer,
         max_calls: int,
-        on_call_start: OnCallStart | None = None,
-        last_attempts: dict[str, int] | None = None,
+        hooks: Sequence[Hooks] = (),
+        checkpoint: Checkpoint | None = None,
         tiers: Collection[str] | None = None,
-        handed_on: dict[str, dict[str, Any]] | None = None,
-        tier_cap: TierCap | None = None,
-        budgeted: bool = False,
     ) -> None:
         self._settings = settings
         self._clients = clients
         self._pricer = pricer
         self._units_left = max_calls
-        self._on_call_start = on_call_start
-        self._last_attempts = last_attempts or {}
+        self._hooks = tuple(hooks)
+        checkpoint = checkpoint or Checkpoint()
+        self._last_attempts = checkpoint.last_attempts
+        self._handed_on = checkpoint.handed_on
         self._tiers = tiers
-        self._handed_on = handed_on or {}
-        self._tier_cap = tier_cap
-        self._budgeted = budgeted
         self._caps: dict[str, str | None] = {}
 
     @staticmethod
@@ -168,14 +154,25 @@ class StepRunner:
         cancelled and still holds the calls already made, for the ledger. If
         the step needs a tier this process does not serve, the record says
         handed_off, its output says where to carry on, and ``NeedsTier`` is raised.
+        Either way the hooks' ``after_step`` is told of the record.
         """
+        try:
+            await self._run(plan, context, record)
+        finally:
+            if record.status == "running":  # an error we did not foresee: never left running
+                record.status, record.error = "failed", "stopped by an internal error"
+            record.finished_at = _now()
+            for hook in self._hooks:
+                await hook.after_step(plan, record)
+
+    async def _run(self, plan: StepPlan, context: dict[str, Any], record: StepRecord) -> None:
         attempts = itertools.count(self._last_attempts.get(plan.id, 0) + 1)
         try:
             if plan.when is not None and not plan.when.evaluate(context):
                 record.status = "skipped"
                 return
-            if self._tier_cap is not None:
-                self._caps[plan.id] = self._tier_cap(plan)
+            if self._hooks:
+                self._caps[plan.id] = await self._cap(plan)
             climb = self._ladder(plan)
             if climb and not self._serves(climb[0][0]):
                 resumed = self._handed_on.get(plan.id, {})
@@ -201,10 +198,12 @@ class StepRunner:
                 "cancelled mid-step (a parallel step failed, or the lease was lost)",
             )
             raise
-        finally:
-            if record.status == "running":  # an error we did not foresee: never left running
-                record.status, record.error = "failed", "stopped by an internal error"
-            record.finished_at = _now()
+
+    async def _cap(self, plan: StepPlan) -> str | None:
+        """The lowest of the hooks' caps on the step's tier, or None."""
+        names = self._settings.tier_names
+        caps = [cap for hook in self._hooks if (cap := await hook.before_step(plan)) is not None]
+        return min(caps, key=names.index, default=None)
 
     async def _fan_out(
         self, plan: StepPlan, context: dict[str, Any], record: StepRecord, attempts: Iterator[int]
@@ -330,14 +329,19 @@ class StepRunner:
                     escalation_reason=escalation_reason,
                 )
             except _CheckRaised as raised:
-                record.calls.append(raised.call)
+                await self._ended(plan, record, raised.call)
                 raise raised.problem from None
-            record.calls.append(call)
+            await self._ended(plan, record, call)
             wait = retries.pause(busy, retries=asked, waited_s=waited)
             if wait is None:
                 return call, value
             await asyncio.sleep(wait)
             asked, waited = asked + 1, waited + wait
+
+    async def _ended(self, plan: StepPlan, record: StepRecord, call: Call) -> None:
+        record.calls.append(call)
+        for hook in self._hooks:
+            await hook.after_call(plan, call)
 
     async def _try(
         self,
@@ -378,8 +382,8 @@ class StepRunner:
             started=_now(),
             local=self._settings.config.tiers[tier_used].local,
         )
-        if self._on_call_start is not None:
-            pending = make_call(
+        if self._hooks:
+            admitted = make_call(
                 prompt_tokens=worst[0],
                 completion_tokens=worst[1],
                 latency_ms=(timeout + BACKSTOP_S) * 1000,
@@ -387,12 +391,14 @@ class StepRunner:
                 error=None,
                 usage_source="worst_case",
             )
-            reserved = pending.cost_usd if self._budgeted else None
-            make_call = functools.partial(make_call, reserved_usd=reserved)
+            refusal = None
             try:
-                refusal = await self._on_call_start(plan, replace(pending, reserved_usd=reserved))
+                for hook in self._hooks:
+                    admitted = await hook.before_call(plan, admitted)
             except LeaseLost:
                 raise  # another executor holds the run: no request from here
+            except CallRefused as refused:
+                refusal = refused.reason
             except Exception as exc:  # the ledger is unreachable: no record, no request
                 refusal = clip(
                     redact(
@@ -407,9 +413,11 @@ class StepRunner:
                     latency_ms=0.0,
                     outcome="budget_blocked",
                     error=refusal,
-                    reserved_usd=None,
+                    # What an earlier hook reserved is released when this row settles.
+                    reserved_usd=admitted.reserved_usd,
                 )
                 return blocked, None, None
+            make_call = functools.partial(make_call, reserved_usd=admitted.reserved_usd)
         clock = time.perf_counter()
         # Until an answer or the provider says otherwise, the call may have been billed.
         (prompt_tokens, completion_tokens) = worst

@@ -84,7 +84,7 @@ def test_a_refused_call_never_reaches_the_model_and_says_why(
     result = project.run("ask")
     assert result.status == "failed"
     assert "budget_blocked: the per-run budget of run" in (result.error or "")
-    assert "of $0.001 would be passed: $0 spent, $0 reserved" in (result.error or "")
+    assert "of $0.001000 would be passed: $0 spent, $0 reserved" in (result.error or "")
     assert frontier.chat_requests() == []
     [row] = ledger(project)
     assert (row["outcome"], row["cost_usd"], row["prompt_tokens"]) == ("budget_blocked", 0, 0)

@@ -18,6 +18,7 @@ from orchestrator.store.tables import model_calls, runs, step_runs
 CALL_FIELDS = tuple(field.name for field in fields(Call))
 _INSERT_STEP = insert(step_runs)
 _INSERT_CALL = insert(model_calls)
+_RUN_STATUS = select(runs.c.status).where(runs.c.id == bindparam("s_run_id"))
 _SETTLE_CALL = (
     update(model_calls)
     .where(
@@ -40,19 +41,26 @@ class Checkpoint:
     handed_on: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def abandon(connection: Any, why: str, *where: Any) -> None:
-    """Pending calls become abandoned: they may have been billed, so their
-    worst-case estimate moves from reserved to spent and stays there."""
-    pending = connection.execute(
-        select(
-            model_calls.c.id,
-            model_calls.c.run_id,
-            model_calls.c.workflow,
-            model_calls.c.day,
-            model_calls.c.cost_usd,
-            model_calls.c.reserved_usd,
-        ).where(model_calls.c.state == "pending", *where)
-    ).mappings()
+_PENDING = select(
+    model_calls.c.id,
+    model_calls.c.run_id,
+    model_calls.c.workflow,
+    model_calls.c.day,
+    model_calls.c.cost_usd,
+    model_calls.c.reserved_usd,
+).where(model_calls.c.state == "pending", model_calls.c.run_id == bindparam("p_run_id"))
+_PENDING_OF_STEP = _PENDING.where(model_calls.c.step_id == bindparam("p_step_id"))
+
+
+def abandon(connection: Any, why: str, *, run_id: str, step_id: str | None = None) -> None:
+    """Pending calls of the run (or of one of its steps) become abandoned: they may
+    have been billed, so their worst-case estimate moves from reserved to spent
+    and stays there."""
+    if step_id is None:
+        pending = connection.execute(_PENDING, {"p_run_id": run_id}).mappings()
+    else:
+        query = _PENDING_OF_STEP
+        pending = connection.execute(query, {"p_run_id": run_id, "p_step_id": step_id}).mappings()
     for row in pending.all():
         connection.execute(
             update(model_calls)
@@ -105,7 +113,7 @@ class CallStore:
         # Plain insert()/update() with parameters, not .values(): the compiled
         # statement is cached, which matters on the per-step hot path.
         with self.engine.begin() as connection:
-            fence(connection, lease)
+            status = fence(connection, lease)
             connection.execute(_INSERT_STEP, step_row)
             for row, call in zip(call_rows, record.calls, strict=True):
                 # The call's pending row (written before the request) is settled and
@@ -118,13 +126,10 @@ class CallStore:
                     counters.move(connection, row, released=call.reserved_usd, spent=call.cost_usd)
             if record.status != "succeeded":
                 # Calls cut off by a cancellation never settle; they may have been billed.
-                abandon(
-                    connection,
-                    "cancelled mid-call",
-                    model_calls.c.run_id == run_id,
-                    model_calls.c.step_id == record.step_id,
-                )
-            return connection.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
+                abandon(connection, "cancelled mid-call", run_id=run_id, step_id=record.step_id)
+            if status is None:  # not fenced
+                status = connection.execute(_RUN_STATUS, {"s_run_id": run_id}).scalar()
+            return status
 
     def open_call(
         self,
@@ -186,7 +191,7 @@ class CallStore:
                     ).where(step_runs.c.run_id == run_id, step_runs.c.status == "handed_off")
                 )
             }
-            abandon(connection, "its process died mid-call", model_calls.c.run_id == run_id)
+            abandon(connection, "its process died mid-call", run_id=run_id)
             connection.execute(
                 delete(step_runs).where(
                     step_runs.c.run_id == run_id,

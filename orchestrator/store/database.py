@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ def open_engine(url: str, *, migrate: bool = False) -> Engine:
     engine = create_engine(url, **_engine_options(url))
     if url.startswith("sqlite"):
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "checkout", _sqlite_busy_timeout)
     try:
         current = current_revision(engine)
         if current != head_revision():
@@ -74,10 +77,41 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+BUSY_TIMEOUT_MS = 30_000  # how long a SQLite write waits for another writer
+_no_wait = contextvars.ContextVar("tierflow_sqlite_no_wait", default=False)
+
+
 def _engine_options(url: str) -> dict[str, Any]:
     if url.startswith("sqlite"):
-        return {"connect_args": {"check_same_thread": False, "timeout": 30}}
+        return {"connect_args": {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000}}
     return {"pool_pre_ping": True}
+
+
+@contextlib.contextmanager
+def no_wait() -> Iterator[None]:
+    """SQLite connections checked out here fail at once (``is_busy``) rather than
+    wait while another connection holds the write lock: for a write on the event
+    loop, which must never block it. Elsewhere they wait up to BUSY_TIMEOUT_MS."""
+    token = _no_wait.set(True)
+    try:
+        yield
+    finally:
+        _no_wait.reset(token)
+
+
+def is_busy(exc: BaseException) -> bool:
+    """True for SQLite's "database is locked": nothing was written, try again later."""
+    orig = getattr(exc, "orig", None)
+    return isinstance(orig, sqlite3.OperationalError) and (
+        getattr(orig, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
+    )
+
+
+def _sqlite_busy_timeout(connection: Any, record: Any, _proxy: Any) -> None:
+    wanted = 0 if _no_wait.get() else BUSY_TIMEOUT_MS
+    if record.info.get("busy_timeout") != wanted:
+        connection.execute(f"PRAGMA busy_timeout={wanted}")
+        record.info["busy_timeout"] = wanted
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, func, insert, or_, select, update
+from sqlalchemy import Engine, and_, bindparam, case, func, insert, or_, select, update
 
 from orchestrator.store.calls import abandon
 from orchestrator.store.clock import db_now_s
@@ -13,6 +13,30 @@ from orchestrator.store.leases import Lease, fence
 from orchestrator.store.tables import model_calls, runs, step_runs
 
 ACTIVE = ("queued", "running")
+# The end of a run, built once (see leases._FENCE): a run that already ended
+# (a cancel during its last step) keeps its status; the lease goes either way.
+_FINISH = (
+    update(runs)
+    .where(runs.c.id == bindparam("e_run_id"))
+    .values(
+        status=case((runs.c.status.in_(ACTIVE), bindparam("e_status")), else_=runs.c.status),
+        outputs=case(
+            (runs.c.status.in_(ACTIVE), bindparam("e_outputs", type_=runs.c.outputs.type)),
+            else_=runs.c.outputs,
+        ),
+        error=case(
+            (runs.c.status.in_(ACTIVE), bindparam("e_error", type_=runs.c.error.type)),
+            else_=runs.c.error,
+        ),
+        finished_at=case(
+            (runs.c.status.in_(ACTIVE), bindparam("e_at", type_=runs.c.finished_at.type)),
+            else_=runs.c.finished_at,
+        ),
+        lease_owner=None,
+        lease_expires_s=None,
+    )
+    .returning(runs.c.status)
+)
 
 
 def now() -> datetime:
@@ -132,7 +156,7 @@ class RunStore:
                 select(runs.c.id).where(runs.c.id == run_id, _stale())
             ).first()
             if orphaned is not None:
-                abandon(connection, "its run was cancelled", model_calls.c.run_id == run_id)
+                abandon(connection, "its run was cancelled", run_id=run_id)
             return connection.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
 
     def hand_off(self, lease: Lease, *, queue: str) -> bool:
@@ -172,18 +196,18 @@ class RunStore:
         """
         with self.engine.begin() as connection:
             fence(connection, lease)
-            connection.execute(
-                update(runs)
-                .where(runs.c.id == run_id, runs.c.status.in_(ACTIVE))
-                .values(status=status, outputs=outputs, error=error, finished_at=now())
-            )
-            connection.execute(
-                update(runs)
-                .where(runs.c.id == run_id)
-                .values(lease_owner=None, lease_expires_s=None)
-            )
-            abandon(connection, f"its run ended ({status})", model_calls.c.run_id == run_id)
-            return connection.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
+            final = connection.execute(
+                _FINISH,
+                {
+                    "e_run_id": run_id,
+                    "e_status": status,
+                    "e_outputs": outputs,
+                    "e_error": error,
+                    "e_at": now(),
+                },
+            ).scalar()
+            abandon(connection, f"its run ended ({status})", run_id=run_id)
+            return final
 
     def abandon_orphans(self) -> int:
         """Abandon pending calls of ended runs that no live executor holds; how many runs.
@@ -202,7 +226,7 @@ class RunStore:
                 )
             ).all()
             for (run_id,) in orphans:
-                abandon(connection, "its run had ended", model_calls.c.run_id == run_id)
+                abandon(connection, "its run had ended", run_id=run_id)
         return len(orphans)
 
     def runs_to_publish(self, *, lease_ttl_s: float, queued_for_s: float) -> list[dict[str, Any]]:

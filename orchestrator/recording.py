@@ -1,0 +1,95 @@
+"""The ledger and budgets of one run, as hooks (see ``orchestrator.hooks``).
+
+Before each call, its worst case is reserved against every budget that limits
+it and its pending row is written, in one transaction; when its step ends, the
+step's record and the settlement of all its calls are written in another, and
+any call left pending (cut off by a cancel) is abandoned at its worst case.
+Every write is fenced by the run's lease. Once a workflow's own limits are
+``downgrade_at`` used, its steps run no higher than ``downgrade_to``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, date, datetime
+from decimal import Decimal
+
+from orchestrator import budgets
+from orchestrator.encoding import usd
+from orchestrator.hooks import CallRefused, Hooks
+from orchestrator.ledger import Call, StepRecord
+from orchestrator.settings import Settings
+from orchestrator.spec import LoadedWorkflow, StepPlan
+from orchestrator.store import Lease, Store
+from orchestrator.store.counters import Limit
+from orchestrator.storeio import off_loop, write
+
+
+class LedgerHooks(Hooks):
+    """Records the run held by ``lease``. ``status`` is the run's status as the
+    last step's write saw it, so the executor sees a cancel before the next step."""
+
+    def __init__(
+        self, settings: Settings, store: Store, workflow: LoadedWorkflow, lease: Lease
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._workflow = workflow
+        self._lease = lease
+        self.status: str | None = None
+
+    async def before_step(self, plan: StepPlan) -> str | None:
+        budget = self._workflow.spec.budget
+        if budget.downgrade_to is None or budget.downgrade_at is None:
+            return None
+        today = datetime.now(UTC).date()
+        own = [limit for limit in self._limits(today) if limit.own]
+        usage = await off_loop(lambda: self._store.usage([limit.key for limit in own]))
+        shares = [sum(usage[limit.key]) / limit.usd for limit in own if limit.key in usage]
+        used = max(shares, default=0)
+        return budget.downgrade_to if used >= Decimal(str(budget.downgrade_at)) else None
+
+    async def before_call(self, plan: StepPlan, call: Call) -> Call:
+        """``call`` reserved and pending; ``CallRefused`` when a budget would be
+        passed, ``LeaseLost`` when another executor holds the run."""
+        limits = self._limits(call.created_at.astimezone(UTC).date())
+        admitted = replace(call, reserved_usd=call.cost_usd if limits else None)
+        workflow, lease = self._workflow, self._lease
+        refused = await write(
+            self._store,
+            lambda: self._store.open_call(
+                run_id=lease.run_id,
+                workflow=workflow.name,
+                content_hash=workflow.content_hash,
+                agent=plan.agent.name,
+                step_id=plan.id,
+                call=admitted,
+                limits=limits,
+                lease=lease,
+            ),
+        )
+        if refused is None:
+            return admitted
+        usage = await off_loop(lambda: self._store.usage([refused.key]))
+        spent, reserved = usage.get(refused.key, (Decimal(0),) * 2)
+        raise CallRefused(
+            f"the {refused.label} of {usd(refused.usd)} would be passed:"
+            f" {usd(spent)} spent, {usd(reserved)} reserved,"
+            f" and this call may cost up to {usd(call.cost_usd)} on {call.model}"
+        )
+
+    async def after_step(self, plan: StepPlan, record: StepRecord) -> None:
+        workflow, lease = self._workflow, self._lease
+        self.status = await write(
+            self._store,
+            lambda: self._store.record_step(
+                run_id=lease.run_id,
+                workflow=workflow.name,
+                content_hash=workflow.content_hash,
+                record=record,
+                lease=lease,
+            ),
+        )
+
+    def _limits(self, day: date) -> list[Limit]:
+        return budgets.limits(self._settings, self._workflow, self._lease.run_id, day)
