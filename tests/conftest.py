@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -238,6 +239,36 @@ def tierflow(
         cwd=cwd,
         env=env,
     )
+
+
+def start_run(project: Project, workflow: str) -> subprocess.Popen[bytes]:
+    """``tierflow run WORKFLOW`` in a process group of its own, for ``kill``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", workflow],
+        cwd=project.root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process and its children, if it still runs, and reap it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def killed_mid_call(project: Project, workflow: str, step: str) -> str:
+    """Start ``tierflow run WORKFLOW``, SIGKILL it once ``step``'s first call is
+    pending (its request is at the model); the run's id."""
+    proc = start_run(project, workflow)
+    try:
+        wait_for(lambda: (step, 1, "pending") in project.ledger_states())
+    finally:
+        kill(proc)
+    [run] = project.store().runs()
+    return str(run["id"])
 
 
 def wait_for(predicate: Callable[[], bool], *, timeout: float = 60.0) -> None:

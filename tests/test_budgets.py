@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +11,15 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from conftest import PRICES, Project, counters, frontier_project, ledger, tiers_for, wait_for
+from conftest import (
+    PRICES,
+    Project,
+    counters,
+    frontier_project,
+    killed_mid_call,
+    ledger,
+    tiers_for,
+)
 from sqlalchemy import create_engine, func, select, text
 
 from orchestrator.store import open_engine
@@ -186,18 +192,7 @@ def test_a_call_cut_off_by_a_crash_keeps_its_reservation_as_spend(
 ) -> None:
     frontier.responder = lambda body: Reply(text="slow", delay_s=30)
     project = frontier_project(tmp_path / "p", ollama, frontier, {"daily_usd": "5"}, lease_ttl_s=1)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", "ask"],
-        cwd=project.root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_for(lambda: ("answer", 1, "pending") in project.ledger_states())
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    killed_mid_call(project, "ask", "answer")
     [(_, (spent, reserved))] = counters(project).items()
     [pending] = ledger(project)
     assert (spent, reserved) == (0, pending["reserved_usd"]) and reserved > 0

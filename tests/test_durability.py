@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +13,10 @@ from conftest import (
     assert_nothing_reserved,
     counters,
     frontier_project,
+    kill,
+    killed_mid_call,
     ledger,
+    start_run,
     tierflow,
     tiers_for,
     wait_for,
@@ -50,18 +49,7 @@ def test_killed_run_resumes_without_rerunning_finished_steps(
         if body["messages"][-1]["content"] == "second"
         else Reply(text="one", prompt_tokens=5, completion_tokens=2)
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", "two"],
-        cwd=project.root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_for(lambda: ("second", 1, "pending") in project.ledger_states())
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    killed_mid_call(project, "two", "second")
     [run] = project.store().runs()
     assert run["status"] == "running"  # what a dead process leaves behind
 
@@ -161,13 +149,7 @@ def test_cancel_stops_parallel_steps_and_fan_out_items_in_flight(
 ) -> None:
     frontier.responder = lambda body: Reply(text="late", delay_s=60)
     project = wide_project(tmp_path / "p", ollama, frontier)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", "wide"],
-        cwd=project.root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_run(project, "wide")
     try:
         wait_for(lambda: len(frontier.chat_requests()) == 5)  # every call is in flight
         [run] = project.store().runs()
@@ -176,9 +158,7 @@ def test_cancel_stops_parallel_steps_and_fan_out_items_in_flight(
         # The model would answer in 60 s; the run ends long before, its calls cut off.
         assert proc.wait(timeout=30) == 1
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill(proc)
     [run] = project.store().runs()
     assert run["status"] == "cancelled"
     assert sorted(project.ledger_states()) == sorted(
@@ -190,24 +170,6 @@ def test_cancel_stops_parallel_steps_and_fan_out_items_in_flight(
     assert_nothing_reserved(project)
     spent = sum(row["cost_usd"] for row in ledger(project))
     assert spent > 0 and all(counted == (spent, 0) for counted in counters(project).values())
-
-
-def killed_mid_call(project: Project, workflow: str, step: str) -> str:
-    """Start ``tierflow run WORKFLOW``, kill it once ``step``'s first call is pending."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", workflow],
-        cwd=project.root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_for(lambda: (step, 1, "pending") in project.ledger_states())
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    [run] = project.store().runs()
-    return str(run["id"])
 
 
 @pytest.mark.parametrize("end", ["resumed", "failed", "changed", "missing", "cancelled"])

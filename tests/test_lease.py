@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from conftest import Project, tiers_for, wait_for, write_two_steps
+from conftest import Project, kill, start_run, tiers_for, wait_for, write_two_steps
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -70,13 +66,7 @@ def test_the_lease_outlives_a_database_outage_shorter_than_its_ttl(
         return Reply(text="ok", delay_s=4 * TTL_S if asked[-1] == "first" else 0)
 
     ollama.responder = answer
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", "two"],
-        cwd=project.root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_run(project, "two")
     try:
         wait_for(lambda: asked == ["first"])
         refuse_connections(postgres_url, True)  # every renewal fails for a while
@@ -90,9 +80,7 @@ def test_the_lease_outlives_a_database_outage_shorter_than_its_ttl(
         assert proc.wait(timeout=60) == 0
     finally:
         refuse_connections(postgres_url, False)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill(proc)
     [run] = runs(project)
     assert run["status"] == "succeeded"
     assert project.ledger_states() == [("first", 1, "settled"), ("second", 1, "settled")]
