@@ -16,6 +16,7 @@ at once on one event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -35,20 +36,30 @@ if TYPE_CHECKING:
     from orchestrator.store import Store
 
 ENDED = ("succeeded", "failed", "cancelled")
+log = logging.getLogger("tierflow.queue")  # what it says of runs it executes for a worker
 
 
 class Client:
     """Runs, queues and reads runs of one configuration. Close it, or use ``with``.
 
     ``config`` is a tierflow.yaml path (else ``$TIERFLOW_CONFIG``, else the
-    nearest one); ``settings`` may be given instead, already loaded.
+    nearest one); ``settings`` may be given instead, already loaded. With
+    ``tiers``, runs here use only those tiers and are handed to another
+    tier's queue when a step needs it (a queue worker's client).
     """
 
-    def __init__(self, config: str | Path | None = None, *, settings: Settings | None = None):
+    def __init__(
+        self,
+        config: str | Path | None = None,
+        *,
+        settings: Settings | None = None,
+        tiers: list[str] | None = None,
+    ):
         from orchestrator.settings import load_settings
         from orchestrator.spec import WorkflowCache
 
         self.settings = settings if settings is not None else load_settings(config)
+        self._tiers = tiers  # the tiers its runs may use here (None: all); a worker's --tiers
         self._workflows = WorkflowCache(self.settings)
         self._store: Store | None = None
         self._app: Any = None  # the Celery app, made on the first enqueue
@@ -97,9 +108,19 @@ class Client:
             raise UserError(
                 "Client.run() was called inside a running event loop: use 'await client.arun(...)'"
             )
+        return self._own_loop().run_until_complete(self.arun(workflow, inputs, on_step=on_step))
+
+    def _own_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
-        return self._loop.run_until_complete(self.arun(workflow, inputs, on_step=on_step))
+        return self._loop
+
+    def _celery(self) -> Any:
+        from orchestrator.queue import make_app
+
+        if self._app is None:
+            self._app = make_app(self.settings)
+        return self._app
 
     def _runner(self) -> Runner:
         """The runner of the running loop: model clients belong to one loop."""
@@ -108,9 +129,58 @@ class Client:
 
         loop = asyncio.get_running_loop()
         if self._bound is None or self._bound[0] is not loop:
-            runner = Runner(settings=self.settings, store=self.store, clients=Clients())
+            runner = Runner(
+                settings=self.settings, store=self.store, clients=Clients(), tiers=self._tiers
+            )
             self._bound = (loop, runner)
         return self._bound[1]
+
+    def execute(self, run_id: str, *, app: Any = None) -> str:
+        """Execute a recorded run here, as a queue worker does with a message; what became of it.
+
+        Returns the run's status (``succeeded``, ``failed``, ``cancelled``, or
+        ``queued`` when it was handed to another tier's queue, published through
+        ``app``, else the client's own Celery app), or why nothing ran:
+        ``skipped`` (another live executor holds it), ``lease-lost`` (another
+        executor took it over meanwhile), ``unknown`` (no such run). A run that
+        already ended keeps its status. Nothing a run leaves on the client's
+        loop survives into the next.
+        """
+        from orchestrator.errors import LeaseLost, TierflowError
+        from orchestrator.queue import drain, publish
+
+        row = self.store.run_row(run_id)
+        if row is None:
+            log.warning("run %s: no such run", run_id)
+            return "unknown"
+        if row["status"] not in ("queued", "running"):
+            return str(row["status"])
+        try:
+            workflow = self._workflows.load(self.settings.root / row["workflow_path"])
+        except TierflowError as exc:  # the file went away or broke after the run was queued
+            return self._plain_runner().fail(run_id, error=str(exc)) or "skipped"
+        loop = self._own_loop()
+
+        async def execute() -> RunResult | None:
+            return await self._runner().execute(workflow, run_id, time_limit_s=row["time_limit_s"])
+
+        try:
+            result = loop.run_until_complete(execute())
+        except LeaseLost as exc:  # another worker took the run over; it carries on there
+            log.warning("%s", exc)
+            return "lease-lost"
+        finally:
+            drain(loop)
+        if result is None:
+            log.info("run %s is leased by another worker or finished; skipped", run_id)
+            return "skipped"
+        if result.queue is not None:
+            log.info("run %s: handed to queue %s", run_id, result.queue)
+            # If this publish is lost, the sweeper publishes the queued run again.
+            publish(
+                app or self._celery(), run_id, queue=result.queue, time_limit_s=row["time_limit_s"]
+            )
+        return result.status
 
     def enqueue(self, workflow: str | Path, inputs: Mapping[str, Any] | None = None) -> str:
         """Record a queued run and publish it for a worker; returns its run id.
@@ -119,20 +189,22 @@ class Client:
         """
         return self.enqueue_loaded(self.load(workflow), inputs or {})
 
+    def _plain_runner(self) -> Runner:
+        """A runner for store work outside any loop (create, fail): no model clients used."""
+        from orchestrator.runner import Runner
+
+        return Runner(settings=self.settings, store=self.store)
+
     def enqueue_loaded(self, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> str:
         """``enqueue`` for a workflow already loaded."""
-        from orchestrator.queue import enqueue_run, first_queue, make_app
-        from orchestrator.runner import Runner, time_limit_s
+        from orchestrator.queue import enqueue_run, first_queue
+        from orchestrator.runner import time_limit_s
 
         settings = self.settings
         queue, limit = first_queue(settings, workflow), time_limit_s(settings, workflow)
-        run_id = Runner(settings=settings, store=self.store).create(
-            workflow, inputs, queue=queue, time_limit_s=limit
-        )
-        if self._app is None:
-            self._app = make_app(settings)
+        run_id = self._plain_runner().create(workflow, inputs, queue=queue, time_limit_s=limit)
         try:
-            enqueue_run(self._app, run_id, queue=queue, time_limit_s=limit)
+            enqueue_run(self._celery(), run_id, queue=queue, time_limit_s=limit)
         except RunError as exc:
             self.store.finish_run(run_id, status="failed", error=str(exc))
             raise

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.settings import Settings
 
 if TYPE_CHECKING:
+    from orchestrator.client import Client
     from orchestrator.spec import LoadedWorkflow
 
 log = logging.getLogger("tierflow.queue")
@@ -101,80 +102,33 @@ def first_queue(settings: Settings, workflow: LoadedWorkflow) -> str:
     return settings.queue_of(climb[0][0]) if climb else settings.config.queue
 
 
-class _WorkerProcess:
-    """What a worker process keeps from one task to the next, made after the fork.
-
-    One event loop, so the model clients and their connections (and Ollama's
-    model list) outlive a run; one runner, so each workflow's graph is compiled
-    once; and loaded workflows.
-    """
-
-    def __init__(self, settings: Settings, tiers: list[str] | None) -> None:
-        from orchestrator.models import Clients
-        from orchestrator.runner import Runner, open_store
-        from orchestrator.spec import WorkflowCache
-
-        self.settings = settings
-        self.store = open_store(settings)
-        self.loop = asyncio.new_event_loop()
-        self.runner = Runner(settings=settings, store=self.store, clients=Clients(), tiers=tiers)
-        self.workflows = WorkflowCache(settings)
+_clients: dict[int, Client] = {}
 
 
-_processes: dict[int, _WorkerProcess] = {}
+def _client(settings: Settings, tiers: list[str] | None = None) -> Client:
+    """The worker process's client, made after the fork and kept from one task to
+    the next: its loop, model clients (and their connections), compiled graphs
+    and loaded workflows outlive a run."""
+    from orchestrator.client import Client
 
-
-def _process(settings: Settings, tiers: list[str] | None = None) -> _WorkerProcess:
     pid = os.getpid()
-    if pid not in _processes:
-        _processes[pid] = _WorkerProcess(settings, tiers)
-    return _processes[pid]
+    if pid not in _clients:
+        _clients[pid] = Client(settings=settings, tiers=tiers)
+    return _clients[pid]
 
 
 def execute_by_id(
     settings: Settings, run_id: str, *, tiers: list[str] | None = None, app: Any = None
 ) -> str:
-    """What a worker does with a message: execute the run unless it is leased or finished.
-
-    A run handed to another tier is published on that tier's queue through ``app``.
-    """
-    from orchestrator.errors import LeaseLost, TierflowError
-
-    process = _process(settings, tiers)
-    store = process.store
-    row = store.run_row(run_id)
-    if row is None:
-        log.warning("run %s: no such run", run_id)
-        return "unknown"
-    if row["status"] not in ("queued", "running"):
-        return row["status"]  # type: ignore[no-any-return]
-    try:
-        workflow = process.workflows.load(settings.root / row["workflow_path"])
-    except TierflowError as exc:  # the file went away or broke after the run was queued
-        return process.runner.fail(run_id, error=str(exc)) or "skipped"
-    try:
-        result = process.loop.run_until_complete(
-            process.runner.execute(workflow, run_id, time_limit_s=row["time_limit_s"])
-        )
-    except LeaseLost as exc:  # another worker took the run over; it carries on there
-        log.warning("%s", exc)
-        return "lease-lost"
-    finally:
-        _drain(process.loop)
-    if result is None:
-        log.info("run %s is leased by another worker or finished; skipped", run_id)
-        return "skipped"
-    if result.queue is not None and app is not None:
-        log.info("run %s: handed to queue %s", run_id, result.queue)
-        # If this publish is lost, the sweeper publishes the queued run again.
-        publish(app, run_id, queue=result.queue, time_limit_s=row["time_limit_s"])
-    return result.status
+    """What a worker does with a message: execute the run unless it is leased or
+    finished (``Client.execute``). A hand-off is published through ``app``."""
+    return _client(settings, tiers).execute(run_id, app=app)
 
 
 HARD_LIMIT_GRACE_S = 60.0
 
 
-def _drain(loop: asyncio.AbstractEventLoop) -> None:
+def drain(loop: asyncio.AbstractEventLoop) -> None:
     """Cancel whatever a task left on the worker's loop, and wait for it to end.
 
     The loop outlives the task; a coroutine left on it would resume inside the
@@ -228,7 +182,7 @@ def start_sweeper(settings: Settings) -> threading.Thread:
 
     def sweep() -> None:
         app = make_app(settings)
-        store = _process(settings).store
+        store = _client(settings).store
         event = threading.Event()
         while not event.wait(ttl / 3):
             try:

@@ -80,3 +80,16 @@ def test_a_client_cancels_and_waits(project: Project, tmp_path: Path) -> None:
         assert client.wait(run_id)["status"] == "cancelled"
         with pytest.raises(orchestrator.UserError, match="no run"):
             client.cancel("nope-not-a-run")
+
+
+def test_a_client_executes_a_recorded_run_once(project: Project, ollama: OllamaServer) -> None:
+    """What a queue worker does with a message, through the worker's own client."""
+    write_two_steps(project)
+    ollama.reply("one", "two")
+    with orchestrator.Client(config=str(project.config), tiers=["light"]) as client:
+        run_id = client._plain_runner().create(client.load("two"), {})
+        assert client.execute(run_id) == "succeeded"
+        assert client.execute(run_id) == "succeeded"  # a duplicate message: nothing runs again
+        assert client.execute("0" * 32) == "unknown"
+        assert client.get_run(run_id)["outputs"] == {"first": "one", "second": "two"}
+    assert len(ollama.chat_requests()) == 2
