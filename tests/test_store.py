@@ -73,6 +73,45 @@ def test_money_is_exact_to_the_pico_dollar(store: Store) -> None:
     assert row.cost_usd == sum(Decimal(c) for c in costs) == Decimal("12.645679024691")
 
 
+def test_the_hot_path_writes_the_rows_sqlalchemy_would(store: Store) -> None:
+    """Calls and steps go straight to SQLite's cursor (store.prepared); every
+    column must read back as the same row written through SQLAlchemy does."""
+    from orchestrator.store import prepared
+    from orchestrator.store.calls import _INSERT_CALL, _call_row
+
+    new_run(store)
+    call = make_call(
+        1, "0.000000123457", reserved_usd=Decimal("0.25"), local=True, usage_source="reported"
+    )
+    step = make_step("a", [call], output={"nested": [1, "two", None]})
+    store.record_step(run_id="r1", workflow="wf", content_hash="h", record=step)
+    row = _call_row("r1", "wf", "h", step, call)
+    columns = {key: value for key, value in row.items() if not key.startswith("b_")}
+    with store.engine.begin() as connection:
+        connection.execute(_INSERT_CALL, {**columns, "step_id": "by-sqlalchemy"})
+        if store.engine.dialect.name == "sqlite":  # elsewhere it is connection.execute
+            with pytest.raises(TypeError, match="IN cannot be prepared"):
+                prepared.execute(
+                    connection,
+                    select(model_calls.c.id).where(model_calls.c.outcome.in_(["ok"])),
+                    {},
+                )
+    with store.engine.connect() as connection:
+        ours, theirs = (
+            connection.execute(select(model_calls).where(model_calls.c.step_id == step_id))
+            .mappings()
+            .one()
+            for step_id in ("a", "by-sqlalchemy")
+        )
+        steps = connection.execute(select(step_runs.c.output, step_runs.c.started_at)).all()
+    differ = {key for key in ours if key not in ("id", "step_id") and ours[key] != theirs[key]}
+    assert not differ, {key: (ours[key], theirs[key]) for key in differ}
+    assert ours["cost_usd"] == Decimal("0.000000123457") and ours["local"] is True
+    assert steps == [({"nested": [1, "two", None]}, steps[0][1])]
+    started = steps[0][1]  # SQLite keeps no zone; the store writes UTC
+    assert (started if started.tzinfo else started.replace(tzinfo=UTC)) == step.started_at
+
+
 def test_run_inputs_outputs_and_status_round_trip(store: Store) -> None:
     new_run(store, "abcdef123456")
     store.finish_run("abcdef123456", status="succeeded", outputs={"a": [1, "two", None]})

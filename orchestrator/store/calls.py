@@ -10,9 +10,9 @@ from typing import Any
 from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
 
 from orchestrator.ledger import Call, StepRecord
-from orchestrator.store import counters
+from orchestrator.store import counters, prepared
 from orchestrator.store.counters import Limit
-from orchestrator.store.leases import Lease, fence
+from orchestrator.store.leases import Lease, fence, fence_written
 from orchestrator.store.tables import model_calls, runs, step_runs
 
 CALL_FIELDS = tuple(field.name for field in fields(Call))
@@ -110,25 +110,25 @@ class CallStore:
         call_rows = [
             _call_row(run_id, workflow, content_hash, record, call) for call in record.calls
         ]
-        # Plain insert()/update() with parameters, not .values(): the compiled
-        # statement is cached, which matters on the per-step hot path.
+        # Statements built once and run through ``prepared``: the per-step hot path.
         with self.engine.begin() as connection:
-            status = fence(connection, lease)
-            connection.execute(_INSERT_STEP, step_row)
+            prepared.execute(connection, _INSERT_STEP, step_row)
             for row, call in zip(call_rows, record.calls, strict=True):
                 # The call's pending row (written before the request) is settled and
                 # its reservation gives way to its cost; a call recorded without
                 # one (refused by a budget, say) is inserted as it is.
-                if connection.execute(_SETTLE_CALL, row).rowcount == 0:
+                if prepared.execute(connection, _SETTLE_CALL, row).rowcount == 0:
                     columns = {key: value for key, value in row.items() if not key.startswith("b_")}
-                    connection.execute(_INSERT_CALL, columns)
+                    prepared.execute(connection, _INSERT_CALL, columns)
                 elif call.reserved_usd is not None:
                     counters.move(connection, row, released=call.reserved_usd, spent=call.cost_usd)
             if record.status != "succeeded":
                 # Calls cut off by a cancellation never settle; they may have been billed.
                 abandon(connection, "cancelled mid-call", run_id=run_id, step_id=record.step_id)
+            status = fence_written(connection, lease)  # LeaseLost: all of it rolls back
             if status is None:  # not fenced
-                status = connection.execute(_RUN_STATUS, {"s_run_id": run_id}).scalar()
+                found = prepared.execute(connection, _RUN_STATUS, {"s_run_id": run_id}).fetchone()
+                status = None if found is None else found[0]
             return status
 
     def open_call(
@@ -162,12 +162,15 @@ class CallStore:
             **{name: getattr(call, name) for name in CALL_FIELDS},
         }
         with self.engine.connect() as connection, connection.begin() as transaction:
-            fence(connection, lease)
+            if limits:  # first: it takes the write lock before the counters are read
+                fence(connection, lease)
             for limit in limits or []:
                 if not counters.reserve(connection, limit, call.cost_usd):
                     transaction.rollback()
                     return limit
-            connection.execute(_INSERT_CALL, row)
+            prepared.execute(connection, _INSERT_CALL, row)
+            if not limits:
+                fence_written(connection, lease)  # LeaseLost: the row rolls back
         return None
 
     def prepare_resume(self, lease: Lease) -> Checkpoint:

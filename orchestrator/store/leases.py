@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, select, update
 
 from orchestrator.errors import LeaseLost
+from orchestrator.store import prepared
 from orchestrator.store.tables import runs
 
 # Built once: constructing a statement costs more than running it on SQLite.
@@ -20,6 +21,11 @@ _FENCE = (
     )
     .values(lease_token=runs.c.lease_token)
     .returning(runs.c.status)
+)
+_HOLDS = select(runs.c.status).where(
+    runs.c.id == bindparam("f_run_id"),
+    runs.c.lease_token == bindparam("f_token"),
+    runs.c.lease_owner == bindparam("f_owner"),
 )
 
 
@@ -37,18 +43,38 @@ def fence(connection: Any, lease: Lease | None) -> str | None:
 
     The no-op UPDATE locks the run's row (PostgreSQL) or takes SQLite's write
     lock, so no acquisition can slip in before this transaction commits. Call it
-    first in every transaction that writes for an executor. None: an unfenced
+    first in every transaction that writes for an executor (or ``fence_written``
+    last, in one whose first statement writes). None: an unfenced
     write (a user's cancel, a run that failed before any executor took it).
     Returns the run's status, which cannot change before the transaction ends.
     """
+    return _fenced(connection, lease, _FENCE)
+
+
+def fence_written(connection: Any, lease: Lease | None) -> str | None:
+    """``fence`` for a transaction that has already written, called just before it commits.
+
+    On SQLite it is a read: the transaction's first write took the database's
+    write lock and a fresh snapshot, so the read sees the run as it is, and no
+    acquisition can commit before this transaction does. The no-op UPDATE would
+    only add a page to the commit. Elsewhere it is ``fence``: its row lock,
+    held to the commit, is what orders the two, wherever it comes in the transaction.
+    """
+    statement = _HOLDS if connection.dialect.name == "sqlite" else _FENCE
+    return _fenced(connection, lease, statement)
+
+
+def _fenced(connection: Any, lease: Lease | None, statement: Any) -> str | None:
     if lease is None:
         return None
-    status = connection.execute(
-        _FENCE, {"f_run_id": lease.run_id, "f_token": lease.token, "f_owner": lease.owner}
-    ).scalar()
-    if status is None:
+    row = prepared.execute(
+        connection,
+        statement,
+        {"f_run_id": lease.run_id, "f_token": lease.token, "f_owner": lease.owner},
+    ).fetchone()
+    if row is None:
         raise LeaseLost(
             f"run {lease.run_id}: lease {lease.token} of {lease.owner} was taken over;"
             " this executor stops and writes nothing more"
         )
-    return str(status)
+    return str(row[0])

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, bindparam, case, func, insert, or_, select, update
 
+from orchestrator.store import prepared
 from orchestrator.store.calls import abandon
 from orchestrator.store.clock import db_now_s
 from orchestrator.store.leases import Lease, fence
@@ -36,6 +37,12 @@ _FINISH = (
         lease_expires_s=None,
     )
     .returning(runs.c.status)
+)
+
+_CREATE = insert(runs)
+# The creator's lease expires by the database's clock, as every renewal does.
+_CREATE_LEASED = insert(runs).values(
+    lease_expires_s=db_now_s() + bindparam("c_ttl_s", type_=runs.c.lease_expires_s.type)
 )
 
 
@@ -71,23 +78,25 @@ class RunStore:
         moment = now()
         leased = lease_owner is not None
         with self.engine.begin() as connection:
-            connection.execute(
-                insert(runs).values(
-                    id=run_id,
-                    workflow=workflow,
-                    workflow_version=version,
-                    workflow_hash=content_hash,
-                    workflow_path=path,
-                    status=status,
-                    inputs=inputs,
-                    created_at=moment,
-                    lease_owner=lease_owner,
-                    lease_token=1 if leased else 0,
-                    lease_expires_s=db_now_s() + lease_ttl_s if leased else None,
-                    queue=queue,
-                    enqueued_at=moment if queue else None,
-                    time_limit_s=time_limit_s,
-                )
+            prepared.execute(
+                connection,
+                _CREATE_LEASED if leased else _CREATE,
+                {
+                    "id": run_id,
+                    "workflow": workflow,
+                    "workflow_version": version,
+                    "workflow_hash": content_hash,
+                    "workflow_path": path,
+                    "status": status,
+                    "inputs": inputs,
+                    "created_at": moment,
+                    "lease_owner": lease_owner,
+                    "lease_token": 1 if leased else 0,
+                    **({"c_ttl_s": lease_ttl_s} if leased else {}),
+                    "queue": queue,
+                    "enqueued_at": moment if queue else None,
+                    "time_limit_s": time_limit_s,
+                },
             )
         return Lease(run_id, lease_owner, 1) if lease_owner is not None else None
 
@@ -196,16 +205,14 @@ class RunStore:
         """
         with self.engine.begin() as connection:
             fence(connection, lease)
-            final = connection.execute(
-                _FINISH,
-                {
-                    "e_run_id": run_id,
-                    "e_status": status,
-                    "e_outputs": outputs,
-                    "e_error": error,
-                    "e_at": now(),
-                },
-            ).scalar()
+            params = {
+                "e_run_id": run_id,
+                "e_status": status,
+                "e_outputs": outputs,
+                "e_error": error,
+                "e_at": now(),
+            }
+            final = connection.execute(_FINISH, params).scalar()
             abandon(connection, f"its run ended ({status})", run_id=run_id)
             return final
 
