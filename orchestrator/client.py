@@ -148,12 +148,13 @@ class Client:
         """
         from orchestrator.errors import LeaseLost, TierflowError
         from orchestrator.queue import drain, publish
+        from orchestrator.store.runs import ACTIVE
 
         row = self.store.run_row(run_id)
         if row is None:
             log.warning("run %s: no such run", run_id)
             return "unknown"
-        if row["status"] not in ("queued", "running"):
+        if row["status"] not in ACTIVE:
             return str(row["status"])
         try:
             workflow = self._workflows.load(self.settings.root / row["workflow_path"])
