@@ -147,11 +147,15 @@ class SpendReport:
 
 
 def parse_when(text: str | None, *, end: bool = False) -> date | None:
-    """``2026-11-01``, or ``30d`` for 30 days ago. ``--until`` includes its day."""
+    """``2026-11-01``, or ``30d`` for 30 days ago (any number: ``999999999d`` is the
+    calendar's first day). ``--until`` includes its day."""
     if text is None:
         return None
     if match := re.fullmatch(r"(\d+)d", text.strip()):
-        return datetime.now(UTC).date() - timedelta(days=int(match.group(1)))
+        try:
+            return datetime.now(UTC).date() - timedelta(days=int(match.group(1)))
+        except OverflowError:  # further back than the calendar goes: from its first day
+            return date.min
     try:
         return date.fromisoformat(text.strip())
     except ValueError:
