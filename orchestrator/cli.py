@@ -69,6 +69,13 @@ def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 140)
 
 
+def escape(text: str) -> str:
+    """``text`` printed as it is: answers, errors and names are data, never rich markup."""
+    from rich.markup import escape as markup_escape
+
+    return markup_escape(text)
+
+
 def _settings(config: str | None) -> Settings:
     from orchestrator.settings import load_settings
 
@@ -323,19 +330,21 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
         tokens = sum(c.prompt_tokens + c.completion_tokens for c in record.calls)
         seconds = (record.finished_at - record.started_at).total_seconds()
         console.print(
-            f"{mark} [bold]{record.step_id}[/]  {where}  {tokens} tok  {usd(record.cost_usd)}  {seconds:.1f}s"
+            f"{mark} [bold]{record.step_id}[/]  {escape(where)}  {tokens} tok"
+            f"  {usd(record.cost_usd)}  {seconds:.1f}s"
         )
         for call in record.calls:
             if call.outcome == "unavailable":
                 if (call.model, call.error) not in said:
                     said.add((call.model, call.error))
-                    console.print(f"    [dim]skipped {call.model}: {call.error}[/]")
+                    console.print(f"    [dim]skipped {escape(f'{call.model}: {call.error}')}[/]")
             elif call.outcome != "ok":
                 console.print(
-                    f"    [yellow]{call.outcome}[/] {call.tier_used} · {call.model}: {call.error}"
+                    f"    [yellow]{call.outcome}[/]"
+                    f" {escape(f'{call.tier_used} · {call.model}: {call.error}')}"
                 )
         if record.error:
-            console.print(f"    [red]{record.error}[/]")
+            console.print(f"    [red]{escape(record.error)}[/]")
 
     return show
 
@@ -350,7 +359,7 @@ def _print_run_summary(console: Console, store: Store, run_id: str) -> None:
         console.print()
         for step_id, output in outputs.items():
             text = output if isinstance(output, str) else json.dumps(output, indent=2)
-            console.print(f"[bold]{step_id}[/]:", text, markup=True)
+            console.print(f"[bold]{step_id}[/]:", escape(text))
     table = Table(title=f"spend for run {run_id[:12]}", title_justify="left")
     for column in ("step", "tier", "model", "tokens in", "tokens out", "cost", "all-frontier"):
         table.add_column(column, justify="left" if column in ("step", "tier", "model") else "right")
@@ -406,7 +415,7 @@ def runs(
             if row["stale"]
             else row["status"],
             f"{row['created_at']:%Y-%m-%d %H:%M:%S}",
-            (row["error"] or "")[:60],
+            escape((row["error"] or "")[:60]),
         )
     _console().print(table)
 
@@ -428,11 +437,11 @@ def show(
     console = _console()
     console.print(f"[bold]{found['status']}[/]  {found['workflow']}  run {found['id']}")
     if found["error"]:
-        console.print(f"[red]{found['error']}[/]", markup=True)
+        console.print(f"[red]{escape(found['error'])}[/]")
     for step in found["steps"]:
         console.print(f"[bold]{step['step_id']}[/]  {step['status']}  (asked {step['tier_asked']})")
         if step["error"]:
-            console.print(f"  [red]{step['error']}[/]")
+            console.print(f"  [red]{escape(step['error'])}[/]")
         for call in (c for c in found["calls"] if c["step_id"] == step["step_id"]):
             item = "" if call["item_index"] is None else f" item {call['item_index']}"
             console.print(

@@ -110,6 +110,22 @@ def test_failed_run_exits_1_and_keeps_its_ledger(
     assert [c["outcome"] for c in detail["calls"]] == ["error", "error"]
 
 
+def test_answers_and_errors_print_as_they_are_never_as_markup(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    typed_project(project)
+    answer = "[/] closes nothing; [bold]stays[/bold] as typed"
+    ollama.reply(Reply(status=400, text="bad [/red] request"), "[red]draft[/]")
+    frontier.reply(Reply(text=answer))
+    proc = tierflow("run", "pair", "-i", "text=x", cwd=project.root)
+    assert proc.returncode == 0, proc.stderr
+    assert answer in proc.stdout
+    assert "bad [/red] request" in proc.stdout
+    [run] = json.loads(tierflow("runs", "--json", cwd=project.root).stdout)
+    shown = tierflow("show", run["id"], cwd=project.root)
+    assert shown.returncode == 0 and "bad [/red] request" in shown.stdout
+
+
 def test_bad_input_exits_2_with_one_message(project: Project, ollama: OllamaServer) -> None:
     typed_project(project)
     cases = [
