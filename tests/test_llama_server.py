@@ -21,6 +21,17 @@ SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required"
 PRICE = {"input": 100, "output": 200}
 
 
+# ``python -m llama_cpp.server``, with the models it loads on llama.cpp's plain
+# CPU buffers, as tierflow's embedded tier loads them: a build on a VM whose CPU
+# lists AMX crashes in the AMX kernels otherwise (see ``without_extra_buffers``).
+SERVE = (
+    "import runpy, llama_cpp\n"
+    "from orchestrator.models.llamacpp import without_extra_buffers\n"
+    "with without_extra_buffers(llama_cpp):\n"
+    "    runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)\n"
+)
+
+
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The base URL of a real ``llama_cpp.server`` on a free port, stopped afterwards."""
@@ -39,7 +50,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with log.open("wb") as out:
         server = subprocess.Popen(
             [
-                *(sys.executable, "-m", "llama_cpp.server", "--model", str(model)),
+                *(sys.executable, "-c", SERVE, "--model", str(model)),
                 *("--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"),
             ],
             stdout=out,

@@ -8,11 +8,13 @@ import that package's plugin code. Each model file loads once per process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib.metadata
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,34 @@ def smollm2_path() -> Path:
 KNOWN_MODELS = {"smollm2-135m": smollm2_path}
 
 
+@contextlib.contextmanager
+def without_extra_buffers(llama_cpp: Any) -> Iterator[None]:
+    """Models loaded here use llama.cpp's plain CPU buffers, not its "extra" ones
+    (weight repacking, and Intel AMX tiles where the CPU lists them).
+
+    A build made with ``-march=native`` on a virtual machine whose CPU lists AMX
+    (seen here: a Firecracker VM on a Xeon) crashes the whole process with
+    SIGSEGV on the first prompt longer than one token, inside the AMX kernels.
+    llama-cpp-python's ``Llama`` takes no argument for this model parameter
+    (``use_extra_bufts``; llama-server's ``--no-repack``), so the defaults it
+    reads while it loads the model are amended for that long. Called under
+    ``_load_lock``, the only place models load.
+    """
+    low_level = llama_cpp.llama.llama_cpp
+    defaults = low_level.llama_model_default_params
+
+    def plain_buffers() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    low_level.llama_model_default_params = plain_buffers
+    try:
+        yield
+    finally:
+        low_level.llama_model_default_params = defaults
+
+
 class _Loaded:
     """A loaded model, its chat formatter and the lock that serialises its use.
 
@@ -57,7 +87,8 @@ class _Loaded:
                 "llama-cpp-python is not installed: pip install 'tierflow[embedded]'"
             ) from None
         self.llama_cpp = llama_cpp
-        self.model = llama_cpp.Llama(model_path=str(path), n_ctx=CONTEXT_TOKENS, verbose=False)
+        with without_extra_buffers(llama_cpp):
+            self.model = llama_cpp.Llama(model_path=str(path), n_ctx=CONTEXT_TOKENS, verbose=False)
         template = self.model.metadata.get("tokenizer.chat_template")
         if not template:
             raise ModelUnavailable(f"{path.name} carries no chat template")
