@@ -177,6 +177,10 @@ def test_every_write_of_a_stale_lease_is_refused(store: Store) -> None:
         assert found is not None
         assert (found["status"], found["steps"], found["calls"]) == ("running", [], []), name
     store.record_step(run_id="r3", workflow="wf", content_hash="h", record=step, lease=new)
+    writes["open_call"](new)
+    for name in ("record_step", "open_call"):  # their rows now exist: still LeaseLost, no conflict
+        with pytest.raises(LeaseLost):
+            writes[name](old)
     assert store.finish_run("r3", status="succeeded", lease=new) == "succeeded"
     with pytest.raises(LeaseLost):  # an ended run takes no more writes, even from its holder
         store.record_step(

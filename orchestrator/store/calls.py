@@ -12,7 +12,7 @@ from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
 from orchestrator.ledger import Call, StepRecord
 from orchestrator.store import counters, prepared
 from orchestrator.store.counters import Limit
-from orchestrator.store.leases import Lease, fence, fence_written
+from orchestrator.store.leases import Lease, fence, fence_written, lost_on_conflict
 from orchestrator.store.tables import model_calls, runs, step_runs
 
 CALL_FIELDS = tuple(field.name for field in fields(Call))
@@ -111,7 +111,7 @@ class CallStore:
             _call_row(run_id, workflow, content_hash, record, call) for call in record.calls
         ]
         # Statements built once and run through ``prepared``: the per-step hot path.
-        with self.engine.begin() as connection:
+        with lost_on_conflict(self.engine, lease), self.engine.begin() as connection:
             prepared.execute(connection, _INSERT_STEP, step_row)
             for row, call in zip(call_rows, record.calls, strict=True):
                 # The call's pending row (written before the request) is settled and
@@ -161,7 +161,11 @@ class CallStore:
             "state": "pending",
             **{name: getattr(call, name) for name in CALL_FIELDS},
         }
-        with self.engine.connect() as connection, connection.begin() as transaction:
+        with (
+            lost_on_conflict(self.engine, lease),
+            self.engine.connect() as connection,
+            connection.begin() as transaction,
+        ):
             if limits:  # first: it takes the write lock before the counters are read
                 fence(connection, lease)
             for limit in limits or []:

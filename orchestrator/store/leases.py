@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import bindparam, select, update
+from sqlalchemy.exc import IntegrityError
 
 from orchestrator.errors import LeaseLost
 from orchestrator.store import prepared
@@ -62,6 +65,22 @@ def fence_written(connection: Any, lease: Lease | None) -> str | None:
     """
     statement = _HOLDS if connection.dialect.name == "sqlite" else _FENCE
     return _fenced(connection, lease, statement)
+
+
+@contextmanager
+def lost_on_conflict(engine: Any, lease: Lease | None) -> Iterator[None]:
+    """Around a transaction fenced by ``fence_written``: a unique-key conflict
+    before its fence means the executor that took the run over wrote that row
+    first, so this one raises ``LeaseLost`` rather than the conflict.
+
+    Enter it outside the transaction: the lease is read once that has rolled back.
+    """
+    try:
+        yield
+    except IntegrityError:
+        with engine.connect() as connection:
+            _fenced(connection, lease, _HOLDS)  # LeaseLost, when it is so
+        raise
 
 
 def _fenced(connection: Any, lease: Lease | None, statement: Any) -> str | None:
