@@ -147,21 +147,19 @@ class SpendReport:
 
 
 def parse_when(text: str | None, *, end: bool = False) -> date | None:
-    """``2026-11-01``, or ``30d`` for 30 days ago (any number: ``999999999d`` is the
-    calendar's first day). ``--until`` includes its day."""
+    """``2026-11-01``, or ``30d`` for 30 days ago, within the years 1 to 9999.
+    ``--until`` includes its day."""
     if text is None:
         return None
-    if match := re.fullmatch(r"(\d+)d", text.strip()):
-        try:
-            return datetime.now(UTC).date() - timedelta(days=int(match.group(1)))
-        except OverflowError:  # further back than the calendar goes: from its first day
-            return date.min
     try:
+        if match := re.fullmatch(r"(\d+)d", text.strip()):
+            return datetime.now(UTC).date() - timedelta(days=int(match.group(1)))
         return date.fromisoformat(text.strip())
-    except ValueError:
+    except (ValueError, OverflowError):  # not a date, past int()'s digit limit, or before year 1
         which = "--until" if end else "--since"
         raise UserError(
-            f"{which} {text!r}: expected YYYY-MM-DD or a number of days like 30d"
+            f"{which} {text[:40]!r}: expected YYYY-MM-DD or a number of days like 30d,"
+            " within the years 1 to 9999"
         ) from None
 
 

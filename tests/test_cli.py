@@ -136,6 +136,7 @@ def test_bad_input_exits_2_with_one_message(project: Project, ollama: OllamaServ
         (["show", "feedbeef"], "no run 'feedbeef'"),
         (["spend", "--by", "color"], "choose one of workflow, step, tier, model, day"),
         (["spend", "--since", "last tuesday"], "expected YYYY-MM-DD"),
+        (["spend", "--since", "999999999d"], "within the years 1 to 9999"),
         (["spend", "--nope"], "No such option: --nope"),
         (["runs", "--limit", "many"], "Invalid value for '--limit'"),
         (["run", "pair", "--config", "missing.yaml"], "missing.yaml:0: (file): cannot read"),
