@@ -225,7 +225,7 @@ def resume(
     console = _console()
     runner = Runner(settings=settings, store=store, on_step=_step_printer(console))
     try:
-        result = asyncio.run(runner.execute(loaded, row["id"]))
+        result = asyncio.run(runner.execute(loaded, row["id"], row=row))
     except LeaseLost as exc:
         raise UserError(f"run {row['id']}: {exc}") from None
     if result is None:

@@ -163,7 +163,8 @@ class Client:
         loop = self._own_loop()
 
         async def execute() -> RunResult | None:
-            return await self._runner().execute(workflow, run_id, time_limit_s=row["time_limit_s"])
+            runner = self._runner()
+            return await runner.execute(workflow, run_id, time_limit_s=row["time_limit_s"], row=row)
 
         try:
             result = loop.run_until_complete(execute())

@@ -202,7 +202,12 @@ class Runner:
         return await self._leased(workflow, lease, values, Checkpoint(), on_step=on_step)
 
     async def execute(
-        self, workflow: LoadedWorkflow, run_id: str, *, time_limit_s: float | None = None
+        self,
+        workflow: LoadedWorkflow,
+        run_id: str,
+        *,
+        time_limit_s: float | None = None,
+        row: Mapping[str, Any] | None = None,
     ) -> RunResult | None:
         """Run (or resume) a recorded run, holding its lease while it runs.
 
@@ -210,15 +215,16 @@ class Runner:
         lease or the run has already finished: a duplicate delivery is harmless.
         Steps that finished before are not run again; their outputs are reused.
         Raises ``LeaseLost`` if another executor takes the run over meanwhile.
-        Past ``time_limit_s`` its work is cut off and the run fails.
+        Past ``time_limit_s`` its work is cut off and the run fails. ``row`` is
+        the run's row (``Store.run_row``), when the caller has read it already.
         """
         ttl = self._settings.config.lease_ttl_s
-        lease = await off_loop(
-            lambda: self._store.acquire_lease(run_id, owner=self._owner, ttl_s=ttl)
+        lease = await write(
+            self._store, lambda: self._store.acquire_lease(run_id, owner=self._owner, ttl_s=ttl)
         )
         if lease is None:
             return None
-        row = self._store.run_row(run_id)
+        row = row or self._store.run_row(run_id)  # what it holds never changes
         assert row is not None
         if row["workflow_hash"] != workflow.content_hash:
             error = (
@@ -229,7 +235,10 @@ class Runner:
             return RunResult(
                 run_id=run_id, workflow=workflow.name, status="failed", outputs={}, error=error
             )
-        checkpoint = await off_loop(lambda: self._store.prepare_resume(lease))
+        if lease.token == 1:  # the first lease of a queued run: nothing ran before it
+            checkpoint = Checkpoint()
+        else:
+            checkpoint = await off_loop(lambda: self._store.prepare_resume(lease))
         return await self._leased(
             workflow, lease, row["inputs"], checkpoint, time_limit_s=time_limit_s
         )

@@ -5,7 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, case, func, insert, or_, select, update
+from sqlalchemy import (
+    Engine,
+    Float,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 
 from orchestrator.store import prepared
 from orchestrator.store.calls import abandon
@@ -14,23 +26,25 @@ from orchestrator.store.leases import Lease, fence
 from orchestrator.store.tables import model_calls, runs, step_runs
 
 ACTIVE = ("queued", "running")
+# Bound values, not an expanding IN: a statement built once holds them (store.prepared).
+_IS_ACTIVE = runs.c.status.in_([literal(status) for status in ACTIVE])
 # The end of a run, built once (see leases._FENCE): a run that already ended
 # (a cancel during its last step) keeps its status; the lease goes either way.
 _FINISH = (
     update(runs)
     .where(runs.c.id == bindparam("e_run_id"))
     .values(
-        status=case((runs.c.status.in_(ACTIVE), bindparam("e_status")), else_=runs.c.status),
+        status=case((_IS_ACTIVE, bindparam("e_status")), else_=runs.c.status),
         outputs=case(
-            (runs.c.status.in_(ACTIVE), bindparam("e_outputs", type_=runs.c.outputs.type)),
+            (_IS_ACTIVE, bindparam("e_outputs", type_=runs.c.outputs.type)),
             else_=runs.c.outputs,
         ),
         error=case(
-            (runs.c.status.in_(ACTIVE), bindparam("e_error", type_=runs.c.error.type)),
+            (_IS_ACTIVE, bindparam("e_error", type_=runs.c.error.type)),
             else_=runs.c.error,
         ),
         finished_at=case(
-            (runs.c.status.in_(ACTIVE), bindparam("e_at", type_=runs.c.finished_at.type)),
+            (_IS_ACTIVE, bindparam("e_at", type_=runs.c.finished_at.type)),
             else_=runs.c.finished_at,
         ),
         lease_owner=None,
@@ -53,6 +67,25 @@ def now() -> datetime:
 def _stale() -> Any:
     """A lease nobody holds, or one that has expired by the database's clock."""
     return or_(runs.c.lease_owner.is_(None), runs.c.lease_expires_s < db_now_s())
+
+
+# Only a queued or running run is leased, and only if its lease is free or the
+# caller's; the token grows with every acquisition.
+_ACQUIRE = (
+    update(runs)
+    .where(
+        runs.c.id == bindparam("a_run_id"),
+        _IS_ACTIVE,
+        or_(_stale(), runs.c.lease_owner == bindparam("a_owner")),
+    )
+    .values(
+        status="running",
+        lease_owner=bindparam("a_owner"),
+        lease_token=runs.c.lease_token + 1,
+        lease_expires_s=db_now_s() + bindparam("a_ttl_s", type_=Float()),
+    )
+    .returning(runs.c.lease_token)
+)
 
 
 class RunStore:
@@ -107,27 +140,10 @@ class RunStore:
         off every write of earlier holders. Only queued or running runs can be
         leased, so a finished run never runs again.
         """
+        params = {"a_run_id": run_id, "a_owner": owner, "a_ttl_s": ttl_s}
         with self.engine.begin() as connection:
-            taken = connection.execute(
-                update(runs)
-                .where(
-                    runs.c.id == run_id,
-                    runs.c.status.in_(ACTIVE),
-                    or_(_stale(), runs.c.lease_owner == owner),
-                )
-                .values(
-                    status="running",
-                    lease_owner=owner,
-                    lease_token=runs.c.lease_token + 1,
-                    lease_expires_s=db_now_s() + ttl_s,
-                )
-            )
-            if taken.rowcount != 1:
-                return None
-            token = connection.execute(
-                select(runs.c.lease_token).where(runs.c.id == run_id)
-            ).scalar_one()
-        return Lease(run_id, owner, token)
+            taken = prepared.execute(connection, _ACQUIRE, params).fetchone()
+        return None if taken is None else Lease(run_id, owner, int(taken[0]))
 
     def renew_lease(self, lease: Lease, *, ttl_s: float) -> str | None:
         """Extend ``lease``; returns the run's status, or None if the lease is lost."""
@@ -212,9 +228,9 @@ class RunStore:
                 "e_error": error,
                 "e_at": now(),
             }
-            final = connection.execute(_FINISH, params).scalar()
+            ended = prepared.execute(connection, _FINISH, params).fetchone()
             abandon(connection, f"its run ended ({status})", run_id=run_id)
-            return final
+            return None if ended is None else str(ended[0])
 
     def abandon_orphans(self) -> int:
         """Abandon pending calls of ended runs that no live executor holds; how many runs.
