@@ -297,7 +297,7 @@ class RunStore:
     def run_row(self, run_id: str) -> dict[str, Any] | None:
         """The run's own row (no steps or calls), or None."""
         with self.engine.connect() as connection:
-            row = connection.execute(_with_stale(select(runs)).where(runs.c.id == run_id))
+            row = connection.execute(_RUN_ROW, {"r_run_id": run_id})
             found = row.mappings().first()
         return None if found is None else dict(found)
 
@@ -361,3 +361,7 @@ class RunStore:
 def _with_stale(query: Any) -> Any:
     stale = and_(runs.c.status == "running", _stale())
     return query.add_columns(case((stale, True), else_=False).label("stale"))
+
+
+# Built once: read for every run a worker executes.
+_RUN_ROW = _with_stale(select(runs)).where(runs.c.id == bindparam("r_run_id"))
