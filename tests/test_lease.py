@@ -1,7 +1,10 @@
-"""The heartbeat that keeps a run's lease: it outlives a database outage shorter than its TTL."""
+"""The heartbeat that keeps runs' leases: it outlives a database outage shorter than the
+TTL, and one thread keeps every lease of a process fresh."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +13,7 @@ from conftest import Project, kill, start_run, tiers_for, wait_for, write_two_st
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from orchestrator.client import Client
 from orchestrator.store import open_engine
 from orchestrator.testing import OllamaServer, OpenAIServer, Reply
 
@@ -84,3 +88,37 @@ def test_the_lease_outlives_a_database_outage_shorter_than_its_ttl(
     [run] = runs(project)
     assert run["status"] == "succeeded"
     assert project.ledger_states() == [("first", 1, "settled"), ("second", 1, "settled")]
+
+
+def test_one_thread_keeps_every_lease_of_a_process_fresh(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    ttl_s = 3.0
+    project = Project(
+        tmp_path, {"tiers": tiers_for(ollama, frontier, timeout_s=60), "lease_ttl_s": ttl_s}
+    )
+    write_two_steps(project)
+    slow = 2.5 * ttl_s  # each run's first step outlasts its lease's TTL
+
+    def answer(body: dict) -> Reply:
+        return Reply(text="ok", delay_s=slow if body["messages"][-1]["content"] == "first" else 0)
+
+    ollama.responder = answer
+
+    async def side_by_side() -> tuple[list[Any], list[dict[str, Any]], list[str]]:
+        client = Client(config=project.config)
+        try:
+            started = [asyncio.ensure_future(client.arun("two")) for _ in range(3)]
+            await asyncio.sleep(ttl_s * 1.7)  # past the TTL: only renewals keep them live
+            midway = client.store.runs()
+            threads = [thread.name for thread in threading.enumerate() if "lease" in thread.name]
+            return await asyncio.gather(*started), midway, threads
+        finally:
+            await client.aclose()
+
+    results, midway, threads = asyncio.run(side_by_side())
+    assert [(run["status"], run["stale"], run["lease_token"]) for run in midway] == [
+        ("running", False, 1)
+    ] * 3
+    assert threads == ["tierflow-leases"]  # not one a run
+    assert [result.status for result in results] == ["succeeded"] * 3
