@@ -340,7 +340,8 @@ class WorkflowCache:
 
     def _stamps(self, workflow: LoadedWorkflow) -> tuple[tuple[int, int] | None, ...]:
         agents = self._settings.root / self._settings.config.agents_dir
-        files = [workflow.path, *(agents / f"{plan.agent.name}.yaml" for plan in workflow.steps)]
+        names = dict.fromkeys(plan.agent.name for plan in workflow.steps)  # each file once
+        files = [workflow.path, *(agents / f"{name}.yaml" for name in names)]
         return tuple(_stamp(path) for path in files)
 
 
