@@ -25,6 +25,7 @@ log = logging.getLogger("tierflow.lease")
 POLL_S = 0.5  # how often the run's status is read: a cancel is seen within this
 RETRY_S = 0.1  # the wait before retrying a failed renewal
 MARGIN = 0.8  # give up when this share of the TTL has passed since the last renewal
+IDLE_S = 5.0  # a heartbeat with no lease to keep for this long ends its thread
 
 
 class LeaseKeeper:
@@ -53,6 +54,10 @@ class LeaseKeeper:
     def stop(self) -> None:
         self._done.set()
         _Heartbeat.of(self._store).drop(self)
+
+    @property
+    def run_id(self) -> str:
+        return self._lease.run_id
 
     @property
     def stopped(self) -> bool:
@@ -95,7 +100,8 @@ class _Heartbeat:
     """The thread that beats for every ``LeaseKeeper`` of one store, each when it is due.
 
     Per store, so that one database's outage cannot delay another's renewals.
-    The thread starts with the first lease kept and then waits for work. A
+    The thread starts with the first lease kept, waits for work between runs,
+    and ends after IDLE_S with none (a client thrown away leaves no thread). A
     forked process forgets its parent's heartbeats and starts its own.
     """
 
@@ -127,18 +133,24 @@ class _Heartbeat:
             self._due.pop(keeper, None)
 
     def _run(self) -> None:
-        while True:
-            keeper = self._next_due()
-            due = keeper.beat()  # store I/O, outside the lock
+        while (keeper := self._next_due()) is not None:
+            try:
+                due = keeper.beat()  # store I/O, outside the lock
+            except Exception:  # its on_stop failed (its loop closed?): the others go on
+                log.exception("run %s: the lease heartbeat failed", keeper.run_id)
+                due = None
             with self._changed:
                 if due is not None and not keeper.stopped:  # else stop() came meanwhile
                     self._due[keeper] = due
 
-    def _next_due(self) -> LeaseKeeper:
+    def _next_due(self) -> LeaseKeeper | None:
+        """The keeper whose beat is due, once it is; None when the thread should end."""
         with self._changed:
             while True:
                 if not self._due:
-                    self._changed.wait()
+                    if not self._changed.wait(IDLE_S) and not self._due:
+                        self._thread = None  # keep() starts another
+                        return None
                     continue
                 keeper, due = min(self._due.items(), key=lambda item: item[1])
                 wait = due - time.monotonic()

@@ -111,10 +111,14 @@ def test_one_thread_keeps_every_lease_of_a_process_fresh(
             started = [asyncio.ensure_future(client.arun("two")) for _ in range(3)]
             await asyncio.sleep(ttl_s * 1.7)  # past the TTL: only renewals keep them live
             midway = client.store.runs()
-            threads = [thread.name for thread in threading.enumerate() if "lease" in thread.name]
-            return await asyncio.gather(*started), midway, threads
+            return await asyncio.gather(*started), midway, new_threads()
         finally:
             await client.aclose()
+
+    before = set(threading.enumerate())  # earlier tests' heartbeats serve other stores
+
+    def new_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t not in before and "lease" in t.name]
 
     results, midway, threads = asyncio.run(side_by_side())
     assert [(run["status"], run["stale"], run["lease_token"]) for run in midway] == [
@@ -122,3 +126,5 @@ def test_one_thread_keeps_every_lease_of_a_process_fresh(
     ] * 3
     assert threads == ["tierflow-leases"]  # not one a run
     assert [result.status for result in results] == ["succeeded"] * 3
+    # With no lease left to keep, the thread ends: a client thrown away leaves none.
+    wait_for(lambda: not new_threads())
