@@ -235,7 +235,9 @@ class Runner:
             return RunResult(
                 run_id=run_id, workflow=workflow.name, status="failed", outputs={}, error=error
             )
-        if lease.token == 1:  # the first lease of a queued run: nothing ran before it
+        if lease.token == 1 and row["status"] == "queued":
+            # Queued when read, and this is its first lease: nothing ran before.
+            # (A run started before leases had tokens was "running", and resumes.)
             checkpoint = Checkpoint()
         else:
             checkpoint = await off_loop(lambda: self._store.prepare_resume(lease))

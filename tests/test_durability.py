@@ -16,6 +16,7 @@ from conftest import (
     kill,
     killed_mid_call,
     ledger,
+    make_call,
     start_run,
     tierflow,
     tiers_for,
@@ -23,9 +24,11 @@ from conftest import (
     write_two_steps,
 )
 
+from orchestrator.client import Client
 from orchestrator.queue import execute_by_id
 from orchestrator.runner import RunResult
 from orchestrator.settings import load_settings
+from orchestrator.store.tables import runs
 from orchestrator.testing import OllamaServer, OpenAIServer, Reply
 
 
@@ -68,6 +71,35 @@ def test_killed_run_resumes_without_rerunning_finished_steps(
     abandoned = next(c for c in project.calls(run["id"]) if c["state"] == "abandoned")
     # The abandoned call keeps its worst-case estimate: recorded spend never falls below real spend.
     assert abandoned["completion_tokens"] == 64 and abandoned["reference_cost_usd"] > 0
+
+
+def test_a_run_started_before_leases_had_tokens_resumes(
+    project: Project, ollama: OllamaServer
+) -> None:
+    """Such a run is "running" with token 0: its first lease has token 1, like a
+    queued run's, but what its dead process left must still be abandoned."""
+    write_two_steps(project)
+    runner, workflow, store = project.runner("two")
+    run_id = runner.create(workflow, {})
+    with store.engine.begin() as connection:
+        connection.execute(runs.update().where(runs.c.id == run_id).values(status="running"))
+    pending = make_call(1, outcome="pending", model="ollama/llama3.2:1b")
+    store.open_call(
+        run_id=run_id,
+        workflow="two",
+        content_hash=workflow.content_hash,
+        agent="helper",
+        step_id="first",
+        call=pending,
+    )
+    store.engine.dispose()
+    with Client(config=project.config) as client:
+        assert client.execute(run_id) == "succeeded"
+    assert project.ledger_states() == [
+        ("first", 1, "abandoned"),
+        ("first", 2, "settled"),
+        ("second", 1, "settled"),
+    ]
 
 
 def test_a_live_lease_stops_a_second_executor(project: Project, ollama: OllamaServer) -> None:
