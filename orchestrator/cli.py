@@ -452,8 +452,17 @@ def show(
             )
             if call["error"]:
                 console.print(f"      {call['error']}", markup=False)
+            if call.get("signal"):
+                console.print(f"      {_confidence(call)}", markup=False)
             if call["escalation_reason"]:
                 console.print(f"      escalated: {call['escalation_reason']}", markup=False)
+
+
+def _confidence(call: dict[str, Any]) -> str:
+    score = call["confidence"]
+    if score is None:
+        return f"confidence ({call['signal']}): unavailable, the backend gave nothing to score"
+    return f"confidence ({call['signal']}): {score:.3f}, raw (not calibrated)"
 
 
 @app.command()

@@ -13,6 +13,9 @@ from typing import Any
 
 from orchestrator.settings import Settings
 
+# Outcomes of a call whose answer a step may take.
+ACCEPTED = ("ok", "low_confidence")
+
 
 @dataclass(frozen=True)
 class Call:
@@ -39,6 +42,10 @@ class Call:
     # for a call that may have been billed and reported nothing; None, nothing
     # was sent or the provider refused the request (4xx): no tokens.
     usage_source: str | None = None
+    # The confidence signal that scored an answer, and its score: None with a
+    # signal means the backend gave nothing to score (no logprobs, say).
+    signal: str | None = None
+    confidence: float | None = None
 
 
 @dataclass
@@ -59,8 +66,9 @@ class StepRecord:
 
     @property
     def answer(self) -> Call | None:
-        """The last call that succeeded, if any."""
-        return next((call for call in reversed(self.calls) if call.outcome == "ok"), None)
+        """The call whose answer the step took, if any: the last that succeeded, or
+        one below its confidence minimum when nothing stronger answered."""
+        return next((call for call in reversed(self.calls) if call.outcome in ACCEPTED), None)
 
     @property
     def cost_usd(self) -> Decimal:

@@ -33,6 +33,7 @@ from decimal import Decimal
 from typing import Any
 
 from orchestrator import retries, schemas
+from orchestrator.confidence import logprob_score
 from orchestrator.errors import (
     LeaseLost,
     ModelBusy,
@@ -261,6 +262,9 @@ class StepRunner:
         used: int = resumed.get("used", 0)
         escalation_reason: str | None = resumed.get("reason")
         failures: list[str] = []
+        # The latest answer that was valid but not confident enough: the step's
+        # answer if no tier above gives a confident one.
+        unsure: tuple[Any] | None = None
         for tier_name, tier in self._ladder(plan):
             if used >= escalation.max_attempts:
                 break
@@ -284,15 +288,21 @@ class StepRunner:
                     return value
                 if call.outcome == "budget_blocked":
                     raise StepFailed(f"budget_blocked: {call.error}")
+                if call.outcome == "low_confidence":
+                    if call.outcome not in escalation.on:
+                        return value  # the score is recorded; nothing asks for better
+                    unsure = (value,)
                 failures.append(f"{tier_name}/{entry.model}: {call.outcome}: {call.error}")
                 if call.outcome == "unavailable":
                     continue
                 used += 1
                 if call.outcome not in escalation.on:
                     raise StepFailed(f"{call.outcome} and escalation.on excludes it: {call.error}")
-                if call.outcome == "invalid_output":
+                if call.outcome in ("invalid_output", "low_confidence"):
                     break  # a weak answer: the next model of the same tier is no stronger
             escalation_reason = failures[-1] if failures else None
+        if unsure is not None:
+            return unsure[0]  # no tier above answered with more confidence
         if not failures:
             raise StepFailed("no tier can serve this step")
         limit = (
@@ -358,6 +368,8 @@ class StepRunner:
         """One request: its ledger row, its value if it succeeded, and the
         provider's answer if it is worth asking again."""
         timeout = plan.step.timeout_s or entry.timeout_s
+        confidence = plan.confidence
+        signal = confidence.signal if confidence is not None else None
         request = ModelRequest(
             model=entry.model.split("/", 1)[1],
             messages=messages,
@@ -367,6 +379,7 @@ class StepRunner:
             json_schema=plan.step.output,
             stream=entry.stream,
             structured=entry.structured,
+            logprobs=signal == "logprob",
         )
         # What the provider may bill at most: kept as spend when a request that
         # may have reached it fails without reporting usage.
@@ -381,6 +394,7 @@ class StepRunner:
             escalation_reason=escalation_reason,
             started=_now(),
             local=self._settings.config.tiers[tier_used].local,
+            signal=signal,
         )
         if self._hooks:
             admitted = make_call(
@@ -426,6 +440,7 @@ class StepRunner:
         error: str | None = None
         check_raised: TemplateProblem | None = None
         busy: ModelBusy | None = None
+        score: float | None = None
         try:
             client = self._clients.for_entry(entry)
             # Each client enforces the timeout itself and ends its request cleanly;
@@ -436,6 +451,11 @@ class StepRunner:
             source = "counted" if reply.counted else "reported"
             value = verify(plan, reply.text, context)
             outcome = "ok"
+            if confidence is not None and signal == "logprob":
+                score = logprob_score(reply.logprobs)
+                if score is not None and score < confidence.min:
+                    outcome = "low_confidence"
+                    error = f"logprob confidence {score:.3f} is below min {confidence.min:g}"
         except TimeoutError:
             outcome, error = ModelTimeout.outcome, f"no answer within {timeout:g}s"
         except ModelError as exc:
@@ -464,6 +484,7 @@ class StepRunner:
             outcome=outcome,
             error=error,
             usage_source=source,
+            confidence=score,
         )
         if check_raised is not None:
             raise _CheckRaised(call, check_raised)
@@ -487,6 +508,8 @@ class StepRunner:
         error: str | None,
         reserved_usd: Decimal | None = None,
         usage_source: str | None = None,
+        signal: str | None = None,
+        confidence: float | None = None,
     ) -> Call:
         # A call refused before its request, or never delivered, used no machine time.
         seconds = 0.0 if outcome in ("unavailable", "budget_blocked") else latency_ms / 1000
@@ -509,6 +532,8 @@ class StepRunner:
             reserved_usd=reserved_usd,
             local=local,
             usage_source=usage_source,
+            signal=signal if outcome in ("ok", "low_confidence") else None,
+            confidence=confidence,
         )
 
 

@@ -70,6 +70,18 @@ class InputSpec(_Strict):
         return "default" not in self.model_fields_set
 
 
+class Confidence(_Strict):
+    """How sure an answer must be to be accepted: below ``min``, its outcome is
+    ``low_confidence`` and the step escalates (when ``escalation.on`` holds it).
+    The strongest tier a step can reach takes its answer whatever the score."""
+
+    signal: Literal["logprob", "consistency"]
+    min: float = Field(ge=0, le=1, allow_inf_nan=False)
+    # consistency: answers asked for at CONSISTENCY_TEMPERATURE; the score is the
+    # share that agree with the most common one.
+    samples: int = Field(default=3, ge=2, le=10)
+
+
 class Agent(_Strict):
     name: str = Field(pattern=NAME_PATTERN, max_length=NAME_LENGTH)
     description: str = ""
@@ -78,6 +90,7 @@ class Agent(_Strict):
     prompt: str | None = None
     temperature: float = Field(default=0.0, ge=0, le=2)
     max_tokens: int = Field(default=512, ge=1, le=200_000)
+    confidence: Confidence | None = None
 
 
 class Step(_Strict):
@@ -93,6 +106,7 @@ class Step(_Strict):
     sensitive: bool = False
     max_tokens: int | None = Field(default=None, ge=1, le=200_000)
     timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    confidence: Confidence | None = None  # the agent's, unless the step gives its own
 
     @field_validator("output")
     @classmethod
@@ -181,6 +195,10 @@ class StepPlan:
     @property
     def id(self) -> str:
         return self.step.id
+
+    @property
+    def confidence(self) -> Confidence | None:
+        return self.step.confidence or self.agent.confidence
 
     @property
     def local_only(self) -> bool:

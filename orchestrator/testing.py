@@ -52,6 +52,10 @@ class Reply:
     headers: tuple[tuple[str, str], ...] = ()  # more response headers, e.g. Retry-After
     with_usage: bool = True  # False: the answer (or stream) reports no usage
     empty: bool = False  # a 200 that holds no answer: OpenAI's ``choices: []``, Ollama's no message
+    # Sent when the request asks for logprobs: each word's log-probability (the
+    # list repeats its last value for more words), and an alternative's 3 lower.
+    # () sends none, as a server that does not give them.
+    logprobs: tuple[float, ...] = (-0.01,)
 
     def usage(self, body: dict[str, Any]) -> tuple[int, int]:
         """Prompt and completion tokens to report for this reply to ``body``."""
@@ -63,6 +67,18 @@ class Reply:
 
 
 Responder = Callable[[dict[str, Any]], Reply]
+
+
+def token_logprobs(reply: Reply, pieces: list[str], start: int = 0) -> list[dict[str, Any]]:
+    """Logprob entries for ``pieces`` of the answer, the first being word ``start``,
+    shaped as OpenAI's ``logprobs.content`` and Ollama's ``logprobs`` both are."""
+    entries = []
+    for index, piece in enumerate(pieces, start):
+        logprob = reply.logprobs[min(index, len(reply.logprobs) - 1)]
+        chosen = {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+        other = {"token": "\u2581", "logprob": logprob - 3.0, "bytes": [226, 150, 129]}
+        entries.append({**chosen, "top_logprobs": [chosen, other]})
+    return entries
 
 
 @dataclass(frozen=True)
@@ -276,12 +292,18 @@ class OllamaServer(LoopbackServer):
             del final["prompt_eval_count"], final["eval_count"]
         if reply.empty:
             del final["message"]
+        logprobs = bool(body.get("logprobs")) and bool(reply.logprobs)
         if body.get("stream") is False:
+            if logprobs:
+                final["logprobs"] = token_logprobs(reply, _words(reply.text))
             return 200, final, reply
         pieces = [
             {**final, "message": {"role": "assistant", "content": word}, "done": False}
             for word in _words(reply.text)
         ]
+        if logprobs:
+            for piece, entry in zip(pieces, token_logprobs(reply, _words(reply.text)), strict=True):
+                piece["logprobs"] = [entry]
         for piece in pieces:
             for key in ("done_reason", "total_duration", "prompt_eval_count", "eval_count"):
                 piece.pop(key, None)
@@ -324,6 +346,7 @@ class OpenAIServer(LoopbackServer):
                     "index": 0,
                     "message": {"role": "assistant", "content": reply.text},
                     "finish_reason": "stop",
+                    "logprobs": _openai_logprobs(body, reply, _words(reply.text)),
                 }
             ],
             "usage": usage,
@@ -343,8 +366,18 @@ class OpenAIServer(LoopbackServer):
             "model": body.get("model", "unknown"),
         }
         events = [
-            {**base, "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
-            for word in _words(reply.text)
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"content": word},
+                        "finish_reason": None,
+                        "logprobs": _openai_logprobs(body, reply, [word], index),
+                    }
+                ],
+            }
+            for index, word in enumerate(_words(reply.text))
         ]
         events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         if reply.with_usage and (body.get("stream_options") or {}).get("include_usage"):
@@ -352,6 +385,13 @@ class OpenAIServer(LoopbackServer):
         lines = [b"data: " + json.dumps(event).encode() + b"\n\n" for event in events]
         lines.append(b"data: [DONE]\n\n")
         return _cut(lines, reply, "text/event-stream")
+
+
+def _openai_logprobs(body: dict[str, Any], reply: Reply, pieces: list[str], start: int = 0) -> Any:
+    """A choice's ``logprobs``: null unless the request asked and the reply gives them."""
+    if not body.get("logprobs") or not reply.logprobs:
+        return None
+    return {"content": token_logprobs(reply, pieces, start), "refusal": None}
 
 
 def _cut(chunks: list[bytes], reply: Reply, content_type: str) -> Stream:

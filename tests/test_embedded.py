@@ -83,6 +83,55 @@ def test_embedded_model_honours_a_json_schema(tmp_path: Path) -> None:
     assert isinstance(result.outputs["pick"]["yes"], bool)
 
 
+def test_the_real_model_gives_logprobs_that_score_its_answer(tmp_path: Path) -> None:
+    import asyncio
+    import math
+
+    from conftest import Project
+
+    from orchestrator.models.base import ModelRequest
+    from orchestrator.models.llamacpp import LlamaCppClient
+
+    request = ModelRequest(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "What is 2+3? Answer with a number only."}],
+        max_tokens=12,
+        temperature=0.0,
+        timeout_s=60,
+        logprobs=True,
+    )
+    reply = asyncio.run(LlamaCppClient().complete(request))
+    assert reply.logprobs is not None
+    # One entry per answer token, each a log-probability with its best alternative's.
+    assert len(reply.logprobs) == reply.completion_tokens > 0
+    assert all(-100 < token.logprob <= 0 for token in reply.logprobs)
+    assert all(token.runner_up is not None and token.runner_up <= 0 for token in reply.logprobs)
+    assert any(not math.isclose(token.logprob, 0, abs_tol=1e-6) for token in reply.logprobs)
+
+    project = Project(
+        tmp_path, {"tiers": {"light": {"local": True, "models": ["llamacpp/smollm2-135m"]}}}
+    )
+    project.workflow(
+        {
+            "name": "sum",
+            "steps": [
+                {
+                    "id": "add",
+                    "agent": "helper",
+                    "tier": "light",
+                    "max_tokens": 12,
+                    "prompt": "What is 2+3? Answer with a number only.",
+                    "confidence": {"signal": "logprob", "min": 0.0},
+                }
+            ],
+        }
+    )
+    result = project.run("sum")
+    assert result.status == "succeeded", result.error
+    (call,) = project.calls(result.run_id)
+    assert call["signal"] == "logprob" and 0 < call["confidence"] <= 1
+
+
 def test_embedded_model_times_out(tmp_path: Path) -> None:
     from conftest import Project
 

@@ -29,6 +29,17 @@ class ModelRequest:
     stream: bool = False  # ask for the answer as a stream, and assemble it
     # How to ask for ``json_schema``: the first of FORMS to try (ModelEntry.structured).
     structured: str = "json_schema"
+    # Ask for each answer token's log-probability and its best alternative's
+    # (a ``logprob`` confidence signal reads them).
+    logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """One answer token: its log-probability, and the best other token's if the backend said."""
+
+    logprob: float
+    runner_up: float | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,8 @@ class ModelReply:
     prompt_tokens: int
     completion_tokens: int
     counted: bool = False  # the backend reported no usage: the tokens were counted here
+    # The answer's tokens, when logprobs were asked for and the backend gave them.
+    logprobs: tuple[TokenChoice, ...] | None = None
 
 
 # Ways to ask for structured output, strongest first: the schema itself, any
@@ -60,6 +73,34 @@ def prompt_tokens_upper_bound(request: ModelRequest) -> int:
         schema = len(json.dumps(request.json_schema).encode())
         tokens += 2 * schema + STRUCTURED_OVERHEAD_TOKENS
     return tokens
+
+
+TOP_LOGPROBS = 2  # alternatives asked for per token: the chosen one and at least one other
+
+
+def token_choices(entries: Any) -> tuple[TokenChoice, ...] | None:
+    """Tokens from an OpenAI- or Ollama-shaped logprobs list (each entry with
+    ``logprob`` and ``top_logprobs`` of ``{token, logprob}``), objects or dicts; None
+    when there are none."""
+    if not entries:
+        return None
+    found = []
+    for entry in entries:
+        logprob = _field(entry, "logprob")
+        if logprob is None:
+            return None
+        token = _field(entry, "token")
+        others = [
+            float(_field(alt, "logprob"))
+            for alt in _field(entry, "top_logprobs") or ()
+            if _field(alt, "token") != token and _field(alt, "logprob") is not None
+        ]
+        found.append(TokenChoice(float(logprob), max(others, default=None)))
+    return tuple(found)
+
+
+def _field(entry: Any, name: str) -> Any:
+    return entry.get(name) if isinstance(entry, dict) else getattr(entry, name, None)
 
 
 def instructed(messages: list[dict[str, str]], schema: dict[str, Any]) -> list[dict[str, str]]:

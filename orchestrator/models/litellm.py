@@ -33,12 +33,15 @@ from orchestrator.errors import (
     ModelUnavailable,
 )
 from orchestrator.models.base import (
+    TOP_LOGPROBS,
     Forms,
     ModelClient,
     ModelReply,
     ModelRequest,
+    TokenChoice,
     instructed,
     parse_retry_after,
+    token_choices,
 )
 
 # A loopback or self-hosted OpenAI-compatible server often wants no key, but the
@@ -149,6 +152,8 @@ class LiteLLMClient(ModelClient):
             "num_retries": 0,  # the scheduler decides what to ask again
             "max_retries": 0,
         }
+        if request.logprobs:  # dropped for a provider that takes none: then none come back
+            options.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
         if request.json_schema is not None:
             if form == "json_schema":
                 options["response_format"] = {
@@ -172,10 +177,11 @@ class LiteLLMClient(ModelClient):
         if not response.choices:
             raise ModelCallError(f"{self._model}: the answer held no choices", usage=usage)
         text = response.choices[0].message.content or ""
+        logprobs = _choices(response.choices[0])
         if usage is None:
             prompt, completion = self._count(request, options["messages"], text)
-            return ModelReply(text, prompt, completion, counted=True)
-        return ModelReply(text, *usage)
+            return ModelReply(text, prompt, completion, counted=True, logprobs=logprobs)
+        return ModelReply(text, *usage, logprobs=logprobs)
 
     async def _stream(self, request: ModelRequest, options: dict[str, Any]) -> ModelReply:
         """Assemble a streamed answer, with the usage at its end.
@@ -187,6 +193,7 @@ class LiteLLMClient(ModelClient):
         it is an error with no usage.
         """
         parts: list[str] = []
+        tokens: list[TokenChoice] = []
         usage = None
         chunks = await self._litellm.acompletion(
             **options, stream=True, stream_options={"include_usage": True}
@@ -195,6 +202,8 @@ class LiteLLMClient(ModelClient):
             async for chunk in chunks:
                 if chunk.choices and chunk.choices[0].delta.content:
                     parts.append(chunk.choices[0].delta.content)
+                if chunk.choices:
+                    tokens.extend(_choices(chunk.choices[0]) or ())
                 usage = getattr(chunk, "usage", None) or usage
         except Exception as exc:
             if not parts:
@@ -208,10 +217,11 @@ class LiteLLMClient(ModelClient):
             raise ModelCallError(f"{self._model}: the stream ended with no answer")
         reported = _reported(usage)
         litellms = (self._count_messages(options["messages"]), self._count_text(text))
+        logprobs = tuple(tokens) or None
         if reported is None or reported == litellms:
             prompt, completion = self._count(request, options["messages"], text)
-            return ModelReply(text, prompt, completion, counted=True)
-        return ModelReply(text, *reported)
+            return ModelReply(text, prompt, completion, counted=True, logprobs=logprobs)
+        return ModelReply(text, *reported, logprobs=logprobs)
 
     def _count(
         self, request: ModelRequest, messages: list[dict[str, str]], text: str
@@ -301,6 +311,17 @@ class LiteLLMClient(ModelClient):
                 await close()
         await self._litellm.close_litellm_async_clients()
         cache.flush_cache()
+
+
+def _choices(choice: Any) -> tuple[TokenChoice, ...] | None:
+    """The answer's tokens from an OpenAI-shaped choice's ``logprobs.content``, if any."""
+    logprobs = getattr(choice, "logprobs", None)
+    content = (
+        logprobs.get("content")
+        if isinstance(logprobs, dict)
+        else getattr(logprobs, "content", None)
+    )
+    return token_choices(content)
 
 
 def _reported(usage: Any) -> tuple[int, int] | None:

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import ModelCallError, ModelTimeout, ModelUnavailable
-from orchestrator.models.base import ModelClient, ModelReply, ModelRequest
+from orchestrator.models.base import (
+    TOP_LOGPROBS,
+    ModelClient,
+    ModelReply,
+    ModelRequest,
+    TokenChoice,
+)
 
 CONTEXT_TOKENS = 2048
 
@@ -76,9 +82,16 @@ class _Loaded:
     formatter and the template inside the GGUF) and call ``create_completion``,
     because only that call takes a stopping criterion: the clock check that
     ends generation at the step's timeout. Usage is what llama.cpp reports.
+
+    llama.cpp gives log-probabilities only from a model loaded with
+    ``logits_all``, which keeps every position's logits (n_ctx × vocabulary
+    floats, written as tokens are evaluated) and computes them for each prompt
+    token: so a model used with ``logprobs`` is loaded a second time, that way,
+    and only requests that ask for them use it. The weights are mapped from
+    the same file, so they are shared.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, logprobs: bool = False) -> None:
         try:
             import llama_cpp
             from llama_cpp import llama_chat_format
@@ -88,7 +101,9 @@ class _Loaded:
             ) from None
         self.llama_cpp = llama_cpp
         with without_extra_buffers(llama_cpp):
-            self.model = llama_cpp.Llama(model_path=str(path), n_ctx=CONTEXT_TOKENS, verbose=False)
+            self.model = llama_cpp.Llama(
+                model_path=str(path), n_ctx=CONTEXT_TOKENS, verbose=False, logits_all=logprobs
+            )
         template = self.model.metadata.get("tokenizer.chat_template")
         if not template:
             raise ModelUnavailable(f"{path.name} carries no chat template")
@@ -108,8 +123,8 @@ class _Loaded:
 
 
 @functools.cache
-def _load(path: Path) -> _Loaded:
-    return _Loaded(path)
+def _load(path: Path, logprobs: bool) -> _Loaded:
+    return _Loaded(path, logprobs=logprobs)
 
 
 _load_lock = threading.Lock()
@@ -127,7 +142,7 @@ class LlamaCppClient(ModelClient):
 
     def _complete(self, path: Path, request: ModelRequest, deadline: float) -> ModelReply:
         with _load_lock:
-            loaded = _load(path)
+            loaded = _load(path, request.logprobs)
         llama_cpp = loaded.llama_cpp
         timed_out = False
 
@@ -156,14 +171,33 @@ class LlamaCppClient(ModelClient):
                         [past_deadline, *(chat.stopping_criteria or [])]
                     ),
                     grammar=grammar,
+                    logprobs=TOP_LOGPROBS if request.logprobs else None,
                 )
             except (ValueError, RuntimeError) as exc:
                 raise ModelCallError(f"llama.cpp: {exc}") from None
         if timed_out:
             raise ModelTimeout(f"the embedded model ran past {request.timeout_s:g}s")
         usage = result.get("usage") or {}
+        choice = result["choices"][0]
         return ModelReply(
-            text=result["choices"][0].get("text") or "",
+            text=choice.get("text") or "",
             prompt_tokens=int(usage.get("prompt_tokens", 0)),
             completion_tokens=int(usage.get("completion_tokens", 0)),
+            logprobs=_token_choices(choice.get("logprobs")),
         )
+
+
+def _token_choices(logprobs: dict[str, Any] | None) -> tuple[TokenChoice, ...] | None:
+    """Tokens from llama-cpp-python's completion logprobs: parallel lists of each
+    token, its log-probability, and the top alternatives (the token among them)."""
+    if not logprobs or not logprobs.get("token_logprobs"):
+        return None
+    found = []
+    for token, logprob, top in zip(
+        logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True
+    ):
+        if logprob is None:
+            continue
+        others = [float(value) for text, value in (top or {}).items() if text != token]
+        found.append(TokenChoice(float(logprob), max(others, default=None)))
+    return tuple(found) or None

@@ -16,12 +16,15 @@ from orchestrator.errors import (
     ModelUnavailable,
 )
 from orchestrator.models.base import (
+    TOP_LOGPROBS,
     Forms,
     ModelClient,
     ModelReply,
     ModelRequest,
+    TokenChoice,
     instructed,
     parse_retry_after,
+    token_choices,
 )
 
 
@@ -66,6 +69,8 @@ class OllamaClient(ModelClient):
             "format": {"json_schema": request.json_schema, "json_object": "json"}.get(form),
             "options": {"num_predict": request.max_tokens, "temperature": request.temperature},
         }
+        if request.logprobs:  # Ollama 0.12.11 and later; older servers ignore them
+            chat.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
         client = self._timed.get(request.timeout_s)
         if client is None:
             # ollama's chat() takes no per-call timeout, so keep one client per timeout.
@@ -81,19 +86,34 @@ class OllamaClient(ModelClient):
             raise
         except Exception as exc:
             raise self._error(exc, request, form) from None
-        return _reply(chat, text, response.prompt_eval_count, response.eval_count)
+        return _reply(
+            chat,
+            text,
+            response.prompt_eval_count,
+            response.eval_count,
+            token_choices(response.logprobs),
+        )
 
     async def _stream(self, client: Any, chat: dict[str, Any]) -> ModelReply:
         """Assemble a streamed answer. Ollama sends one token a chunk and its counts in
         the last; a stream that breaks or ends before its last chunk may still have
         been billed, and reported nothing: an error with no usage."""
         parts: list[str] = []
+        tokens: list[TokenChoice] | None = [] if chat.get("logprobs") else None
         try:
             chunks = await client.chat(**chat, stream=True)
             async for chunk in chunks:
                 parts.append(chunk.message.content or "")
+                if tokens is not None:
+                    tokens.extend(token_choices(chunk.logprobs) or ())
                 if chunk.done:
-                    return _reply(chat, "".join(parts), chunk.prompt_eval_count, chunk.eval_count)
+                    return _reply(
+                        chat,
+                        "".join(parts),
+                        chunk.prompt_eval_count,
+                        chunk.eval_count,
+                        tuple(tokens) if tokens else None,
+                    )
             why = "it ended before its last chunk"
         except Exception as exc:
             if not parts:
@@ -157,13 +177,17 @@ class OllamaClient(ModelClient):
 
 
 def _reply(
-    chat: dict[str, Any], text: str, prompt: int | None, completion: int | None
+    chat: dict[str, Any],
+    text: str,
+    prompt: int | None,
+    completion: int | None,
+    logprobs: tuple[TokenChoice, ...] | None,
 ) -> ModelReply:
     """The reply, with Ollama's counts. Ollama leaves a count out (the prompt's, when
     its cache held the prompt), so a missing one is estimated at its upper bound:
     a byte-level token holds at least one byte."""
     if prompt and completion is not None:
-        return ModelReply(text, prompt, completion)
+        return ModelReply(text, prompt, completion, logprobs=logprobs)
     if not prompt:
         sent = [m["content"] for m in chat["messages"]]
         if isinstance(chat["format"], dict):
@@ -171,7 +195,7 @@ def _reply(
         prompt = sum(len(part.encode()) + 16 for part in sent)
     if completion is None:
         completion = len(text.encode())
-    return ModelReply(text, prompt, completion, counted=True)
+    return ModelReply(text, prompt, completion, counted=True, logprobs=logprobs)
 
 
 def _retry_after(exc: BaseException) -> float | None:

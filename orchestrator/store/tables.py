@@ -136,6 +136,10 @@ model_calls = Table(
     Column("local", Boolean),  # served by a local tier: its cost is not provider spend
     # reported, counted (the provider reported none), worst_case, or NULL (nothing billed).
     Column("usage_source", String(12)),
+    # The confidence signal that scored the answer (logprob, consistency) and its
+    # score in [0, 1]; a signal with no score: the backend gave nothing to score.
+    Column("signal", String(16)),
+    Column("confidence", Float),
     Column("latency_ms", Float, nullable=False),
     Column("outcome", String(20), nullable=False),
     # pending: written before the request; settled: its real usage is known;

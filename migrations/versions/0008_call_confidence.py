@@ -1,0 +1,28 @@
+"""Each ledger row may carry the confidence signal that scored its answer, and the score.
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-12-03
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0008"
+down_revision: str | Sequence[str] | None = "0007"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("model_calls", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("signal", sa.String(length=16), nullable=True))
+        batch_op.add_column(sa.Column("confidence", sa.Float(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("model_calls", schema=None) as batch_op:
+        batch_op.drop_column("confidence")
+        batch_op.drop_column("signal")

@@ -1,0 +1,214 @@
+"""Confidence signals: an answer below its step's minimum escalates as low_confidence.
+
+Loopback Ollama and OpenAI servers give log-probabilities as the real servers
+do when a request asks for them; the real ollama and litellm clients read them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from conftest import Project, tierflow, tiers_for
+
+from orchestrator.confidence import logprob_score
+from orchestrator.models.base import TokenChoice
+from orchestrator.testing import OllamaServer, OpenAIServer, Reply
+
+UNSURE = Reply(text="billing", logprobs=(-2.0,))  # p 0.135, its alternative 0.0067
+SURE = Reply(text="bug", logprobs=(-0.01,))
+
+
+def confident_step(project: Project, *, minimum: float = 0.5, **step: Any) -> None:
+    project.workflow(
+        {
+            "name": "one",
+            "steps": [
+                {
+                    "id": "only",
+                    "agent": "helper",
+                    "tier": "light",
+                    "confidence": {"signal": "logprob", "min": minimum},
+                    **step,
+                }
+            ],
+        }
+    )
+
+
+def rows(project: Project, run_id: str) -> list[tuple[str, str, str | None, float | None]]:
+    return [
+        (c["tier_used"], c["outcome"], c["signal"], c["confidence"]) for c in project.calls(run_id)
+    ]
+
+
+def test_a_short_answer_scores_its_first_token_margin() -> None:
+    score = logprob_score([TokenChoice(math.log(0.7), math.log(0.2))])
+    assert score == pytest.approx(0.5)
+    # Chosen below its best alternative (sampled at a temperature): no margin.
+    assert logprob_score([TokenChoice(math.log(0.3), math.log(0.6))]) == 0.0
+    assert logprob_score([TokenChoice(math.log(0.8))]) == pytest.approx(0.8)
+    assert logprob_score([]) is None and logprob_score(None) is None
+
+
+def test_a_long_answer_is_held_down_by_its_least_sure_token() -> None:
+    sure = [TokenChoice(math.log(0.99))] * 9
+    assert logprob_score(sure) == pytest.approx(0.99)
+    one_doubt = logprob_score([*sure, TokenChoice(math.log(0.05))])
+    mean_alone = math.exp((9 * math.log(0.99) + math.log(0.05)) / 10)
+    assert one_doubt is not None and one_doubt < mean_alone
+    assert one_doubt == pytest.approx(math.sqrt(mean_alone * 0.05))
+
+
+def test_an_unsure_local_answer_escalates_and_the_sure_one_is_kept(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    confident_step(project)
+    ollama.reply(UNSURE)
+    frontier.reply(SURE)
+    result = project.run("one")
+    assert result.status == "succeeded"
+    assert result.outputs["only"] == "bug"
+    found = rows(project, result.run_id)
+    assert [(tier, outcome, signal) for tier, outcome, signal, _ in found] == [
+        ("light", "low_confidence", "logprob"),
+        ("frontier", "ok", "logprob"),
+    ]
+    assert found[0][3] == pytest.approx(math.exp(-2) - math.exp(-5), abs=1e-6)
+    assert found[1][3] == pytest.approx(math.exp(-0.01) - math.exp(-3.01), abs=1e-6)
+    calls = project.calls(result.run_id)
+    assert "below min 0.5" in calls[0]["error"]
+    assert calls[1]["escalation_reason"].startswith("light/ollama/llama3.2:1b: low_confidence")
+    # Both clients asked for the token log-probabilities and one alternative each.
+    (asked_ollama,) = ollama.chat_requests()
+    assert asked_ollama["logprobs"] is True and asked_ollama["top_logprobs"] == 2
+    (asked_frontier,) = frontier.chat_requests()
+    assert asked_frontier["logprobs"] is True and asked_frontier["top_logprobs"] == 2
+
+
+def test_a_sure_local_answer_never_reaches_the_frontier(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    confident_step(project)
+    ollama.reply(SURE)
+    result = project.run("one")
+    assert result.outputs["only"] == "bug"
+    assert [outcome for _, outcome, _, _ in rows(project, result.run_id)] == ["ok"]
+    assert frontier.chat_requests() == []
+
+
+def test_with_nothing_surer_above_the_step_takes_its_last_answer(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    confident_step(project)
+    ollama.reply(UNSURE)
+    frontier.reply(Reply(text="refund", logprobs=(-1.0,)))
+    result = project.run("one")
+    assert result.status == "succeeded"
+    assert result.outputs["only"] == "refund"
+    assert [outcome for _, outcome, _, _ in rows(project, result.run_id)] == [
+        "low_confidence",
+        "low_confidence",
+    ]
+    shown = tierflow("show", result.run_id, cwd=project.root)
+    assert shown.returncode == 0, shown.stderr
+    assert "confidence (logprob): 0.350, raw (not calibrated)" in shown.stdout
+    store = project.store()
+    try:
+        step = store.run(result.run_id)["steps"][0]  # type: ignore[index]
+    finally:
+        store.engine.dispose()
+    assert (step["tier_used"], step["model"]) == ("frontier", "openai/gpt-4o-mini")
+
+
+def test_a_backend_that_gives_no_logprobs_is_recorded_as_unscored(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    confident_step(project)
+    ollama.reply(Reply(text="bug", logprobs=()))
+    result = project.run("one")
+    assert result.outputs["only"] == "bug"
+    assert rows(project, result.run_id) == [("light", "ok", "logprob", None)]
+    assert frontier.chat_requests() == []
+    shown = tierflow("show", result.run_id, cwd=project.root)
+    assert "confidence (logprob): unavailable, the backend gave nothing to score" in shown.stdout
+
+
+def test_streamed_answers_carry_their_logprobs(
+    tmp_path: Any, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    tiers = tiers_for(ollama, frontier)
+    for tier in tiers.values():
+        tier["models"][0]["stream"] = True
+    project = Project(tmp_path / "p", {"tiers": tiers})
+    confident_step(project, minimum=0.9)
+    # One unsure word of four: mean log p -0.5075, least -2.0.
+    ollama.reply(Reply(text="one two three four", logprobs=(-0.01, -0.01, -0.01, -2.0)))
+    frontier.reply(Reply(text="one two three four", logprobs=(-0.01,)))
+    result = project.run("one")
+    found = rows(project, result.run_id)
+    assert [outcome for _, outcome, _, _ in found] == ["low_confidence", "ok"]
+    assert found[0][3] == pytest.approx(math.exp((-0.5075 - 2.0) / 2), abs=1e-6)
+    assert found[1][3] == pytest.approx(math.exp(-0.01), abs=1e-6)
+    assert all(request.get("stream") for request in ollama.chat_requests())
+    assert all(request.get("stream") for request in frontier.chat_requests())
+
+
+def test_without_low_confidence_in_escalation_on_the_score_is_only_recorded(
+    tmp_path: Any, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    project = Project(
+        tmp_path / "p",
+        {"tiers": tiers_for(ollama, frontier), "escalation": {"on": ["error", "invalid_output"]}},
+    )
+    confident_step(project)
+    ollama.reply(UNSURE)
+    result = project.run("one")
+    assert result.status == "succeeded" and result.outputs["only"] == "billing"
+    assert [outcome for _, outcome, _, _ in rows(project, result.run_id)] == ["low_confidence"]
+    assert frontier.chat_requests() == []
+
+
+def test_a_step_confidence_overrides_its_agents(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    project.agent(
+        "helper", prompt="{{ inputs.text }}", confidence={"signal": "logprob", "min": 0.95}
+    )
+    project.workflow({"name": "one", "steps": [{"id": "only", "agent": "helper", "tier": "light"}]})
+    ollama.reply(SURE)  # margin 0.94: below the agent's 0.95
+    frontier.reply(Reply(text="a longer sure answer", logprobs=(-0.01,)))  # 0.99
+    result = project.run("one")
+    assert [outcome for _, outcome, _, _ in rows(project, result.run_id)] == [
+        "low_confidence",
+        "ok",
+    ]
+    confident_step(project, minimum=0.9)
+    ollama.reply(SURE)
+    again = project.run("one")
+    assert [outcome for _, outcome, _, _ in rows(project, again.run_id)] == ["ok"]
+
+
+@pytest.mark.parametrize(
+    ("confidence", "expected"),
+    [
+        ({"signal": "logprob", "min": 1.5}, "min: Input should be less than or equal to 1"),
+        ({"signal": "logprobs", "min": 0.5}, "signal: Input should be 'logprob' or 'consistency'"),
+        ({"signal": "logprob"}, "min: Field required"),
+    ],
+)
+def test_a_bad_confidence_is_refused_at_load(
+    project: Project, confidence: dict[str, Any], expected: str
+) -> None:
+    project.workflow(
+        {
+            "name": "one",
+            "steps": [{"id": "only", "agent": "helper", "confidence": confidence}],
+        }
+    )
+    checked = tierflow("validate", "workflows/one.yaml", cwd=project.root)
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    out = checked.stdout + checked.stderr
+    assert "workflows/one.yaml:" in out and expected in out
+    assert "Traceback" not in out
