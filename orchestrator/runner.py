@@ -447,7 +447,7 @@ def time_limit_s(settings: Settings, workflow: LoadedWorkflow) -> float:
     """The longest a run of ``workflow`` can legitimately take, steps one after another.
 
     Each step uses every attempt at its slowest model (its own ``timeout_s``
-    where it sets one). A ``for_each`` step runs in waves of
+    where it sets one), each attempt every sample of a ``consistency`` signal. A ``for_each`` step runs in waves of
     ``FAN_OUT_CONCURRENCY`` items, and its list can hold up to the run's
     ``max_steps`` units, since its size is known only when it runs.
     """
@@ -459,7 +459,9 @@ def time_limit_s(settings: Settings, workflow: LoadedWorkflow) -> float:
         slowest = max((entry.timeout_s for _, tier in climb for entry in tier.models), default=0)
         per_call = (plan.step.timeout_s or slowest) + BACKSTOP_S + PER_CALL_SLACK_S
         waves = -(-units // FAN_OUT_CONCURRENCY) if plan.for_each is not None else 1
-        total += waves * attempts * per_call
+        confidence = plan.confidence
+        samples = confidence.samples if confidence and confidence.signal == "consistency" else 1
+        total += waves * attempts * samples * per_call
     return total
 
 

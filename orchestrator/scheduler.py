@@ -27,7 +27,9 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -49,11 +51,14 @@ from orchestrator.ledger import Call, Pricer, StepRecord
 from orchestrator.models import Clients, ModelRequest
 from orchestrator.models.base import prompt_tokens_upper_bound
 from orchestrator.settings import ModelEntry, Settings, Tier
-from orchestrator.spec import AUTO_TIER, StepPlan
+from orchestrator.spec import AUTO_TIER, Confidence, StepPlan
 from orchestrator.store import Checkpoint
 from orchestrator.templates import TemplateProblem
 
 FAN_OUT_CONCURRENCY = 8
+# Samples of a ``consistency`` signal are drawn at this temperature: enough to
+# let an unsure model disagree with itself (self-consistency's usual 0.5-0.7).
+CONSISTENCY_TEMPERATURE = 0.7
 BACKSTOP_S = 2.0
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
@@ -265,6 +270,9 @@ class StepRunner:
         # The latest answer that was valid but not confident enough: the step's
         # answer if no tier above gives a confident one.
         unsure: tuple[Any] | None = None
+        consistency = (
+            plan.confidence if plan.confidence and plan.confidence.signal == "consistency" else None
+        )
         for tier_name, tier in self._ladder(plan):
             if used >= escalation.max_attempts:
                 break
@@ -273,7 +281,8 @@ class StepRunner:
             for entry in tier.models:
                 if used >= escalation.max_attempts:
                     break
-                call, value = await self._ask(
+                ask = functools.partial(
+                    self._ask,
                     plan,
                     entry,
                     messages,
@@ -284,6 +293,9 @@ class StepRunner:
                     tier_used=tier_name,
                     escalation_reason=escalation_reason,
                 )
+                call, value = await ask()
+                if call.outcome == "ok" and consistency is not None:
+                    call, value = await self._consistent(consistency, record, call, value, ask)
                 if call.outcome == "ok":
                     return value
                 if call.outcome == "budget_blocked":
@@ -309,6 +321,50 @@ class StepRunner:
             f" (max_attempts {escalation.max_attempts})" if used >= escalation.max_attempts else ""
         )
         raise StepFailed(f"no tier gave a valid answer{limit}: " + "; ".join(failures))
+
+    async def _consistent(
+        self,
+        confidence: Confidence,
+        record: StepRecord,
+        first: Call,
+        value: Any,
+        ask: Callable[[], Awaitable[tuple[Call, Any]]],
+    ) -> tuple[Call, Any]:
+        """Ask the same model for ``confidence.samples`` answers in all (``first`` is
+        the first) and take the most common; the share that agree is the score.
+
+        A sample that fails counts as one that disagrees; a budget that refuses
+        one ends the sampling. Every valid sample's row carries the score; the
+        last is ``low_confidence`` when the score is below the minimum.
+        """
+        answers = [(first, value)]
+        for _ in range(confidence.samples - 1):
+            call, sampled = await ask()
+            if call.outcome == "budget_blocked":
+                break
+            if call.outcome == "ok":
+                answers.append((call, sampled))
+        keys = [agreement_key(sampled) for _, sampled in answers]
+        top, agreeing = Counter(keys).most_common(1)[0]
+        score = agreeing / confidence.samples
+        chosen = answers[keys.index(top)][1]
+        last = answers[-1][0]
+        verdict = "ok"
+        error = None
+        if score < confidence.min:
+            verdict = "low_confidence"
+            error = (
+                f"consistency {score:.3f} is below min {confidence.min:g}"
+                f" ({agreeing} of {confidence.samples} samples agree)"
+            )
+        scored = {call.attempt for call, _ in answers}
+        for index, call in enumerate(record.calls):
+            if call.attempt in scored:
+                outcome, why = (verdict, error) if call is last else (call.outcome, call.error)
+                record.calls[index] = replace(
+                    call, signal="consistency", confidence=score, outcome=outcome, error=why
+                )
+        return record.calls[[c.attempt for c in record.calls].index(last.attempt)], chosen
 
     async def _ask(
         self,
@@ -374,7 +430,11 @@ class StepRunner:
             model=entry.model.split("/", 1)[1],
             messages=messages,
             max_tokens=plan.max_tokens,
-            temperature=plan.agent.temperature,
+            temperature=(
+                CONSISTENCY_TEMPERATURE
+                if confidence is not None and signal == "consistency"
+                else plan.agent.temperature
+            ),
             timeout_s=timeout,
             json_schema=plan.step.output,
             stream=entry.stream,
@@ -555,6 +615,14 @@ def verify(plan: StepPlan, text: str, context: dict[str, Any]) -> Any:
         if not passed:
             raise InvalidOutput(f"check '{check.source}' failed")
     return value
+
+
+def agreement_key(value: Any) -> str:
+    """What two answers must share to agree: the parsed value for a schema step
+    (key order aside); otherwise the text, case, spacing and end punctuation aside."""
+    if not isinstance(value, str):
+        return json.dumps(value, sort_keys=True)
+    return " ".join(value.casefold().split()).rstrip(".!?;:,")
 
 
 def parse_json(text: str) -> Any:

@@ -212,3 +212,76 @@ def test_a_bad_confidence_is_refused_at_load(
     out = checked.stdout + checked.stderr
     assert "workflows/one.yaml:" in out and expected in out
     assert "Traceback" not in out
+
+
+def consistent_step(project: Project, *, minimum: float, samples: int = 3, **step: Any) -> None:
+    project.workflow(
+        {
+            "name": "one",
+            "steps": [
+                {
+                    "id": "only",
+                    "agent": "helper",
+                    "tier": "light",
+                    "confidence": {"signal": "consistency", "min": minimum, "samples": samples},
+                    **step,
+                }
+            ],
+        }
+    )
+
+
+def test_samples_that_disagree_escalate_and_each_is_a_ledger_row(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    consistent_step(project, minimum=0.8)
+    ollama.reply("Billing.", "bug", "billing")
+    frontier.reply("bug", "Bug", "bug ")
+    result = project.run("one")
+    assert result.status == "succeeded"
+    assert result.outputs["only"] == "bug"
+    found = rows(project, result.run_id)
+    assert [(tier, outcome) for tier, outcome, _, _ in found] == [
+        ("light", "ok"),
+        ("light", "ok"),
+        ("light", "low_confidence"),
+        ("frontier", "ok"),
+        ("frontier", "ok"),
+        ("frontier", "ok"),
+    ]
+    assert {signal for _, _, signal, _ in found} == {"consistency"}
+    assert [score for _, _, _, score in found] == pytest.approx([2 / 3] * 3 + [1.0] * 3)
+    calls = project.calls(result.run_id)
+    assert "2 of 3 samples agree" in calls[2]["error"]
+    # Samples are drawn at a temperature, whatever the agent's own.
+    assert {r["options"]["temperature"] for r in ollama.chat_requests()} == {0.7}
+    assert {r["temperature"] for r in frontier.chat_requests()} == {0.7}
+
+
+def test_agreeing_samples_keep_the_answer_local(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    consistent_step(project, minimum=0.6, output={"type": "object"})
+    ollama.reply('{"a": 1, "b": 2}', '{"b": 2, "a": 1}', '{"a": 3}')
+    result = project.run("one")
+    assert result.outputs["only"] == {"a": 1, "b": 2}
+    assert [outcome for _, outcome, _, _ in rows(project, result.run_id)] == ["ok"] * 3
+    assert frontier.chat_requests() == []
+
+
+def test_a_sample_that_fails_counts_as_disagreeing(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    consistent_step(project, minimum=0.9, samples=2, output={"type": "object"})
+    ollama.reply('{"a": 1}', "not json")
+    frontier.reply('{"a": 2}', '{"a": 2}')
+    result = project.run("one")
+    assert result.outputs["only"] == {"a": 2}
+    found = rows(project, result.run_id)
+    assert [(tier, outcome) for tier, outcome, _, _ in found] == [
+        ("light", "low_confidence"),
+        ("light", "invalid_output"),
+        ("frontier", "ok"),
+        ("frontier", "ok"),
+    ]
+    assert found[0][3] == pytest.approx(0.5)
