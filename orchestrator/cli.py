@@ -454,6 +454,8 @@ def show(
                 console.print(f"      {call['error']}", markup=False)
             if call.get("signal"):
                 console.print(f"      {_confidence(call)}", markup=False)
+            if call.get("judged") is not None:
+                console.print(f"      judge of #{call['judged']}", markup=False)
             if call["escalation_reason"]:
                 console.print(f"      escalated: {call['escalation_reason']}", markup=False)
 

@@ -46,6 +46,7 @@ class Call:
     # signal means the backend gave nothing to score (no logprobs, say).
     signal: str | None = None
     confidence: float | None = None
+    judged: int | None = None  # a judge's call: the attempt number of the answer it graded
 
 
 @dataclass
@@ -67,8 +68,11 @@ class StepRecord:
     @property
     def answer(self) -> Call | None:
         """The call whose answer the step took, if any: the last that succeeded, or
-        one below its confidence minimum when nothing stronger answered."""
-        return next((call for call in reversed(self.calls) if call.outcome in ACCEPTED), None)
+        one below its confidence minimum when nothing stronger answered (a judge's
+        call grades an answer and is none)."""
+        return next(
+            (c for c in reversed(self.calls) if c.outcome in ACCEPTED and c.judged is None), None
+        )
 
     @property
     def cost_usd(self) -> Decimal:

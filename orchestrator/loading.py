@@ -256,6 +256,9 @@ def _problem(model: type[BaseModel], doc: YamlDoc, err: Any, data: Any) -> str:
     message = err["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
+    if err["type"] == "literal_error" and isinstance(err.get("input"), str):
+        choices = re.findall(r"'((?:[^'\\]|\\.)*)'", err["ctx"]["expected"])
+        message += suggest(err["input"], choices)
     return doc.problem(loc, message)
 
 

@@ -296,6 +296,10 @@ class StepRunner:
                 call, value = await ask()
                 if call.outcome == "ok" and consistency is not None:
                     call, value = await self._consistent(consistency, record, call, value, ask)
+                if call.outcome == "ok" and plan.judge is not None:
+                    call = await self._judged(
+                        plan, record, call, value, messages, context, attempts, item_index
+                    )
                 if call.outcome == "ok":
                     return value
                 if call.outcome == "budget_blocked":
@@ -366,6 +370,66 @@ class StepRunner:
                 )
         return record.calls[[c.attempt for c in record.calls].index(last.attempt)], chosen
 
+    async def _judged(
+        self,
+        plan: StepPlan,
+        record: StepRecord,
+        answered: Call,
+        value: Any,
+        messages: list[dict[str, str]],
+        context: dict[str, Any],
+        attempts: Iterator[int],
+        item_index: int | None,
+    ) -> Call:
+        """``answered`` graded by the step's judge: its row gets the score, and the
+        ``low_confidence`` outcome below the minimum. The judge's calls are rows of
+        the step (``judged`` names the answer), tried in its tier's model order; a
+        judge that gives no grade leaves the answer unscored."""
+        judge, confidence = plan.judge, plan.confidence
+        assert judge is not None and confidence is not None
+        if plan.local_only and not self._settings.config.tiers[judge.tier].local:
+            # Refused at load too: fail closed rather than show a hosted judge the data.
+            raise StepFailed(
+                f"judge tier '{judge.tier}' is not local, and this step must stay local"
+            )
+        seen = {
+            **context,
+            "question": messages[-1]["content"],
+            "answer": value if isinstance(value, str) else json.dumps(value),
+        }
+        asked = []
+        if judge.system is not None:
+            asked.append({"role": "system", "content": judge.system.render(seen)})
+        asked.append({"role": "user", "content": judge.prompt.render(seen)})
+        score: float | None = None
+        for entry in self._settings.config.tiers[judge.tier].models:
+            call, grade = await self._ask(
+                judge,
+                entry,
+                asked,
+                seen,
+                record,
+                attempts=attempts,
+                item_index=item_index,
+                tier_used=judge.tier,
+                escalation_reason=None,
+                judged=answered.attempt,
+            )
+            if call.outcome == "ok":
+                score = float(grade["score"])
+                break
+            if call.outcome == "budget_blocked":
+                break
+        outcome, error = "ok", None
+        if score is not None and score < confidence.min:
+            outcome = "low_confidence"
+            error = f"judge {judge.agent.name} scored {score:.3f}, below min {confidence.min:g}"
+        index = next(i for i, call in enumerate(record.calls) if call is answered)
+        record.calls[index] = replace(
+            answered, signal="judge", confidence=score, outcome=outcome, error=error
+        )
+        return record.calls[index]
+
     async def _ask(
         self,
         plan: StepPlan,
@@ -378,6 +442,7 @@ class StepRunner:
         item_index: int | None,
         tier_used: str,
         escalation_reason: str | None,
+        judged: int | None = None,
     ) -> tuple[Call, Any]:
         """Ask one model, and again after a 429 or 5xx within ``retries``' bounds.
         Each try goes into ``record``; returns the last call and its value."""
@@ -393,6 +458,7 @@ class StepRunner:
                     item_index=item_index,
                     tier_used=tier_used,
                     escalation_reason=escalation_reason,
+                    judged=judged,
                 )
             except _CheckRaised as raised:
                 await self._ended(plan, record, raised.call)
@@ -420,6 +486,7 @@ class StepRunner:
         item_index: int | None,
         tier_used: str,
         escalation_reason: str | None,
+        judged: int | None = None,
     ) -> tuple[Call, Any, ModelBusy | None]:
         """One request: its ledger row, its value if it succeeded, and the
         provider's answer if it is worth asking again."""
@@ -455,6 +522,7 @@ class StepRunner:
             started=_now(),
             local=self._settings.config.tiers[tier_used].local,
             signal=signal,
+            judged=judged,
         )
         if self._hooks:
             admitted = make_call(
@@ -570,6 +638,7 @@ class StepRunner:
         usage_source: str | None = None,
         signal: str | None = None,
         confidence: float | None = None,
+        judged: int | None = None,
     ) -> Call:
         # A call refused before its request, or never delivered, used no machine time.
         seconds = 0.0 if outcome in ("unavailable", "budget_blocked") else latency_ms / 1000
@@ -594,6 +663,7 @@ class StepRunner:
             usage_source=usage_source,
             signal=signal if outcome in ("ok", "low_confidence") else None,
             confidence=confidence,
+            judged=judged,
         )
 
 

@@ -73,13 +73,38 @@ class InputSpec(_Strict):
 class Confidence(_Strict):
     """How sure an answer must be to be accepted: below ``min``, its outcome is
     ``low_confidence`` and the step escalates (when ``escalation.on`` holds it).
-    The strongest tier a step can reach takes its answer whatever the score."""
+    If no tier above answers with more confidence, the step takes its last answer."""
 
-    signal: Literal["logprob", "consistency"]
+    signal: Literal["logprob", "consistency", "judge"]
     min: float = Field(ge=0, le=1, allow_inf_nan=False)
     # consistency: answers asked for at CONSISTENCY_TEMPERATURE; the score is the
     # share that agree with the most common one.
     samples: int = Field(default=3, ge=2, le=10)
+    # judge: the agent that grades the answer from 0 to 1, and the tier it runs on.
+    agent: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=NAME_LENGTH)
+    tier: str | None = None
+
+    @model_validator(mode="after")
+    def _judge_named(self) -> Confidence:
+        judged = self.signal == "judge"
+        if judged and (self.agent is None or self.tier is None):
+            raise ValueError("signal judge needs agent: (the judge) and tier: (where it runs)")
+        if not judged and (self.agent is not None or self.tier is not None):
+            raise ValueError(f"agent: and tier: are for signal judge, not {self.signal}")
+        return self
+
+
+# The judge's answer, and the prompt of a judge agent that gives none of its own.
+JUDGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1}},
+    "required": ["score"],
+}
+JUDGE_PROMPT = (
+    "Question:\n{{ question }}\n\nAnswer:\n{{ answer }}\n\n"
+    "How likely is this answer to be correct and complete? Reply with JSON only:"
+    ' {"score": a number from 0 (surely wrong) to 1 (surely right)}'
+)
 
 
 class Agent(_Strict):
@@ -191,6 +216,8 @@ class StepPlan:
     checks: tuple[Expression, ...]
     max_tokens: int
     taint: Taint | None = None  # how it reads a confidential input, if it does
+    # A judge signal's grader: a plan of the same step id, on the judge's agent and tier.
+    judge: StepPlan | None = None
 
     @property
     def id(self) -> str:
@@ -216,6 +243,8 @@ class StepPlan:
             if expression is not None:
                 found.append((name, expression.reads))
         found += [(f"checks[{i}]", check.reads) for i, check in enumerate(self.checks)]
+        if self.judge is not None:  # the judge sees the prompt and the answer too
+            found += [(f"judge {name}", reads) for name, reads in self.judge.texts()]
         return found
 
 
@@ -321,7 +350,12 @@ def _identity(doc: YamlDoc, plans: list[StepPlan], settings: Settings) -> str:
     off after any of them changed fails instead of mixing two versions."""
     canonical = {
         "workflow": doc.data,
-        "agents": {plan.agent.name: plan.agent.model_dump(mode="json") for plan in plans},
+        "agents": {
+            each.agent.name: each.agent.model_dump(mode="json")
+            for plan in plans
+            for each in (plan, plan.judge)
+            if each is not None
+        },
         "tiers": settings.config.model_dump(mode="json", include={"tiers", "escalation"}),
     }
     return hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()
@@ -358,7 +392,12 @@ class WorkflowCache:
 
     def _stamps(self, workflow: LoadedWorkflow) -> tuple[tuple[int, int] | None, ...]:
         agents = self._settings.root / self._settings.config.agents_dir
-        names = dict.fromkeys(plan.agent.name for plan in workflow.steps)  # each file once
+        names = dict.fromkeys(  # each file once
+            each.agent.name
+            for plan in workflow.steps
+            for each in (plan, plan.judge)
+            if each is not None
+        )
         files = [workflow.path, *(agents / f"{name}.yaml" for name in names)]
         return tuple(_stamp(path) for path in files)
 
@@ -468,7 +507,24 @@ class _Checker:
                 f"step '{plan.id}' {taint}, so it may use only tiers marked local: true,"
                 f" and {where} marked local",
             )
-        return [replace(plan, taint=found.get(plan.id)) for plan in plans]
+        planned = [replace(plan, taint=found.get(plan.id)) for plan in plans]
+        for plan in planned:
+            judge = plan.judge
+            if judge is None or not plan.local_only:
+                continue
+            if not self.settings.config.tiers[judge.tier].local:
+                why = plan.taint if plan.taint is not None else "is sensitive"
+                loc = (
+                    "steps",
+                    index_of[plan.id],
+                    "confidence" if plan.step.confidence else "agent",
+                )
+                self.report(
+                    loc,
+                    f"step '{plan.id}' {why}, so its judge may use only tiers marked local:"
+                    f" true, and judge tier '{judge.tier}' is not",
+                )
+        return planned
 
     def _order(self) -> list[int]:
         """Step indexes in dependency order; reports a cycle if there is one."""
@@ -572,7 +628,7 @@ class _Checker:
         )
         if prompt is None:
             return None
-        return StepPlan(
+        plan = StepPlan(
             step=step,
             agent=agent,
             tier=tier,
@@ -582,6 +638,58 @@ class _Checker:
             for_each=for_each,
             checks=checks,
             max_tokens=step.max_tokens or agent.max_tokens,
+        )
+        if plan.confidence is not None and plan.confidence.signal == "judge":
+            judge = self._judge(plan, loc, allowed, ancestors)
+            plan = replace(plan, judge=judge)
+        return plan
+
+    def _judge(
+        self,
+        plan: StepPlan,
+        loc: tuple[str | int, ...],
+        allowed: set[str],
+        ancestors: set[str],
+    ) -> StepPlan | None:
+        """The plan that grades ``plan``'s answers: the judge agent's prompt (or
+        ``JUDGE_PROMPT``) sees the step's names, ``question`` (the prompt sent)
+        and ``answer`` (the answer, as JSON for a schema step)."""
+        confidence = plan.confidence
+        assert confidence is not None and confidence.agent and confidence.tier
+        where = (*loc, "confidence") if plan.step.confidence else (*loc, "agent")
+        tiers = self.settings.tier_names
+        if confidence.tier not in tiers:
+            self.report(
+                where,
+                f"unknown judge tier '{confidence.tier}'{suggest(confidence.tier, tiers)};"
+                f" tiers are {', '.join(tiers)}",
+            )
+            return None
+        agent = self._agent(Step(id=plan.id, agent=confidence.agent), where)
+        if agent is None:
+            return None
+        seen = allowed | {"question", "answer"}
+        prompt = self._template(
+            where, agent.prompt or JUDGE_PROMPT, seen, ancestors, label="judge prompt"
+        )
+        system = (
+            self._template(where, agent.system, seen, ancestors, label="judge system")
+            if agent.system
+            else None
+        )
+        if prompt is None:
+            return None
+        step = Step(id=plan.id, agent=agent.name, tier=confidence.tier, output=JUDGE_SCHEMA)
+        return StepPlan(
+            step=step,
+            agent=agent,
+            tier=confidence.tier,
+            prompt=prompt,
+            system=system,
+            when=None,
+            for_each=None,
+            checks=(),
+            max_tokens=agent.max_tokens,
         )
 
     def _agent(self, step: Step, loc: tuple[str | int, ...]) -> Agent | None:

@@ -194,7 +194,10 @@ def test_a_step_confidence_overrides_its_agents(
     ("confidence", "expected"),
     [
         ({"signal": "logprob", "min": 1.5}, "min: Input should be less than or equal to 1"),
-        ({"signal": "logprobs", "min": 0.5}, "signal: Input should be 'logprob' or 'consistency'"),
+        (
+            {"signal": "logprobs", "min": 0.5},
+            "signal: Input should be 'logprob', 'consistency' or 'judge' (did you mean 'logprob'?)",
+        ),
         ({"signal": "logprob"}, "min: Field required"),
     ],
 )
@@ -285,3 +288,129 @@ def test_a_sample_that_fails_counts_as_disagreeing(
         ("frontier", "ok"),
     ]
     assert found[0][3] == pytest.approx(0.5)
+
+
+def judged_step(project: Project, *, tier: str = "light", **step: Any) -> None:
+    project.agent("grader", system="You grade answers.", max_tokens=32)
+    project.workflow(
+        {
+            "name": "one",
+            "inputs": {"text": {"type": "string", "default": "my card was charged twice"}},
+            "steps": [
+                {
+                    "id": "only",
+                    "agent": "helper",
+                    "tier": "light",
+                    "confidence": {"signal": "judge", "min": 0.7, "agent": "grader", "tier": tier},
+                    **step,
+                }
+            ],
+        }
+    )
+
+
+def grading(answers: dict[str, float], answer: str) -> Any:
+    """A responder: the judge's grade when asked to judge, else ``answer``."""
+
+    def respond(body: dict[str, Any]) -> Reply:
+        asked = body["messages"][-1]["content"]
+        if "How likely is this answer" in asked:
+            graded = asked.split("Answer:\n", 1)[1].split("\n", 1)[0]
+            return Reply(text=f'{{"score": {answers[graded]}}}')
+        return Reply(text=answer)
+
+    return respond
+
+
+def test_a_judge_that_doubts_the_local_answer_sends_the_step_up(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    judged_step(project)
+    ollama.responder = grading({"refund": 0.2, "billing": 0.9}, "refund")
+    frontier.reply("billing")
+    result = project.run("one")
+    assert result.status == "succeeded"
+    assert result.outputs["only"] == "billing"
+    calls = project.calls(result.run_id)
+    assert [
+        (c["tier_used"], c["agent"], c["outcome"], c["signal"], c["confidence"], c["judged"])
+        for c in calls
+    ] == [
+        ("light", "helper", "low_confidence", "judge", 0.2, None),
+        ("light", "grader", "ok", None, None, 1),
+        ("frontier", "helper", "ok", "judge", 0.9, None),
+        ("light", "grader", "ok", None, None, 3),
+    ]
+    assert "judge grader scored 0.200, below min 0.7" in calls[0]["error"]
+    # The judge saw the question as sent and the answer, under its own system prompt.
+    judge_request = ollama.chat_requests()[1]
+    assert judge_request["messages"][0] == {"role": "system", "content": "You grade answers."}
+    assert "my card was charged twice" in judge_request["messages"][-1]["content"]
+    assert "Answer:\nrefund" in judge_request["messages"][-1]["content"]
+    assert judge_request["format"]["required"] == ["score"]
+    store = project.store()
+    try:
+        step = store.run(result.run_id)["steps"][0]  # type: ignore[index]
+    finally:
+        store.engine.dispose()
+    assert (step["tier_used"], step["model"]) == ("frontier", "openai/gpt-4o-mini")
+
+
+def test_a_judge_that_gives_no_grade_leaves_the_answer_unscored(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    judged_step(project)
+    ollama.reply("refund", "I cannot grade this")
+    result = project.run("one")
+    assert result.outputs["only"] == "refund"
+    calls = project.calls(result.run_id)
+    assert [(c["outcome"], c["signal"], c["confidence"]) for c in calls] == [
+        ("ok", "judge", None),
+        ("invalid_output", None, None),
+    ]
+    assert frontier.chat_requests() == []
+
+
+def test_a_confidential_step_may_not_have_a_hosted_judge(project: Project) -> None:
+    judged_step(project, tier="frontier")
+    path = project.root / "workflows" / "one.yaml"
+    path.write_text(
+        path.read_text().replace("type: string", "type: string\n    confidential: true")
+    )
+    checked = tierflow("validate", "workflows/one.yaml", cwd=project.root)
+    assert checked.returncode == 2, checked.stdout
+    assert (
+        "step 'only' reads confidential input 'text' (in its agent's prompt), so its judge may use"
+        " only tiers marked local: true, and judge tier 'frontier' is not"
+    ) in checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize(
+    ("confidence", "expected"),
+    [
+        (
+            {"signal": "judge", "min": 0.5, "agent": "gradr", "tier": "light"},
+            "unknown agent 'gradr' (did you mean 'grader'?)",
+        ),
+        (
+            {"signal": "judge", "min": 0.5, "agent": "grader", "tier": "lite"},
+            "unknown judge tier 'lite' (did you mean 'light'?)",
+        ),
+        ({"signal": "judge", "min": 0.5}, "signal judge needs agent:"),
+        (
+            {"signal": "logprob", "min": 0.5, "tier": "light"},
+            "agent: and tier: are for signal judge",
+        ),
+    ],
+)
+def test_a_bad_judge_is_refused_at_load(
+    project: Project, confidence: dict[str, Any], expected: str
+) -> None:
+    project.agent("grader", max_tokens=32)
+    project.workflow(
+        {"name": "one", "steps": [{"id": "only", "agent": "helper", "confidence": confidence}]}
+    )
+    checked = tierflow("validate", "workflows/one.yaml", cwd=project.root)
+    assert checked.returncode == 2
+    out = checked.stdout + checked.stderr
+    assert "workflows/one.yaml:" in out and expected in out, out

@@ -1,4 +1,5 @@
-"""Each ledger row may carry the confidence signal that scored its answer, and the score.
+"""Each ledger row may carry the confidence signal that scored its answer and the
+score, and a judge's row the attempt it graded.
 
 Revision ID: 0008
 Revises: 0007
@@ -20,9 +21,11 @@ def upgrade() -> None:
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
         batch_op.add_column(sa.Column("signal", sa.String(length=16), nullable=True))
         batch_op.add_column(sa.Column("confidence", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("judged", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
+        batch_op.drop_column("judged")
         batch_op.drop_column("confidence")
         batch_op.drop_column("signal")

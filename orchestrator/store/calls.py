@@ -119,6 +119,7 @@ class CallStore:
                 # one (refused by a budget, say) is inserted as it is.
                 if prepared.execute(connection, _SETTLE_CALL, row).rowcount == 0:
                     columns = {key: value for key, value in row.items() if not key.startswith("b_")}
+                    columns.setdefault("agent", record.agent)
                     prepared.execute(connection, _INSERT_CALL, columns)
                 elif call.reserved_usd is not None:
                     counters.move(connection, row, released=call.reserved_usd, spent=call.cost_usd)
@@ -225,7 +226,9 @@ class CallStore:
 def _call_row(
     run_id: str, workflow: str, content_hash: str, record: StepRecord, call: Call
 ) -> dict[str, Any]:
-    return {
+    """The row of ``call``, as a settlement of its pending row (every column named
+    here is set) or as an insert. A judge's pending row keeps the judge's agent."""
+    row = {
         "run_id": run_id,
         "step_id": record.step_id,
         "workflow": workflow,
@@ -239,3 +242,6 @@ def _call_row(
         "b_attempt": call.attempt,
         **{name: getattr(call, name) for name in CALL_FIELDS},
     }
+    if call.judged is not None:
+        del row["agent"]
+    return row

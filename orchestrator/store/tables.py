@@ -140,6 +140,7 @@ model_calls = Table(
     # score in [0, 1]; a signal with no score: the backend gave nothing to score.
     Column("signal", String(16)),
     Column("confidence", Float),
+    Column("judged", Integer),  # a judge's call: the attempt it graded
     Column("latency_ms", Float, nullable=False),
     Column("outcome", String(20), nullable=False),
     # pending: written before the request; settled: its real usage is known;
