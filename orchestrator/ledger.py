@@ -47,6 +47,7 @@ class Call:
     signal: str | None = None
     confidence: float | None = None
     judged: int | None = None  # a judge's call: the attempt number of the answer it graded
+    personal: str | None = None  # kinds of personal data its prompt held ("email,phone"), if any
 
 
 @dataclass

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from orchestrator import retries, schemas
+from orchestrator import privacy, retries, schemas
 from orchestrator.confidence import logprob_score
 from orchestrator.errors import (
     LeaseLost,
@@ -243,6 +243,15 @@ class StepRunner:
         start = self._handed_on.get(plan.id, {}).get("tier")
         return ladder(self._settings, plan, start, cap=self._caps.get(plan.id))
 
+    def _personal(self, messages: list[dict[str, str]]) -> list[str]:
+        """The kinds of personal data in ``messages`` (none when detection is off)."""
+        config = self._settings.config.privacy
+        if not config.on:
+            return []
+        return privacy.find(
+            (m["content"] for m in messages), config.detect, config.compiled(), config.region
+        )
+
     def _serves(self, tier: str) -> bool:
         return self._tiers is None or tier in self._tiers
 
@@ -262,6 +271,7 @@ class StepRunner:
         if plan.system is not None:
             messages.append({"role": "system", "content": plan.system.render(context)})
         messages.append({"role": "user", "content": plan.prompt.render(context)})
+        personal = self._personal(messages)
         escalation = self._settings.config.escalation
         resumed = self._handed_on.get(plan.id, {}) if item_index is None else {}
         used: int = resumed.get("used", 0)
@@ -273,7 +283,17 @@ class StepRunner:
         consistency = (
             plan.confidence if plan.confidence and plan.confidence.signal == "consistency" else None
         )
-        for tier_name, tier in self._ladder(plan):
+        climb = self._ladder(plan)
+        if personal:
+            # Fail closed: a prompt holding personal data only reaches local tiers.
+            climb = [(name, tier) for name, tier in climb if tier.local]
+            if not climb:
+                raise StepFailed(
+                    f"the prompt holds personal data ({', '.join(personal)}) and no tier"
+                    " marked local: true is on this step's ladder (privacy.detect in"
+                    " tierflow.yaml sets what is looked for)"
+                )
+        for tier_name, tier in climb:
             if used >= escalation.max_attempts:
                 break
             if item_index is None and not self._serves(tier_name):
@@ -292,6 +312,7 @@ class StepRunner:
                     item_index=item_index,
                     tier_used=tier_name,
                     escalation_reason=escalation_reason,
+                    personal=personal,
                 )
                 call, value = await ask()
                 if call.outcome == "ok" and consistency is not None:
@@ -401,6 +422,12 @@ class StepRunner:
         if judge.system is not None:
             asked.append({"role": "system", "content": judge.system.render(seen)})
         asked.append({"role": "user", "content": judge.prompt.render(seen)})
+        personal = self._personal(asked)
+        if personal and not self._settings.config.tiers[judge.tier].local:
+            raise StepFailed(
+                f"the judge's prompt holds personal data ({', '.join(personal)}) and judge"
+                f" tier '{judge.tier}' is not marked local: true"
+            )
         score: float | None = None
         for entry in self._settings.config.tiers[judge.tier].models:
             call, grade = await self._ask(
@@ -414,6 +441,7 @@ class StepRunner:
                 tier_used=judge.tier,
                 escalation_reason=None,
                 judged=answered.attempt,
+                personal=personal,
             )
             if call.outcome == "ok":
                 score = float(grade["score"])
@@ -443,6 +471,7 @@ class StepRunner:
         tier_used: str,
         escalation_reason: str | None,
         judged: int | None = None,
+        personal: Sequence[str] = (),
     ) -> tuple[Call, Any]:
         """Ask one model, and again after a 429 or 5xx within ``retries``' bounds.
         Each try goes into ``record``; returns the last call and its value."""
@@ -459,6 +488,7 @@ class StepRunner:
                     tier_used=tier_used,
                     escalation_reason=escalation_reason,
                     judged=judged,
+                    personal=personal,
                 )
             except _CheckRaised as raised:
                 await self._ended(plan, record, raised.call)
@@ -487,6 +517,7 @@ class StepRunner:
         tier_used: str,
         escalation_reason: str | None,
         judged: int | None = None,
+        personal: Sequence[str] = (),
     ) -> tuple[Call, Any, ModelBusy | None]:
         """One request: its ledger row, its value if it succeeded, and the
         provider's answer if it is worth asking again."""
@@ -523,6 +554,7 @@ class StepRunner:
             local=self._settings.config.tiers[tier_used].local,
             signal=signal,
             judged=judged,
+            personal=",".join(personal) or None,
         )
         if self._hooks:
             admitted = make_call(
@@ -639,6 +671,7 @@ class StepRunner:
         signal: str | None = None,
         confidence: float | None = None,
         judged: int | None = None,
+        personal: str | None = None,
     ) -> Call:
         # A call refused before its request, or never delivered, used no machine time.
         seconds = 0.0 if outcome in ("unavailable", "budget_blocked") else latency_ms / 1000
@@ -664,6 +697,7 @@ class StepRunner:
             signal=signal if outcome in ("ok", "low_confidence") else None,
             confidence=confidence,
             judged=judged,
+            personal=personal,
         )
 
 

@@ -8,6 +8,7 @@ configuration file's folder, so a project behaves the same from any directory.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable
@@ -100,6 +101,40 @@ class Escalation(_Strict):
     max_attempts: int = Field(default=3, ge=1, le=20)
 
 
+class Privacy(_Strict):
+    """Personal data found in a rendered prompt pins the call to local tiers
+    (see ``orchestrator.privacy``); ``detect: []`` and no patterns turns it off."""
+
+    detect: list[Literal["email", "phone", "card", "iban"]] = ["email", "phone", "card", "iban"]
+    # More kinds: a name and a regular expression (Python's ``re``) that finds one.
+    patterns: dict[Annotated[str, Field(pattern=NAME_PATTERN)], str] = {}
+    # Phone numbers written without a +country prefix are read as this region's
+    # (ISO 3166 code); None finds only numbers written internationally.
+    region: str | None = Field(default="US", pattern=r"^[A-Z]{2}$")
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: dict[str, str]) -> dict[str, str]:
+        for name, pattern in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern '{name}' is not a regular expression: {exc}") from None
+        return patterns
+
+    @property
+    def on(self) -> bool:
+        return bool(self.detect or self.patterns)
+
+    def compiled(self) -> dict[str, re.Pattern[str]]:
+        return _compiled_patterns(tuple(self.patterns.items()))
+
+
+@functools.cache
+def _compiled_patterns(patterns: tuple[tuple[str, str], ...]) -> dict[str, re.Pattern[str]]:
+    return {name: re.compile(pattern) for name, pattern in patterns}
+
+
 class Config(_Strict):
     database: str = "sqlite:///tierflow.db"
     broker: str | None = None
@@ -117,6 +152,7 @@ class Config(_Strict):
     workflows_dir: str = "workflows"
     # Besides loopback and private addresses, the hosts a local tier may name.
     local_hosts: list[Annotated[str, AfterValidator(locality.check_local_host_entry)]] = []
+    privacy: Privacy = Privacy()
 
     @field_validator("database")
     @classmethod

@@ -1,5 +1,6 @@
 """Each ledger row may carry the confidence signal that scored its answer and the
-score, and a judge's row the attempt it graded.
+score, a judge's row the attempt it graded, and each row the kinds of personal
+data its prompt held.
 
 Revision ID: 0008
 Revises: 0007
@@ -22,10 +23,12 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("signal", sa.String(length=16), nullable=True))
         batch_op.add_column(sa.Column("confidence", sa.Float(), nullable=True))
         batch_op.add_column(sa.Column("judged", sa.Integer(), nullable=True))
+        batch_op.add_column(sa.Column("personal", sa.String(length=200), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
+        batch_op.drop_column("personal")
         batch_op.drop_column("judged")
         batch_op.drop_column("confidence")
         batch_op.drop_column("signal")

@@ -141,6 +141,8 @@ model_calls = Table(
     Column("signal", String(16)),
     Column("confidence", Float),
     Column("judged", Integer),  # a judge's call: the attempt it graded
+    # Kinds of personal data the prompt held (email, phone, ...; never the values).
+    Column("personal", String(200)),
     Column("latency_ms", Float, nullable=False),
     Column("outcome", String(20), nullable=False),
     # pending: written before the request; settled: its real usage is known;
