@@ -17,9 +17,13 @@ the grand total equal the sum of the ledger rows exactly. What the figures mean:
 - ``local_cost_usd``: the part of ``cost_usd`` spent on local tiers (a local
   model priced per token or per hour of its machine); ``provider_cost_usd`` is
   the rest, billed by providers.
-- ``savings_usd``: ``reference_cost_usd - cost_usd``, what the same tokens would
-  have cost on the configured ``reference_model`` (all-frontier) minus what
-  they cost. A row recorded with no reference model counts $0 there.
+- ``savings_usd``: ``reference_cost_usd - cost_usd``. The all-frontier
+  counterfactual is one ``reference_model`` call per step (per item) with the
+  accepted answer's tokens: only that row carries a ``reference_cost_usd``
+  (``store.calls``), every other row counts $0 there, and every row's cost
+  counts. A run that did not succeed has each row's counterfactual set to its
+  cost when it ends, so it claims no savings. A row recorded with no reference
+  model counts $0 there.
 - Pending and abandoned rows count with their worst-case estimate, so recorded
   spend never falls below real spend.
 """

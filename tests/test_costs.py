@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import Project, tiers_for
+from conftest import Project, tierflow, tiers_for
 
 from orchestrator import reports
 from orchestrator.models.litellm import import_litellm
@@ -89,14 +91,18 @@ def test_each_row_costs_what_litellms_table_says(
             row["cost_usd"]
             == price_in * row["prompt_tokens"] + price_out * row["completion_tokens"]
         )
-        assert (
-            row["reference_cost_usd"]
-            == ref_in * row["prompt_tokens"] + ref_out * row["completion_tokens"]
-        )
+        # Only the accepted answer carries the all-frontier counterfactual.
+        if row["outcome"] == "ok":
+            assert (
+                row["reference_cost_usd"]
+                == ref_in * row["prompt_tokens"] + ref_out * row["completion_tokens"]
+            )
+        else:
+            assert row["outcome"] == "invalid_output" and row["reference_cost_usd"] is None
 
     # Every grouping's total equals the sum of the ledger rows, to the pico-dollar.
     row_total = sum((r["cost_usd"] for r in rows), Decimal(0))
-    reference_total = sum((r["reference_cost_usd"] for r in rows), Decimal(0))
+    reference_total = sum((r["reference_cost_usd"] or Decimal(0) for r in rows), Decimal(0))
     assert row_total > 0
     for by in reports.GROUPS:
         groups = reports.spend(store.engine, by=by)
@@ -133,3 +139,55 @@ def test_prices_are_read_without_importing_litellm() -> None:
     ).stdout.split()
     assert out[-1] == "False"
     assert litellm_price("openai/gpt-4.1") is not None
+
+
+def _spent(project: Project) -> dict[str, Any]:
+    shown = tierflow("spend", "--format", "json", cwd=project.root)
+    assert shown.returncode == 0, shown.stderr
+    return dict(json.loads(shown.stdout)["total"])
+
+
+def test_the_counterfactual_is_one_reference_call_with_the_accepted_answers_tokens(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    project.workflow(
+        {
+            "name": "one",
+            "steps": [
+                {"id": "only", "agent": "helper", "tier": "light", "output": {"type": "object"}}
+            ],
+        }
+    )
+    ollama.reply(Reply(text="not an object", prompt_tokens=5000, completion_tokens=5000))
+    frontier.reply(Reply(text='{"ok": true}', prompt_tokens=100, completion_tokens=10))
+    result = project.run("one")
+    assert result.status == "succeeded"
+    ref_in, ref_out = table_price("openai/gpt-4.1")
+    answered = ref_in * 100 + ref_out * 10  # the accepted answer's tokens, on the reference
+    calls = project.calls(result.run_id)
+    assert [c["reference_cost_usd"] for c in calls] == [None, answered]
+    total = _spent(project)
+    assert Decimal(total["reference_cost_usd"]) == answered
+    assert Decimal(total["savings_usd"]) == answered - Decimal(total["cost_usd"])
+
+
+def test_a_failed_run_claims_no_savings(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    project.workflow(
+        {
+            "name": "one",
+            "steps": [
+                {"id": "only", "agent": "helper", "tier": "light", "output": {"type": "object"}}
+            ],
+        }
+    )
+    ollama.default = Reply(text="not an object")
+    frontier.default = Reply(text="nor this", prompt_tokens=100, completion_tokens=10)
+    result = project.run("one")
+    assert result.status == "failed"
+    total = _spent(project)
+    assert Decimal(total["cost_usd"]) > 0
+    assert Decimal(total["savings_usd"]) == 0
+    for call in project.calls(result.run_id):
+        assert call["reference_cost_usd"] == call["cost_usd"]

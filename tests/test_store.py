@@ -85,7 +85,7 @@ def test_the_hot_path_writes_the_rows_sqlalchemy_would(store: Store) -> None:
     )
     step = make_step("a", [call], output={"nested": [1, "two", None]})
     store.record_step(run_id="r1", workflow="wf", content_hash="h", record=step)
-    row = _call_row("r1", "wf", "h", step, call)
+    row = _call_row("r1", "wf", "h", step, call, accepted=True)
     columns = {key: value for key, value in row.items() if not key.startswith("b_")}
     with store.engine.begin() as connection:
         connection.execute(_INSERT_CALL, {**columns, "step_id": "by-sqlalchemy"})

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
 
-from orchestrator.ledger import Call, StepRecord
+from orchestrator.ledger import ACCEPTED, Call, StepRecord
 from orchestrator.store import counters, prepared
 from orchestrator.store.counters import Limit
 from orchestrator.store.leases import Lease, fence, fence_written, lost_on_conflict
@@ -65,7 +65,7 @@ def abandon(connection: Any, why: str, *, run_id: str, step_id: str | None = Non
         connection.execute(
             update(model_calls)
             .where(model_calls.c.id == row["id"])
-            .values(state="abandoned", outcome="abandoned", error=why)
+            .values(state="abandoned", outcome="abandoned", error=why, reference_cost_usd=None)
         )
         if row["reserved_usd"] is not None:
             cost = row["cost_usd"]
@@ -107,8 +107,10 @@ class CallStore:
             "handoff_used": handoff.get("used"),
             "handoff_reason": handoff.get("reason"),
         }
+        accepted = _accepted(record)
         call_rows = [
-            _call_row(run_id, workflow, content_hash, record, call) for call in record.calls
+            _call_row(run_id, workflow, content_hash, record, call, accepted=call in accepted)
+            for call in record.calls
         ]
         # Statements built once and run through ``prepared``: the per-step hot path.
         with lost_on_conflict(self.engine, lease), self.engine.begin() as connection:
@@ -223,11 +225,32 @@ class CallStore:
         return Checkpoint(done=done, last_attempts=attempts, handed_on=handed_on)
 
 
+def _accepted(record: StepRecord) -> list[Call]:
+    """The calls whose answers a succeeded step took: one per item of a ``for_each``."""
+    if record.status != "succeeded":
+        return []
+    taken: dict[int | None, Call] = {}
+    for call in record.calls:
+        if call.outcome in ACCEPTED and call.judged is None:
+            taken[call.item_index] = call  # the last one of its item
+    return list(taken.values())
+
+
 def _call_row(
-    run_id: str, workflow: str, content_hash: str, record: StepRecord, call: Call
+    run_id: str,
+    workflow: str,
+    content_hash: str,
+    record: StepRecord,
+    call: Call,
+    *,
+    accepted: bool,
 ) -> dict[str, Any]:
     """The row of ``call``, as a settlement of its pending row (every column named
-    here is set) or as an insert. A judge's pending row keeps the judge's agent."""
+    here is set) or as an insert. A judge's pending row keeps the judge's agent.
+
+    Only an accepted answer keeps its reference cost: the all-frontier
+    counterfactual is one reference call per step (per item) with the accepted
+    answer's tokens, not one per attempt."""
     row = {
         "run_id": run_id,
         "step_id": record.step_id,
@@ -244,4 +267,6 @@ def _call_row(
     }
     if call.judged is not None:
         del row["agent"]
+    if not accepted:
+        row["reference_cost_usd"] = None
     return row

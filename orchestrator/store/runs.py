@@ -230,7 +230,15 @@ class RunStore:
             }
             ended = prepared.execute(connection, _FINISH, params).fetchone()
             abandon(connection, f"its run ended ({status})", run_id=run_id)
-            return None if ended is None else str(ended[0])
+            final = None if ended is None else str(ended[0])
+            if final is not None and final != "succeeded":
+                # A run that did not succeed claims no savings: its counterfactual is what it cost.
+                connection.execute(
+                    update(model_calls)
+                    .where(model_calls.c.run_id == run_id)
+                    .values(reference_cost_usd=model_calls.c.cost_usd)
+                )
+            return final
 
     def abandon_orphans(self) -> int:
         """Abandon pending calls of ended runs that no live executor holds; how many runs.
