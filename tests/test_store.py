@@ -238,6 +238,25 @@ def test_no_reservation_outlives_a_cancelled_run(store: Store, executor_alive: b
     assert call["state"] == "abandoned"
 
 
+@pytest.mark.parametrize("ended_by", ["cancel", "failure"])
+def test_a_run_that_does_not_succeed_claims_no_savings(store: Store, ended_by: str) -> None:
+    queued_run(store, "r7")
+    lease = store.acquire_lease("r7", owner="a", ttl_s=-1)  # its executor died
+    assert lease is not None
+    answer = make_call(1, "0.00002")
+    store.record_step(
+        run_id="r7", workflow="wf", content_hash="h", record=make_step("a", [answer]), lease=lease
+    )
+    [row] = store.run("r7")["calls"]  # type: ignore[index]
+    assert row["reference_cost_usd"] == Decimal("0.00006")  # an accepted answer, while it lasts
+    if ended_by == "cancel":
+        assert store.cancel_run("r7") == "cancelled"
+    else:
+        store.finish_run("r7", status="failed", error="a later step failed", lease=lease)
+    [row] = store.run("r7")["calls"]  # type: ignore[index]
+    assert row["reference_cost_usd"] == row["cost_usd"] == Decimal("0.00002")
+
+
 def test_a_sweeper_ends_the_calls_of_a_cancelled_run_whose_executor_died(store: Store) -> None:
     limit = daily_limit()
     queued_run(store, "r6")

@@ -182,7 +182,10 @@ class RunStore:
             ).first()
             if orphaned is not None:
                 abandon(connection, "its run was cancelled", run_id=run_id)
-            return connection.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
+            status = connection.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
+            if status == "cancelled":
+                claim_no_savings(connection, run_id)
+            return status
 
     def hand_off(self, lease: Lease, *, queue: str) -> bool:
         """Queue a running run again, for ``queue``'s workers, dropping ``lease``.
@@ -232,12 +235,7 @@ class RunStore:
             abandon(connection, f"its run ended ({status})", run_id=run_id)
             final = None if ended is None else str(ended[0])
             if final is not None and final != "succeeded":
-                # A run that did not succeed claims no savings: its counterfactual is what it cost.
-                connection.execute(
-                    update(model_calls)
-                    .where(model_calls.c.run_id == run_id)
-                    .values(reference_cost_usd=model_calls.c.cost_usd)
-                )
+                claim_no_savings(connection, run_id)
             return final
 
     def abandon_orphans(self) -> int:
@@ -364,6 +362,15 @@ class RunStore:
             query = query.where(runs.c.status == status)
         with self.engine.connect() as connection:
             return [dict(row) for row in connection.execute(query).mappings()]
+
+
+def claim_no_savings(connection: Any, run_id: str) -> None:
+    """A run that did not succeed claims no savings: each row's counterfactual is its cost."""
+    connection.execute(
+        update(model_calls)
+        .where(model_calls.c.run_id == run_id)
+        .values(reference_cost_usd=model_calls.c.cost_usd)
+    )
 
 
 def _with_stale(query: Any) -> Any:
