@@ -456,6 +456,14 @@ def show(
                 console.print(f"      {_confidence(call)}", markup=False)
             if call.get("judged") is not None:
                 console.print(f"      judge of #{call['judged']}", markup=False)
+            if call.get("routed") in ("auto", "explore"):
+                expected = call["expected_pass"]
+                told = "" if expected is None else f", expected pass rate {expected:.2f}"
+                console.print(f"      routed: {call['routed']}{told}", markup=False)
+            elif call.get("routed") == "downgrade":
+                console.print(
+                    "      routed: downgrade (a budget held it below its tier)", markup=False
+                )
             if call["escalation_reason"]:
                 console.print(f"      escalated: {call['escalation_reason']}", markup=False)
 

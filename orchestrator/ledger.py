@@ -48,6 +48,11 @@ class Call:
     confidence: float | None = None
     judged: int | None = None  # a judge's call: the attempt number of the answer it graded
     personal: str | None = None  # kinds of personal data its prompt held ("email,phone"), if any
+    # How the step's start tier was chosen (written, auto, explore, downgrade); for
+    # ``tier: auto``, the start tier's expected pass rate and the step's route key.
+    routed: str | None = None
+    expected_pass: float | None = None
+    route_key: str | None = None
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
-from orchestrator import budgets
+from orchestrator import budgets, router
 from orchestrator.encoding import usd
 from orchestrator.hooks import CallRefused, Hooks
 from orchestrator.ledger import Call, StepRecord
@@ -89,6 +89,25 @@ class LedgerHooks(Hooks):
                 record=record,
                 lease=lease,
             ),
+        )
+
+    async def route(self, plan: StepPlan, key: str, ladder: list[str]) -> router.Route:
+        """Where a ``tier: auto`` step starts, from its history (``orchestrator.router``)."""
+        rows = await off_loop(
+            lambda: self._store.route_history(
+                workflow=self._workflow.name, step_id=plan.id, route_key=key, limit=router.HISTORY
+            )
+        )
+        history = [
+            router.Outcome(tier, outcome, float(cost), latency)
+            for tier, outcome, cost, latency in rows
+        ]
+        settings = self._settings.config.router
+        return router.route(
+            history,
+            ladder,
+            explore=settings.explore,
+            latency_usd_per_s=settings.latency_usd_per_s,
         )
 
     def _limits(self, day: date) -> list[Limit]:

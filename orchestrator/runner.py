@@ -330,6 +330,7 @@ class Runner:
             hooks=(ledger, *self._hooks),
             checkpoint=checkpoint,
             tiers=self._tiers,
+            router=ledger.route,
         )
         run_info = {"id": run_id, "workflow": workflow.name}
         gate = _HandOffGate()

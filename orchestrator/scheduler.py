@@ -28,13 +28,13 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from orchestrator import privacy, retries, schemas
+from orchestrator import privacy, retries, router, schemas
 from orchestrator.confidence import logprob_score
 from orchestrator.errors import (
     LeaseLost,
@@ -107,6 +107,11 @@ def ladder(
     return climb
 
 
+# Where a ``tier: auto`` step starts: given the step, its route key and its
+# ladder's tier names (cheapest first), a ``router.Route``.
+Router = Callable[[StepPlan, str, list[str]], Awaitable[router.Route]]
+
+
 class StepRunner:
     """Runs steps of one run. ``max_calls`` caps model-calling units (steps and items).
 
@@ -114,7 +119,8 @@ class StepRunner:
     ledger and budgets are one. ``checkpoint`` is where a resumed run carries
     on: attempt numbers already used never repeat, and a step another worker
     handed here continues at its tier. ``tiers`` are the tiers this process
-    serves (None: all of them).
+    serves (None: all of them). ``router`` chooses where ``tier: auto`` steps
+    start (None: at the cheapest tier).
     """
 
     def __init__(
@@ -127,6 +133,7 @@ class StepRunner:
         hooks: Sequence[Hooks] = (),
         checkpoint: Checkpoint | None = None,
         tiers: Collection[str] | None = None,
+        router: Router | None = None,
     ) -> None:
         self._settings = settings
         self._clients = clients
@@ -137,6 +144,7 @@ class StepRunner:
         self._last_attempts = checkpoint.last_attempts
         self._handed_on = checkpoint.handed_on
         self._tiers = tiers
+        self._router = router
         self._caps: dict[str, str | None] = {}
 
     @staticmethod
@@ -243,6 +251,30 @@ class StepRunner:
         start = self._handed_on.get(plan.id, {}).get("tier")
         return ladder(self._settings, plan, start, cap=self._caps.get(plan.id))
 
+    async def _route(
+        self,
+        plan: StepPlan,
+        climb: list[tuple[str, Tier]],
+        tags: dict[str, Any],
+        *,
+        resumed: bool,
+    ) -> tuple[str, list[tuple[str, Tier]]]:
+        """How the step's start was chosen, and the ladder from there. A ``tier:
+        auto`` step starts where the router says (its choice and expected pass
+        rate go into ``tags``); a step held below its tier by a budget was
+        downgraded; any other starts where it was written."""
+        if plan.tier != AUTO_TIER:
+            cap = self._caps.get(plan.id)
+            names = self._settings.tier_names
+            lowered = cap is not None and names.index(cap) < names.index(plan.tier)
+            return ("downgrade" if lowered else "written"), climb
+        if self._router is None or resumed or len(climb) < 2:
+            return "auto", climb
+        key = router.route_key(self._settings, plan)
+        chosen = await self._router(plan, key, [name for name, _ in climb])
+        tags["route_key"], tags["expected_pass"] = key, round(chosen.expected_pass, 4)
+        return chosen.routed, climb[chosen.start :]
+
     def _personal(self, messages: list[dict[str, str]]) -> list[str]:
         """The kinds of personal data in ``messages`` (none when detection is off)."""
         config = self._settings.config.privacy
@@ -293,6 +325,8 @@ class StepRunner:
                     " marked local: true is on this step's ladder (privacy.detect in"
                     " tierflow.yaml sets what is looked for)"
                 )
+        tags: dict[str, Any] = {"personal": ",".join(personal) or None}
+        tags["routed"], climb = await self._route(plan, climb, tags, resumed=bool(resumed))
         for tier_name, tier in climb:
             if used >= escalation.max_attempts:
                 break
@@ -312,7 +346,7 @@ class StepRunner:
                     item_index=item_index,
                     tier_used=tier_name,
                     escalation_reason=escalation_reason,
-                    personal=personal,
+                    tags=tags,
                 )
                 call, value = await ask()
                 if call.outcome == "ok" and consistency is not None:
@@ -441,7 +475,7 @@ class StepRunner:
                 tier_used=judge.tier,
                 escalation_reason=None,
                 judged=answered.attempt,
-                personal=personal,
+                tags={"personal": ",".join(personal) or None},
             )
             if call.outcome == "ok":
                 score = float(grade["score"])
@@ -471,7 +505,7 @@ class StepRunner:
         tier_used: str,
         escalation_reason: str | None,
         judged: int | None = None,
-        personal: Sequence[str] = (),
+        tags: Mapping[str, Any] | None = None,
     ) -> tuple[Call, Any]:
         """Ask one model, and again after a 429 or 5xx within ``retries``' bounds.
         Each try goes into ``record``; returns the last call and its value."""
@@ -488,7 +522,7 @@ class StepRunner:
                     tier_used=tier_used,
                     escalation_reason=escalation_reason,
                     judged=judged,
-                    personal=personal,
+                    tags=tags,
                 )
             except _CheckRaised as raised:
                 await self._ended(plan, record, raised.call)
@@ -517,7 +551,7 @@ class StepRunner:
         tier_used: str,
         escalation_reason: str | None,
         judged: int | None = None,
-        personal: Sequence[str] = (),
+        tags: Mapping[str, Any] | None = None,
     ) -> tuple[Call, Any, ModelBusy | None]:
         """One request: its ledger row, its value if it succeeded, and the
         provider's answer if it is worth asking again."""
@@ -554,7 +588,7 @@ class StepRunner:
             local=self._settings.config.tiers[tier_used].local,
             signal=signal,
             judged=judged,
-            personal=",".join(personal) or None,
+            **(tags or {}),
         )
         if self._hooks:
             admitted = make_call(
@@ -672,6 +706,9 @@ class StepRunner:
         confidence: float | None = None,
         judged: int | None = None,
         personal: str | None = None,
+        routed: str | None = None,
+        expected_pass: float | None = None,
+        route_key: str | None = None,
     ) -> Call:
         # A call refused before its request, or never delivered, used no machine time.
         seconds = 0.0 if outcome in ("unavailable", "budget_blocked") else latency_ms / 1000
@@ -698,6 +735,9 @@ class StepRunner:
             confidence=confidence,
             judged=judged,
             personal=personal,
+            routed=routed,
+            expected_pass=expected_pass,
+            route_key=route_key,
         )
 
 

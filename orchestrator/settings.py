@@ -135,6 +135,14 @@ def _compiled_patterns(patterns: tuple[tuple[str, str], ...]) -> dict[str, re.Pa
     return {name: re.compile(pattern) for name, pattern in patterns}
 
 
+class Router(_Strict):
+    """``tier: auto`` (see ``orchestrator.router``)."""
+
+    explore: float = Field(default=0.05, ge=0, le=1, allow_inf_nan=False)
+    # What a second of a local model's time counts as, for a tier priced at $0.
+    latency_usd_per_s: float = Field(default=0.0001, ge=0, le=1, allow_inf_nan=False)
+
+
 class Config(_Strict):
     database: str = "sqlite:///tierflow.db"
     broker: str | None = None
@@ -153,6 +161,7 @@ class Config(_Strict):
     # Besides loopback and private addresses, the hosts a local tier may name.
     local_hosts: list[Annotated[str, AfterValidator(locality.check_local_host_entry)]] = []
     privacy: Privacy = Privacy()
+    router: Router = Router()
 
     @field_validator("database")
     @classmethod

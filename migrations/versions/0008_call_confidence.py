@@ -1,6 +1,6 @@
 """Each ledger row may carry the confidence signal that scored its answer and the
-score, a judge's row the attempt it graded, and each row the kinds of personal
-data its prompt held.
+score, a judge's row the attempt it graded, each row the kinds of personal
+data its prompt held, and how its step's start tier was chosen (tier: auto).
 
 Revision ID: 0008
 Revises: 0007
@@ -24,10 +24,18 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("confidence", sa.Float(), nullable=True))
         batch_op.add_column(sa.Column("judged", sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column("personal", sa.String(length=200), nullable=True))
+        batch_op.add_column(sa.Column("routed", sa.String(length=12), nullable=True))
+        batch_op.add_column(sa.Column("expected_pass", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("route_key", sa.String(length=16), nullable=True))
+        batch_op.create_index("ix_model_calls_route", ["workflow", "step_id", "route_key"])
 
 
 def downgrade() -> None:
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
+        batch_op.drop_index("ix_model_calls_route")
+        batch_op.drop_column("route_key")
+        batch_op.drop_column("expected_pass")
+        batch_op.drop_column("routed")
         batch_op.drop_column("personal")
         batch_op.drop_column("judged")
         batch_op.drop_column("confidence")

@@ -180,6 +180,31 @@ class CallStore:
                 fence_written(connection, lease)  # LeaseLost: the row rolls back
         return None
 
+    def route_history(
+        self, *, workflow: str, step_id: str, route_key: str, limit: int
+    ) -> list[tuple[str, str, Any, float]]:
+        """A ``tier: auto`` step's newest rows under ``route_key``, newest first:
+        (tier, outcome, cost, latency in ms); judges' rows and pending ones left out."""
+        query = (
+            select(
+                model_calls.c.tier_used,
+                model_calls.c.outcome,
+                model_calls.c.cost_usd,
+                model_calls.c.latency_ms,
+            )
+            .where(
+                model_calls.c.workflow == workflow,
+                model_calls.c.step_id == step_id,
+                model_calls.c.route_key == route_key,
+                model_calls.c.judged.is_(None),
+                model_calls.c.state != "pending",
+            )
+            .order_by(model_calls.c.id.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(query)]
+
     def prepare_resume(self, lease: Lease) -> Checkpoint:
         """Where the run carries on, for the executor holding ``lease``.
 

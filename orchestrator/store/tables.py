@@ -143,6 +143,11 @@ model_calls = Table(
     Column("judged", Integer),  # a judge's call: the attempt it graded
     # Kinds of personal data the prompt held (email, phone, ...; never the values).
     Column("personal", String(200)),
+    # How the step's start tier was chosen: written, auto, explore or downgrade;
+    # for tier: auto, the start's expected pass rate and the step's route key.
+    Column("routed", String(12)),
+    Column("expected_pass", Float),
+    Column("route_key", String(16)),
     Column("latency_ms", Float, nullable=False),
     Column("outcome", String(20), nullable=False),
     # pending: written before the request; settled: its real usage is known;
@@ -153,6 +158,7 @@ model_calls = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("day", Date, nullable=False),  # UTC day of created_at, for reports by day
     UniqueConstraint("run_id", "step_id", "attempt"),
+    Index("ix_model_calls_route", "workflow", "step_id", "route_key"),
     Index(None, "workflow", "day"),
     Index(None, "day"),
     # Spend reports read these two indexes alone (reports.py). The first holds
