@@ -292,6 +292,25 @@ def get_run(run_id: str, request: Request) -> JSONText:
     return JSONText(dumps(found))
 
 
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    good: bool
+    note: str | None = Field(default=None, max_length=2000)
+
+
+@api.post("/runs/{run_id}/steps/{step_id}/feedback", status_code=201)
+def post_feedback(
+    run_id: str, step_id: str, body: FeedbackRequest, request: Request
+) -> dict[str, Any]:
+    """A person's label on a step's answer, as ``tierflow feedback`` records it."""
+    store = service_of(request).store
+    found = store.find_run_id(run_id)
+    if found is None:
+        raise HTTPException(status_code=404, detail=f"no run {run_id!r}")
+    store.add_feedback(found, step_id, good=body.good, note=body.note)  # UserError: 400
+    return {"run_id": found, "step_id": step_id, "good": body.good}
+
+
 @api.get("/spend", response_class=JSONText)
 def get_spend(
     request: Request,

@@ -187,6 +187,27 @@ def enqueue(
 
 
 @app.command()
+def feedback(
+    run_id: Annotated[str, typer.Argument(help="The run (or a unique prefix of its id).")],
+    step: Annotated[str, typer.Argument(help="The step whose answer you label.")],
+    good: Annotated[
+        bool | None, typer.Option("--good/--bad", help="Was the step's answer right?")
+    ] = None,
+    note: Annotated[str | None, typer.Option(help="Why, for whoever reads it later.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Label a step's answer good or bad: tier: auto counts it where the answer came from."""
+    if good is None:
+        raise UserError("say --good or --bad")
+    store = _store(_settings(config))
+    found = store.find_run_id(run_id)
+    if found is None:
+        raise UserError(f"no run {run_id!r}")
+    store.add_feedback(found, step, good=good, note=note)
+    typer.echo(f"{'good' if good else 'bad'}: {found} {step}")
+
+
+@app.command()
 def cancel(
     run_id: Annotated[str, typer.Argument(help="The run to stop.")],
     config: ConfigOption = None,

@@ -7,7 +7,10 @@ updated by the step's labelled answers, newest first, each older label
 weighing ``DECAY`` times the one after it. An answer that passed its schema,
 checks and confidence at tier k counts as a pass for k and every tier above
 it; one that failed them (``invalid_output``, ``low_confidence``) counts as a
-failure for k alone. Errors, timeouts and judges' calls say nothing of quality.
+failure for k alone. People's feedback (``tierflow feedback``) on an answer
+given at tier k counts the same way, in its place in time, instead of that
+answer's own pass. Errors, timeouts
+and judges' calls say nothing of quality.
 
 The step starts at the tier with the lowest expected cost of reaching an
 accepted answer, climbing from there: E(k) = c(k) + (1 − p(k)) · E(k+1), and
@@ -35,8 +38,8 @@ from orchestrator.spec import StepPlan
 
 DECAY = 0.97  # per label, newest first: a label 23 answers old weighs half
 HISTORY = 400  # the newest labelled rows read per step
-PASSES = ("ok",)
-FAILS = ("invalid_output", "low_confidence")
+PASSES = ("ok", "good")  # "good" and "bad": people's feedback on an answer
+FAILS = ("invalid_output", "low_confidence", "bad")
 UNKNOWN_COST_USD = 1e-6
 STEP_UP = 10.0
 
@@ -96,8 +99,8 @@ def costs(
     """Each ladder tier's expected cost per call (see the module's docstring)."""
     seen: dict[str, list[float]] = {}
     for row in history:
-        if row.outcome == "unavailable":
-            continue
+        if row.outcome in ("unavailable", "good", "bad"):
+            continue  # no request, or a label with no call
         cost = row.cost_usd or row.latency_ms / 1000 * latency_usd_per_s
         seen.setdefault(row.tier, []).append(cost)
     found: list[float] = []

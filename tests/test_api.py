@@ -506,3 +506,29 @@ def test_random_bodies_never_give_a_500(client: TestClient, body: Any) -> None:
     assert answer.status_code in (201, 400, 404, 413, 422), (body, answer.text)
     assert answer.headers["content-type"] == "application/json"
     assert "detail" in answer.json() or answer.status_code == 201
+
+
+def test_feedback_is_recorded_over_http(served: Project, client: TestClient) -> None:
+    from orchestrator.store.tables import feedback
+
+    run_id = served.run("pair", {"text": "hi"}).run_id
+    said = client.post(
+        f"/runs/{run_id}/steps/draft/feedback", json={"good": False, "note": "off"}, headers=AUTH
+    )
+    assert said.status_code == 201, said.text
+    assert said.json() == {"run_id": run_id, "step_id": "draft", "good": False}
+    store = served.store()
+    try:
+        with store.engine.connect() as connection:
+            rows = connection.execute(
+                select(feedback.c.step_id, feedback.c.good, feedback.c.note)
+            ).all()
+    finally:
+        store.engine.dispose()
+    assert [tuple(row) for row in rows] == [("draft", False, "off")]
+    missing = client.post(f"/runs/{run_id}/steps/nope/feedback", json={"good": True}, headers=AUTH)
+    assert missing.status_code == 400 and "has no step 'nope'" in missing.json()["detail"]
+    unknown = client.post("/runs/zzz/steps/draft/feedback", json={"good": True}, headers=AUTH)
+    assert unknown.status_code == 404
+    unauthorised = client.post(f"/runs/{run_id}/steps/draft/feedback", json={"good": True})
+    assert unauthorised.status_code == 401

@@ -155,3 +155,44 @@ def test_a_changed_prompt_starts_afresh(
     path = project.root / "workflows" / "auto.yaml"
     path.write_text(path.read_text().replace("agent: helper", "agent: helper\n  prompt: again"))
     assert starts(project, 1) == [("light", "auto")]
+
+
+def test_bad_feedback_on_local_answers_moves_the_start_up(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    project = auto_project(tmp_path, ollama, frontier)
+    assert starts(project, 1) == [("light", "auto")]  # invalid, then the frontier: both priced
+    ollama.default = Reply(text='{"ok": true}', prompt_tokens=1000, completion_tokens=0)
+    first = project.run("auto")
+    second = project.run("auto")
+    assert [project.calls(r.run_id)[0]["tier_used"] for r in (first, second)] == ["light"] * 2
+    assert [len(project.calls(r.run_id)) for r in (first, second)] == [1, 1]
+    # The answers passed their schema, but a person says they were wrong.
+    for result in (first, second):
+        said = tierflow(
+            "feedback", result.run_id[:10], "pick", "--bad", "--note", "wrong", cwd=project.root
+        )
+        assert said.returncode == 0, said.stderr
+        assert said.stdout.strip() == f"bad: {result.run_id} pick"
+    # The labels stand instead of the two passes: light has failed three times
+    # (weights 1, .97 and .91 with the first run's), 1/3.88 < 0.3: start at the frontier.
+    assert starts(project, 1) == [("frontier", "auto")]
+
+
+def test_feedback_names_what_is_wrong(
+    project: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    project.workflow({"name": "one", "steps": [{"id": "only", "agent": "helper", "tier": "light"}]})
+    run_id = project.run("one").run_id
+    cases = [
+        (
+            ("feedback", run_id, "onyl", "--good"),
+            f"run {run_id} has no step 'onyl'; its steps: only",
+        ),
+        (("feedback", "nope", "only", "--good"), "no run 'nope'"),
+        (("feedback", run_id, "only"), "say --good or --bad"),
+    ]
+    for args, message in cases:
+        said = tierflow(*args, cwd=project.root)
+        assert said.returncode == 2 and message in said.stderr, said.stderr
+        assert "Traceback" not in said.stderr

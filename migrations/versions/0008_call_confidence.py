@@ -1,6 +1,7 @@
 """Each ledger row may carry the confidence signal that scored its answer and the
 score, a judge's row the attempt it graded, each row the kinds of personal
-data its prompt held, and how its step's start tier was chosen (tier: auto).
+data its prompt held, and how its step's start tier was chosen (tier: auto);
+and people's feedback on a step's answer, which the router counts.
 
 Revision ID: 0008
 Revises: 0007
@@ -30,7 +31,23 @@ def upgrade() -> None:
         batch_op.create_index("ix_model_calls_route", ["workflow", "step_id", "route_key"])
 
 
+    op.create_table(
+        "feedback",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("run_id", sa.String(length=32), nullable=False),
+        sa.Column("step_id", sa.String(length=100), nullable=False),
+        sa.Column("good", sa.Boolean(), nullable=False),
+        sa.Column("note", sa.Text(), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(["run_id"], ["runs.id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_index("ix_feedback_run_id_step_id", "feedback", ["run_id", "step_id"])
+
+
 def downgrade() -> None:
+    op.drop_index("ix_feedback_run_id_step_id", table_name="feedback")
+    op.drop_table("feedback")
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
         batch_op.drop_index("ix_model_calls_route")
         batch_op.drop_column("route_key")

@@ -4,16 +4,17 @@ each step's result written with its calls in one transaction."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
 
+from orchestrator.errors import UserError
 from orchestrator.ledger import ACCEPTED, Call, StepRecord
 from orchestrator.store import counters, prepared
 from orchestrator.store.counters import Limit
 from orchestrator.store.leases import Lease, fence, fence_written, lost_on_conflict
-from orchestrator.store.tables import model_calls, runs, step_runs
+from orchestrator.store.tables import feedback, model_calls, runs, step_runs
 
 CALL_FIELDS = tuple(field.name for field in fields(Call))
 _INSERT_STEP = insert(step_runs)
@@ -184,26 +185,82 @@ class CallStore:
         self, *, workflow: str, step_id: str, route_key: str, limit: int
     ) -> list[tuple[str, str, Any, float]]:
         """A ``tier: auto`` step's newest rows under ``route_key``, newest first:
-        (tier, outcome, cost, latency in ms); judges' rows and pending ones left out."""
-        query = (
+        (tier, outcome, cost, latency in ms); judges' rows and pending ones left out.
+        People's feedback on its answers comes in among them, by time, as the
+        outcome ``good`` or ``bad`` at the tier that gave the answer, instead of
+        that answer's own pass."""
+        mine = (
+            model_calls.c.workflow == workflow,
+            model_calls.c.step_id == step_id,
+            model_calls.c.route_key == route_key,
+            model_calls.c.judged.is_(None),
+        )
+        calls = (
             select(
                 model_calls.c.tier_used,
                 model_calls.c.outcome,
                 model_calls.c.cost_usd,
                 model_calls.c.latency_ms,
+                model_calls.c.created_at,
+                model_calls.c.run_id,
             )
-            .where(
-                model_calls.c.workflow == workflow,
-                model_calls.c.step_id == step_id,
-                model_calls.c.route_key == route_key,
-                model_calls.c.judged.is_(None),
-                model_calls.c.state != "pending",
-            )
+            .where(*mine, model_calls.c.state != "pending")
             .order_by(model_calls.c.id.desc())
             .limit(limit)
         )
+        said = (
+            select(step_runs.c.tier_used, feedback.c.good, feedback.c.created_at, feedback.c.run_id)
+            .join(
+                step_runs,
+                (step_runs.c.run_id == feedback.c.run_id)
+                & (step_runs.c.step_id == feedback.c.step_id),
+            )
+            .where(
+                feedback.c.step_id == step_id,
+                feedback.c.run_id.in_(select(model_calls.c.run_id).where(*mine)),
+            )
+            .order_by(feedback.c.id.desc())
+            .limit(limit)
+        )
         with self.engine.connect() as connection:
-            return [tuple(row) for row in connection.execute(query)]
+            rows = [tuple(row) for row in connection.execute(calls)]
+            labels = [
+                (tier, "good" if good else "bad", 0, 0.0, at, run_id)
+                for tier, good, at, run_id in connection.execute(said)
+            ]
+        # A person's label on an answer stands instead of its automatic pass.
+        labelled = {row[5] for row in labels}
+        rows = [row for row in rows if not (row[5] in labelled and row[1] in ACCEPTED)]
+        merged = sorted(rows + labels, key=lambda row: _utc(row[4]), reverse=True)
+        return [row[:4] for row in merged[:limit]]
+
+    def add_feedback(self, run_id: str, step_id: str, *, good: bool, note: str | None) -> None:
+        """A person's label on a succeeded step's answer; a ``UserError`` names what is wrong."""
+        with self.engine.begin() as connection:
+            steps = dict(
+                connection.execute(
+                    select(step_runs.c.step_id, step_runs.c.status).where(
+                        step_runs.c.run_id == run_id
+                    )
+                ).all()
+            )
+            if step_id not in steps:
+                raise UserError(
+                    f"run {run_id} has no step '{step_id}'; its steps: {', '.join(steps) or 'none'}"
+                )
+            if steps[step_id] != "succeeded":
+                raise UserError(
+                    f"step '{step_id}' of run {run_id} is {steps[step_id]}: it has no answer to label"
+                )
+            connection.execute(
+                insert(feedback).values(
+                    run_id=run_id,
+                    step_id=step_id,
+                    good=good,
+                    note=note,
+                    created_at=datetime.now(UTC),
+                )
+            )
 
     def prepare_resume(self, lease: Lease) -> Checkpoint:
         """Where the run carries on, for the executor holding ``lease``.
@@ -295,3 +352,8 @@ def _call_row(
     if not accepted:
         row["reference_cost_usd"] = None
     return row
+
+
+def _utc(at: datetime) -> datetime:
+    """SQLite gives back naive times (UTC); PostgreSQL aware ones."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)

@@ -204,3 +204,16 @@ budget_usage = Table(
     Column("spent_usd", Money, nullable=False),
     Column("reserved_usd", Money, nullable=False),
 )
+
+# What people said of a step's answer: a label the router counts (tier: auto).
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(32), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("step_id", String(100), nullable=False),
+    Column("good", Boolean, nullable=False),
+    Column("note", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index(None, "run_id", "step_id"),
+)
