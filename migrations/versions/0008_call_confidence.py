@@ -30,7 +30,6 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("route_key", sa.String(length=16), nullable=True))
         batch_op.create_index("ix_model_calls_route", ["workflow", "step_id", "route_key"])
 
-
     op.create_table(
         "feedback",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
