@@ -419,11 +419,11 @@ class StepRunner:
         scored = {call.attempt for call, _ in answers}
         for index, call in enumerate(record.calls):
             if call.attempt in scored:
-                outcome, why = (verdict, error) if call is last else (call.outcome, call.error)
-                record.calls[index] = replace(
-                    call, signal="consistency", confidence=score, outcome=outcome, error=why
-                )
-        return record.calls[[c.attempt for c in record.calls].index(last.attempt)], chosen
+                call = replace(call, signal="consistency", confidence=score)
+                if call.attempt == last.attempt:
+                    call = last = replace(call, outcome=verdict, error=error)
+                record.calls[index] = call
+        return last, chosen
 
     async def _judged(
         self,

@@ -154,6 +154,16 @@ class Project:
         finally:
             store.engine.dispose()
 
+    def steps(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's step rows, as ``tierflow show --json`` gives them."""
+        store = self.store()
+        try:
+            found = store.run(run_id)
+        finally:
+            store.engine.dispose()
+        assert found is not None
+        return found["steps"]
+
     def calls(self, run_id: str) -> list[dict[str, Any]]:
         store = self.store()
         try:

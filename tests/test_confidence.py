@@ -114,11 +114,7 @@ def test_with_nothing_surer_above_the_step_takes_its_last_answer(
     shown = tierflow("show", result.run_id, cwd=project.root)
     assert shown.returncode == 0, shown.stderr
     assert "confidence (logprob): 0.350, raw (not calibrated)" in shown.stdout
-    store = project.store()
-    try:
-        step = store.run(result.run_id)["steps"][0]  # type: ignore[index]
-    finally:
-        store.engine.dispose()
+    step = project.steps(result.run_id)[0]
     assert (step["tier_used"], step["model"]) == ("frontier", "openai/gpt-4o-mini")
 
 
@@ -348,11 +344,7 @@ def test_a_judge_that_doubts_the_local_answer_sends_the_step_up(
     assert "my card was charged twice" in judge_request["messages"][-1]["content"]
     assert "Answer:\nrefund" in judge_request["messages"][-1]["content"]
     assert judge_request["format"]["required"] == ["score"]
-    store = project.store()
-    try:
-        step = store.run(result.run_id)["steps"][0]  # type: ignore[index]
-    finally:
-        store.engine.dispose()
+    step = project.steps(result.run_id)[0]
     assert (step["tier_used"], step["model"]) == ("frontier", "openai/gpt-4o-mini")
 
 

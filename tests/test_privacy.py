@@ -123,11 +123,7 @@ def test_a_step_with_no_local_tier_fails_closed(
     result = project.run("one", {"text": "card 4111 1111 1111 1111"})
     assert result.status == "failed"
     assert frontier.requests == []
-    store = project.store()
-    try:
-        (step,) = store.run(result.run_id)["steps"]  # type: ignore[index]
-    finally:
-        store.engine.dispose()
+    (step,) = project.steps(result.run_id)
     assert "the prompt holds personal data (card)" in step["error"]
     assert project.calls(result.run_id) == []
     # The same step without personal data goes to the frontier as written.
