@@ -3,7 +3,7 @@
     POST /runs            queue a run: {"workflow": NAME, "inputs": {...}} → 201 {"run_id": ...}
     GET  /runs            recent runs (?workflow=&status=&limit=), as ``tierflow runs --json``
     GET  /runs/{run_id}   one run with its steps and ledger rows, as ``tierflow show --json``
-    GET  /spend           ?by=&since=&until=&top=, as ``tierflow spend --json``
+    GET  /spend           ?by=&since=&until=&top=&include_eval=, as ``tierflow spend --json``
     GET  /openapi.json    the OpenAPI description of the routes above
     GET  /                the dashboard (HTML)
 
@@ -321,6 +321,7 @@ def get_spend(
     since: Annotated[str | None, Query(description="YYYY-MM-DD, or 30d")] = None,
     until: Annotated[str | None, Query(description="YYYY-MM-DD, inclusive")] = None,
     top: Annotated[int | None, Query(ge=1)] = None,
+    include_eval: Annotated[bool, Query(description="count tierflow eval runs too")] = False,
 ) -> JSONText:
     """Spend grouped as ``tierflow spend --json`` prints it."""
     service = service_of(request)
@@ -331,6 +332,7 @@ def get_spend(
         until=_day("until", until, end=True),
         top=top,
         budgets=budgets.status(service.settings, service.store),
+        include_eval=include_eval,
     )
     return JSONText(dumps(found.as_dict()))
 

@@ -186,6 +186,112 @@ def enqueue(
         typer.echo(client.enqueue_loaded(loaded, values))
 
 
+@app.command("eval")
+def eval_(
+    workflow: WorkflowArgument,
+    cases: Annotated[
+        Path,
+        typer.Option("--cases", help='JSON lines: {"inputs": {...}, "expect": {STEP: VALUE}}.'),
+    ],
+    policy: Annotated[
+        list[str] | None,
+        typer.Option("--policy", "-p", help="as-written (default), auto or tier:NAME; repeatable."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N cases.")] = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run labelled cases under tiering policies: quality, cost, escalations, signals' AUROC."""
+    from orchestrator import evaluation
+    from orchestrator.spec import find_workflow, load_workflow
+
+    settings = _settings(config)
+    loaded = load_workflow(find_workflow(workflow, settings), settings)
+    policies = evaluation.policies_of(policy or [], settings)
+    found = evaluation.load_cases(cases, loaded, limit=limit)
+    store = _store(settings)
+    with _eval_progress(len(found) * len(policies)) as advance:
+        result = asyncio.run(
+            evaluation.evaluate(settings, store, loaded, found, policies, on_case=advance)
+        )
+    figures = result.as_dict()
+    if as_json:
+        _print_json(figures)
+    else:
+        _print_eval(figures, settings)
+
+
+@contextlib.contextmanager
+def _eval_progress(total: int) -> Any:
+    """A progress bar on a terminal's stderr; nothing when stderr is not one."""
+    if not sys.stderr.isatty():
+        yield lambda policy, done: None
+        return
+    from rich.progress import Progress
+
+    with Progress(console=_console(stderr=True), transient=True) as progress:
+        task = progress.add_task("cases", total=total)
+
+        def advance(policy: str, done: int) -> None:
+            progress.update(task, advance=1, description=policy)
+
+        yield advance
+
+
+def _print_eval(figures: dict[str, Any], settings: Settings) -> None:
+    from rich.table import Table
+
+    simulated = [name for name, tier in settings.config.tiers.items() if tier.simulated]
+
+    def tiers(counts: dict[str, int]) -> str:
+        marked = ((f"{n} (simulated)" if n in simulated else n, c) for n, c in counts.items())
+        return ", ".join(f"{name} {count}" for name, count in marked) or "-"
+
+    def share(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1%}"
+
+    table = Table(title=f"{figures['workflow']}: {figures['cases']} cases")
+    for heading in (
+        "policy", "quality (95% CI)", "cost", "per case", "of strongest", "saved",
+        "calls by tier", "esc/case", "false accepts", "wasted", "p50/p95 ms", "PGR",
+    ):  # fmt: skip
+        table.add_column(
+            heading, justify="left" if heading in ("policy", "calls by tier") else "right"
+        )
+    for row in figures["policies"]:
+        low, high = row["quality_ci"]
+        table.add_row(
+            row["policy"]
+            + (" (simulated)" if row["policy"].removeprefix("tier:") in simulated else ""),
+            f"{row['quality']:.1%} ({low:.0%}-{high:.0%})",
+            usd(Decimal(row["cost_usd"])),
+            usd(Decimal(row["cost_per_case_usd"])),
+            share(row["cost_share"]),
+            usd(Decimal(row["savings_usd"])),
+            tiers(row["calls_by_tier"]),
+            f"{row['escalations_per_case']:.2f}",
+            tiers(row["false_accepts"]),
+            str(row["wasted_calls"]),
+            f"{row['latency_ms_p50']:.0f}/{row['latency_ms_p95']:.0f}",
+            share(row["pgr"]),
+        )
+    console = _console()
+    console.print(table)
+    if simulated:
+        console.print(
+            f"simulated: tier {', '.join(simulated)} is served by a stand-in, not a real model"
+        )
+    for name, signal in figures["signals"].items():
+        told = "n/a" if signal["auroc"] is None else f"{signal['auroc']:.3f}"
+        why = ""
+        if signal["auroc"] is None:
+            why = f" (needs --policy tier:{signal['tier']} and both right and wrong answers)"
+        console.print(
+            f"signal {name}: AUROC {told} on {signal['answers']} answers of tier"
+            f" {signal['tier']}, {signal['right']} right{why}"
+        )
+
+
 @app.command()
 def feedback(
     run_id: Annotated[str, typer.Argument(help="The run (or a unique prefix of its id).")],
@@ -513,6 +619,9 @@ def spend(
         int | None, typer.Option(help="Only the N dearest groups, dearest first.")
     ] = None,
     output_format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
+    include_eval: Annotated[
+        bool, typer.Option("--include-eval", help="Count the runs of tierflow eval too.")
+    ] = False,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -537,6 +646,7 @@ def spend(
         until=end,
         top=top,
         budgets=budgets.status(settings, store),
+        include_eval=include_eval,
     )
     if output_format == "json":
         _print_json(found.as_dict())

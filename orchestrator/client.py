@@ -245,12 +245,18 @@ class Client:
         return status
 
     def spend(
-        self, *, by: str = "workflow", since: date | None = None, until: date | None = None
+        self,
+        *,
+        by: str = "workflow",
+        since: date | None = None,
+        until: date | None = None,
+        include_eval: bool = False,
     ) -> list[SpendRow]:
-        """Spend grouped ``by`` workflow, version, step, tier, model or day (or several)."""
+        """Spend grouped ``by`` workflow, version, step, tier, model or day (or several);
+        ``tierflow eval`` runs only with ``include_eval``."""
         from orchestrator.reports import spend
 
-        return spend(self.store.engine, by=by, since=since, until=until)
+        return spend(self.store.engine, by=by, since=since, until=until, include_eval=include_eval)
 
     async def aclose(self) -> None:
         """Close the model clients of the running loop, then everything else."""

@@ -25,6 +25,11 @@ def dumps(data: Any, *, indent: int | None = None) -> str:
     return json.dumps(data, indent=indent, default=json_default)
 
 
+def money(value: Decimal) -> str:
+    """Exact USD as a plain decimal string, for JSON: ``0.1``, ``100``, never ``1E+2``."""
+    return format(value.normalize(), "f")
+
+
 def usd(value: Decimal | None) -> str:
     """Money for people: ``$0``, ``$0.000562`` below a dollar, ``$1,234.5678`` above."""
     if value is None:

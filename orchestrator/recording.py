@@ -27,12 +27,20 @@ from orchestrator.storeio import off_loop, write
 
 class LedgerHooks(Hooks):
     """Records the run held by ``lease``. ``status`` is the run's status as the
-    last step's write saw it, so the executor sees a cancel before the next step."""
+    last step's write saw it, so the executor sees a cancel before the next step.
+    ``eval`` marks the rows as a ``tierflow eval`` run's."""
 
     def __init__(
-        self, settings: Settings, store: Store, workflow: LoadedWorkflow, lease: Lease
+        self,
+        settings: Settings,
+        store: Store,
+        workflow: LoadedWorkflow,
+        lease: Lease,
+        *,
+        eval: bool = False,
     ) -> None:
         self._settings = settings
+        self._eval = eval
         self._store = store
         self._workflow = workflow
         self._lease = lease
@@ -66,6 +74,7 @@ class LedgerHooks(Hooks):
                 call=admitted,
                 limits=limits,
                 lease=lease,
+                eval=self._eval,
             ),
         )
         if refused is None:
@@ -88,6 +97,7 @@ class LedgerHooks(Hooks):
                 content_hash=workflow.content_hash,
                 record=record,
                 lease=lease,
+                eval=self._eval,
             ),
         )
 

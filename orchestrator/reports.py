@@ -181,12 +181,20 @@ def group_fields(by: str) -> tuple[str, ...]:
 
 
 def spend(
-    engine: Engine, *, by: str = "workflow", since: date | None = None, until: date | None = None
+    engine: Engine,
+    *,
+    by: str = "workflow",
+    since: date | None = None,
+    until: date | None = None,
+    include_eval: bool = False,
 ) -> list[SpendRow]:
-    """Every group of ``by`` in the period, ordered by its key."""
+    """Every group of ``by`` in the period, ordered by its key; the calls of
+    ``tierflow eval`` runs only with ``include_eval``."""
     fields = group_fields(by)
     with engine.connect() as connection:
-        query = spend_query(fields, since, until, dialect=engine.dialect.name)
+        query = spend_query(
+            fields, since, until, dialect=engine.dialect.name, include_eval=include_eval
+        )
         rows = connection.execute(query).all()
     return [_row(row, len(fields)) for row in rows]
 
@@ -199,6 +207,7 @@ def report(
     until: date | None = None,
     top: int | None = None,
     budgets: list[BudgetStatus] | None = None,
+    include_eval: bool = False,
 ) -> SpendReport:
     """``spend`` with its total; ``top`` keeps the N dearest groups, dearest first.
 
@@ -207,7 +216,7 @@ def report(
     if top is not None and top < 1:
         raise UserError(f"--top {top}: expected a number of groups, 1 or more")
     by = by or ("step" if top is not None else "workflow")
-    groups = spend(engine, by=by, since=since, until=until)
+    groups = spend(engine, by=by, since=since, until=until, include_eval=include_eval)
     overall = total(groups)
     if top is not None:
         groups = sorted(groups, key=lambda row: row.cost_usd, reverse=True)[:top]
@@ -257,7 +266,12 @@ def _order(item: tuple[tuple[str | None, ...], Any]) -> tuple[tuple[bool, str], 
 
 
 def spend_query(
-    fields: tuple[str, ...], since: date | None, until: date | None, *, dialect: str
+    fields: tuple[str, ...],
+    since: date | None,
+    until: date | None,
+    *,
+    dialect: str,
+    include_eval: bool = False,
 ) -> Select[Any]:
     """One statement: partial sums in an inner query, summed again per group.
 
@@ -273,13 +287,15 @@ def spend_query(
     A version is the one its run declared. Ledger rows hold the workflow's
     content hash, and the content includes the version, so each (workflow,
     hash) maps to one version (ix_runs_versions); an unknown hash gives null.
+    Both indexes hold the eval mark, so leaving eval calls out reads them alone too.
     """
     needed = _needed(fields)
     inner = (
         PARTIAL_KEYS[: 1 + max(map(PARTIAL_KEYS.index, needed))] if dialect == "sqlite" else needed
     )
     partials = union_all(
-        _within(_sums(inner), since, until), _within(_escalations(inner), since, until)
+        _within(_sums(inner), since, until, include_eval),
+        _within(_escalations(inner), since, until, include_eval),
     ).subquery("partials")
     columns: dict[str, ColumnElement[Any]] = {name: partials.c[name] for name in inner}
     source: FromClause = partials
@@ -373,7 +389,11 @@ def _escalations(keys: tuple[str, ...]) -> Select[Any]:
     )
 
 
-def _within(query: Select[Any], since: date | None, until: date | None) -> Select[Any]:
+def _within(
+    query: Select[Any], since: date | None, until: date | None, include_eval: bool
+) -> Select[Any]:
+    if not include_eval:
+        query = query.where(model_calls.c.eval.is_(None))
     if since is not None:
         query = query.where(model_calls.c.day >= since)
     if until is not None:

@@ -8,9 +8,9 @@ weighing ``DECAY`` times the one after it. An answer that passed its schema,
 checks and confidence at tier k counts as a pass for k and every tier above
 it; one that failed them (``invalid_output``, ``low_confidence``) counts as a
 failure for k alone. People's feedback (``tierflow feedback``) on an answer
-given at tier k counts the same way, in its place in time, instead of that
-answer's own pass. Errors, timeouts
-and judges' calls say nothing of quality.
+given at tier k, and ``tierflow eval``'s verdict on it, count the same way,
+in its place in time, instead of that answer's own pass (the call's cost
+still counts). Errors, timeouts and judges' calls say nothing of quality.
 
 The step starts at the tier with the lowest expected cost of reaching an
 accepted answer, climbing from there: E(k) = c(k) + (1 − p(k)) · E(k+1), and
@@ -70,6 +70,7 @@ def route_key(settings: Settings, plan: StepPlan) -> str:
         "step": plan.step.model_dump(mode="json"),
         "agent": plan.agent.model_dump(mode="json"),
         "tiers": tiers,
+        **({"scope": plan.route_scope} if plan.route_scope else {}),
     }
     return hashlib.sha256(json.dumps(shaped, sort_keys=True).encode()).hexdigest()[:16]
 

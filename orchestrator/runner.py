@@ -111,7 +111,8 @@ class Runner:
 
     ``tiers`` are the tiers this process serves; None (the default) serves all,
     and such a runner never hands a run off. ``hooks`` are told of every step
-    and call, after the ledger's own (see ``orchestrator.hooks``).
+    and call, after the ledger's own (see ``orchestrator.hooks``). ``eval``
+    marks its runs and their ledger rows as ``tierflow eval``'s.
     """
 
     def __init__(
@@ -123,8 +124,10 @@ class Runner:
         on_step: Callable[[StepRecord], None] | None = None,
         tiers: Collection[str] | None = None,
         hooks: Sequence[Hooks] = (),
+        eval: bool = False,
     ) -> None:
         self._settings = settings
+        self._eval = eval
         self._hooks = tuple(hooks)
         self._store = store
         self._owns_clients = clients is None
@@ -180,6 +183,7 @@ class Runner:
             lease_ttl_s=self._settings.config.lease_ttl_s,
             queue=queue,
             time_limit_s=time_limit_s,
+            eval=self._eval,
         )
         return run_id, lease
 
@@ -321,7 +325,7 @@ class Runner:
         run_id = lease.run_id
         done = checkpoint.done
         result = RunResult(run_id=run_id, workflow=workflow.name, status="running", outputs={})
-        ledger = LedgerHooks(self._settings, self._store, workflow, lease)
+        ledger = LedgerHooks(self._settings, self._store, workflow, lease, eval=self._eval)
         steps = StepRunner(
             settings=self._settings,
             clients=self._clients,

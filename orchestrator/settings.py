@@ -68,6 +68,9 @@ class Tier(_Strict):
     # Workers started with `--tiers NAME` consume this tier's queue; without
     # one, the tier's steps go to the configuration's default queue.
     queue: str | None = Field(default=None, pattern=QUEUE_PATTERN)
+    # Served by a stand-in for a real model (a test server): tierflow eval's
+    # tables say "simulated" beside the tier's figures.
+    simulated: bool = False
 
     @field_validator("models", mode="before")
     @classmethod

@@ -218,6 +218,9 @@ class StepPlan:
     taint: Taint | None = None  # how it reads a confidential input, if it does
     # A judge signal's grader: a plan of the same step id, on the judge's agent and tier.
     judge: StepPlan | None = None
+    # A history of its own for ``tier: auto`` (tierflow eval's auto policy learns from
+    # its cases alone); None: the step's history in the ledger.
+    route_scope: str | None = None
 
     @property
     def id(self) -> str:

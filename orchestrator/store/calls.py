@@ -84,10 +84,11 @@ class CallStore:
         content_hash: str,
         record: StepRecord,
         lease: Lease | None = None,
+        eval: bool = False,
     ) -> str | None:
         """The step's result and all its ledger rows, in one transaction.
 
-        With ``lease``, only while it is the run's (else ``LeaseLost``, nothing
+        ``eval`` marks rows of a ``tierflow eval`` run. With ``lease``, only while it is the run's (else ``LeaseLost``, nothing
         written). Returns the run's status as of that transaction, so the
         executor sees a cancellation before it starts another step.
         """
@@ -123,6 +124,7 @@ class CallStore:
                 if prepared.execute(connection, _SETTLE_CALL, row).rowcount == 0:
                     columns = {key: value for key, value in row.items() if not key.startswith("b_")}
                     columns.setdefault("agent", record.agent)
+                    columns["eval"] = True if eval else None
                     prepared.execute(connection, _INSERT_CALL, columns)
                 elif call.reserved_usd is not None:
                     counters.move(connection, row, released=call.reserved_usd, spent=call.cost_usd)
@@ -146,6 +148,7 @@ class CallStore:
         call: Call,
         limits: list[Limit] | None = None,
         lease: Lease | None = None,
+        eval: bool = False,
     ) -> Limit | None:
         """Reserve a call's worst-case cost and write it pending, before its request.
 
@@ -163,6 +166,7 @@ class CallStore:
             "agent": agent,
             "day": call.created_at.astimezone(UTC).date(),
             "state": "pending",
+            "eval": True if eval else None,
             **{name: getattr(call, name) for name in CALL_FIELDS},
         }
         with (
@@ -188,7 +192,7 @@ class CallStore:
         (tier, outcome, cost, latency in ms); judges' rows and pending ones left out.
         People's feedback on its answers comes in among them, by time, as the
         outcome ``good`` or ``bad`` at the tier that gave the answer, instead of
-        that answer's own pass."""
+        that answer's own pass (its row's outcome reads ``labelled``: a cost, no label)."""
         mine = (
             model_calls.c.workflow == workflow,
             model_calls.c.step_id == step_id,
@@ -228,9 +232,13 @@ class CallStore:
                 (tier, "good" if good else "bad", 0, 0.0, at, run_id)
                 for tier, good, at, run_id in connection.execute(said)
             ]
-        # A person's label on an answer stands instead of its automatic pass.
+        # A person's label on an answer stands instead of its automatic pass; the
+        # call still says what the tier costs.
         labelled = {row[5] for row in labels}
-        rows = [row for row in rows if not (row[5] in labelled and row[1] in ACCEPTED)]
+        rows = [
+            (row[0], "labelled", *row[2:]) if row[5] in labelled and row[1] in ACCEPTED else row
+            for row in rows
+        ]
         merged = sorted(rows + labels, key=lambda row: _utc(row[4]), reverse=True)
         return [row[:4] for row in merged[:limit]]
 

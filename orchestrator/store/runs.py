@@ -105,9 +105,11 @@ class RunStore:
         lease_ttl_s: float = 0.0,
         queue: str | None = None,
         time_limit_s: float | None = None,
+        eval: bool = False,
     ) -> Lease | None:
         """Record a new run; with ``lease_owner`` the creator holds its lease from
-        the start, and gets it back. ``queue`` is where its message is about to go."""
+        the start, and gets it back. ``queue`` is where its message is about to go.
+        ``eval`` marks a run of ``tierflow eval``."""
         moment = now()
         leased = lease_owner is not None
         with self.engine.begin() as connection:
@@ -129,6 +131,7 @@ class RunStore:
                     "queue": queue,
                     "enqueued_at": moment if queue else None,
                     "time_limit_s": time_limit_s,
+                    "eval": True if eval else None,
                 },
             )
         return Lease(run_id, lease_owner, 1) if lease_owner is not None else None

@@ -87,6 +87,7 @@ runs = Table(
     Column("queue", String(200)),
     Column("enqueued_at", DateTime(timezone=True)),
     Column("time_limit_s", Float),  # a hard limit for each task that executes it
+    Column("eval", Boolean),  # made by tierflow eval (True), else NULL
     Index(None, "workflow", "created_at"),
     Index(None, "status"),
     Index("ix_runs_versions", "workflow", "workflow_hash", "workflow_version"),
@@ -157,6 +158,8 @@ model_calls = Table(
     Column("escalation_reason", Text),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("day", Date, nullable=False),  # UTC day of created_at, for reports by day
+    # A call of a tierflow eval run (True), else NULL: spend leaves it out unless asked.
+    Column("eval", Boolean),
     UniqueConstraint("run_id", "step_id", "attempt"),
     Index("ix_model_calls_route", "workflow", "step_id", "route_key"),
     Index(None, "workflow", "day"),
@@ -178,6 +181,7 @@ model_calls = Table(
         "cost_usd",
         "reference_cost_usd",
         "local",
+        "eval",
     ),
     Index(
         "ix_model_calls_escalated",
@@ -188,6 +192,7 @@ model_calls = Table(
         "model",
         "day",
         "outcome",
+        "eval",
         sqlite_where=text("escalation_reason IS NOT NULL"),
         postgresql_where=text("escalation_reason IS NOT NULL"),
     ),
