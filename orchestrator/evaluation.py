@@ -1,6 +1,7 @@
 """``tierflow eval``: what tiering does to cost and quality on a team's own labelled cases.
 
-A cases file is JSON lines: ``{"inputs": {...}, "expect": {"STEP_ID": VALUE}}``.
+A cases file is JSON lines: ``{"inputs": {...}, "expect": {"STEP_ID": VALUE}}``,
+with an optional ``meta`` that eval ignores (where the case came from).
 VALUE is compared with the step's output (parsed JSON for a schema step,
 stripped text otherwise): equal, or ``{"contains": "text"}``, or ``{"one_of":
 [...]}`` (a mapping whose only key is one of those two is a matcher, never a
@@ -58,6 +59,7 @@ MAX_CASES_BYTES = 64 * 1024 * 1024
 MATCHERS = ("contains", "one_of")
 Z_95 = 1.959964
 REJECTED = ("invalid_output", "low_confidence")
+CASE_KEYS = ("inputs", "expect", "meta")  # meta: anything (where the case came from); ignored
 
 
 @dataclass(frozen=True)
@@ -98,11 +100,9 @@ def _case(where: str, number: int, line: str, steps: list[str], workflow: Loaded
         raise UserError(f"{where}: not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise UserError(f"{where}: a case is a JSON object with inputs and expect")
-    unknown = sorted(set(doc) - {"inputs", "expect"})
+    unknown = sorted(set(doc) - set(CASE_KEYS))
     if unknown:
-        raise UserError(
-            f"{where}: unknown key '{unknown[0]}'{suggest(unknown[0], ('inputs', 'expect'))}"
-        )
+        raise UserError(f"{where}: unknown key '{unknown[0]}'{suggest(unknown[0], CASE_KEYS)}")
     inputs, expect = doc.get("inputs", {}), doc.get("expect")
     if not isinstance(inputs, dict):
         raise UserError(f"{where}: inputs must be a JSON object")
@@ -247,21 +247,36 @@ class PolicyResult:
         return percentile([r.latency_ms for r in self.cases], share)
 
 
-def wasted(run: dict[str, Any]) -> list[dict[str, Any]]:
-    """The calls of ``run`` whose answer was rejected: invalid, or below its
-    confidence minimum and not the answer its step (or item) took in the end."""
-    succeeded = {step["step_id"] for step in run["steps"] if step["status"] == "succeeded"}
+def answers(run: dict[str, Any]) -> dict[tuple[str, int | None], list[dict[str, Any]]]:
+    """The answering calls of ``run`` (judges' left out) by step and item, in order."""
     groups: dict[tuple[str, int | None], list[dict[str, Any]]] = {}
     for call in run["calls"]:
         if call["judged"] is None:
             groups.setdefault((call["step_id"], call["item_index"]), []).append(call)
-    found = []
-    for (step_id, _), calls in groups.items():
-        taken = [c for c in calls if c["outcome"] in ACCEPTED] if step_id in succeeded else []
-        found += [
-            c for c in calls if c["outcome"] in REJECTED and (not taken or c is not taken[-1])
-        ]
+    return groups
+
+
+def taken(run: dict[str, Any]) -> dict[tuple[str, int | None], dict[str, Any]]:
+    """The call whose answer each succeeded step (or item) took: its last accepted one."""
+    succeeded = {step["step_id"] for step in run["steps"] if step["status"] == "succeeded"}
+    found = {}
+    for key, calls in answers(run).items():
+        accepted = [call for call in calls if call["outcome"] in ACCEPTED]
+        if key[0] in succeeded and accepted:
+            found[key] = accepted[-1]
     return found
+
+
+def wasted(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The calls of ``run`` whose answer was rejected: invalid, or below its
+    confidence minimum and not the answer its step (or item) took in the end."""
+    took = taken(run)
+    return [
+        call
+        for key, calls in answers(run).items()
+        for call in calls
+        if call["outcome"] in REJECTED and call is not took.get(key)
+    ]
 
 
 @dataclass
@@ -294,16 +309,14 @@ class Evaluation:
         for signal in self.signals:
             scored: list[tuple[float, bool]] = []
             for result in pinned.cases if pinned else []:
-                for call in result.run["calls"]:
-                    right = result.verdicts.get(call["step_id"])
+                for (step_id, item), call in taken(result.run).items():
+                    right = result.verdicts.get(step_id)
                     if (
                         right is not None
+                        and item is None
                         and call["signal"] == signal
                         and call["confidence"] is not None
                         and call["tier_used"] == cheapest
-                        and call["item_index"] is None
-                        and call["judged"] is None
-                        and call["outcome"] in ACCEPTED
                     ):
                         scored.append((call["confidence"], right))
             found[signal] = {

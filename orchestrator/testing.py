@@ -20,6 +20,7 @@ and delayed ACKs add about 40 ms to every call.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import socket
 import struct
@@ -79,6 +80,47 @@ def token_logprobs(reply: Reply, pieces: list[str], start: int = 0) -> list[dict
         other = {"token": "\u2581", "logprob": logprob - 3.0, "bytes": [226, 150, 129]}
         entries.append({**chosen, "top_logprobs": [chosen, other]})
     return entries
+
+
+class GoldAnswers:
+    """A responder that plays a stronger model in an evaluation: it finds which
+    question of ``answers`` (question text: gold answer) the prompt holds and
+    answers ``{"answer": gold}``, except for a share ``error_rate`` of the
+    questions, chosen by a hash of ``seed`` and the question, where it answers
+    a wrong value of the same kind. The same question gets the same verdict on
+    every call. A prompt with no known question gets ``{"answer": ""}``.
+
+    Simulated: it knows the answers. Figures it produces say so.
+    """
+
+    def __init__(self, answers: dict[str, str], *, error_rate: float, seed: str) -> None:
+        # Longest first: a question that holds a shorter one is found as itself.
+        self._questions = sorted(answers, key=len, reverse=True)
+        self._answers = answers
+        self.error_rate, self.seed = error_rate, seed
+
+    def wrong(self, question: str) -> bool:
+        digest = hashlib.sha256(f"{self.seed}\0{question}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.error_rate
+
+    def __call__(self, body: dict[str, Any]) -> Reply:
+        prompt = str(body.get("messages", [{}])[-1].get("content", ""))
+        question = next((q for q in self._questions if q in prompt), None)
+        if question is None:
+            return Reply(text=json.dumps({"answer": ""}))
+        gold = self._answers[question]
+        answer = _wrong_answer(gold) if self.wrong(question) else gold
+        return Reply(text=json.dumps({"answer": answer}))
+
+
+def _wrong_answer(gold: str) -> str:
+    """A wrong answer shaped like ``gold``: a number off by one, a word changed."""
+    try:
+        return str(int(gold) + 1)
+    except ValueError:
+        pass
+    swaps = {"Yes": "No", "No": "Yes", "yes": "no", "no": "yes", "True": "False", "False": "True"}
+    return swaps.get(gold, gold[::-1] if len(set(gold)) > 1 else gold + "?")
 
 
 @dataclass(frozen=True)

@@ -263,3 +263,60 @@ def test_bad_cases_and_policies_are_refused_before_anything_runs(
     assert message in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert ollama.chat_requests() == [] and frontier.chat_requests() == []
+
+
+EVALS = Path(__file__).resolve().parent.parent / "evals"
+
+
+def test_the_shipped_cases_fit_the_shipped_workflows() -> None:
+    from orchestrator.settings import load_settings
+    from orchestrator.spec import find_workflow, load_workflow
+
+    settings = load_settings(EVALS / "tierflow.yaml")
+    for name in ("tasks", "tasks-consistency", "tasks-judge"):
+        loaded = load_workflow(find_workflow(name, settings), settings)
+        cases = evaluation.load_cases(EVALS / "cases.jsonl", loaded)
+        assert len(cases) == 240
+    lines = (EVALS / "cases.jsonl").read_text().splitlines()
+    kinds = {json.loads(line)["meta"]["dataset"] for line in lines}
+    assert len(kinds) == 8
+    assert [t.simulated for t in settings.config.tiers.values()] == [False, True, True]
+
+
+def test_the_shipped_eval_runs_on_the_real_small_model(tmp_path: Path) -> None:
+    """Two cases through SmolLM2 and the simulated tiers, as bench/eval.py runs them."""
+    import shutil
+
+    from orchestrator.testing import GoldAnswers
+
+    cases = [json.loads(line) for line in (EVALS / "cases.jsonl").read_text().splitlines()]
+    answers = {c["inputs"]["question"]: c["expect"]["answer"]["answer"] for c in cases}
+    with OpenAIServer() as standard, OpenAIServer() as strongest:
+        standard.responder = GoldAnswers(answers, error_rate=1.0, seed="standard")
+        strongest.responder = GoldAnswers(answers, error_rate=0.0, seed="frontier")
+        root = tmp_path / "evals"
+        shutil.copytree(EVALS, root, ignore=shutil.ignore_patterns("*.db", "generate.py"))
+        config = (root / "tierflow.yaml").read_text()
+        config = config.replace("http://127.0.0.1:8781", standard.url)
+        config = config.replace("http://127.0.0.1:8782", strongest.url)
+        (root / "tierflow.yaml").write_text(config)
+        done = tierflow(
+            "eval", "tasks", "--cases", "cases.jsonl", "--limit", "2",
+            "-p", "tier:light", "-p", "tier:standard", "-p", "tier:frontier", "--json",
+            cwd=root,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        found = json.loads(done.stdout)
+        by_policy = {p["policy"]: p for p in found["policies"]}
+        assert by_policy["tier:light"]["calls_by_tier"] == {"light": 2}
+        # Simulated: the standard tier is told to be always wrong, the frontier never.
+        assert by_policy["tier:standard"]["quality"] == 0.0
+        assert by_policy["tier:frontier"]["quality"] == 1.0
+        assert Decimal(by_policy["tier:frontier"]["cost_usd"]) > 0
+        assert found["signals"]["logprob"]["answers"] == 2
+        table = tierflow(
+            "eval", "tasks", "--cases", "cases.jsonl", "--limit", "1", "-p", "tier:frontier",
+            cwd=root,
+        )  # fmt: skip
+        assert "tier:frontier (simulated)" in table.stdout
+        assert "simulated: tier standard, frontier is served by a stand-in" in table.stdout
