@@ -256,7 +256,9 @@ def _print_eval(figures: dict[str, Any], settings: Settings) -> None:
         "calls by tier", "esc/case", "false accepts", "wasted", "p50/p95 ms", "PGR",
     ):  # fmt: skip
         table.add_column(
-            heading, justify="left" if heading in ("policy", "calls by tier") else "right"
+            heading,
+            justify="left" if heading in ("policy", "calls by tier") else "right",
+            no_wrap=heading == "policy",
         )
     for row in figures["policies"]:
         low, high = row["quality_ci"]
@@ -599,7 +601,13 @@ def _confidence(call: dict[str, Any]) -> str:
     score = call["confidence"]
     if score is None:
         return f"confidence ({call['signal']}): unavailable, the backend gave nothing to score"
-    return f"confidence ({call['signal']}): {score:.3f}, raw (not calibrated)"
+    raw = call.get("raw_confidence")
+    if raw is None:
+        return (
+            f"confidence ({call['signal']}): {score:.3f}, raw (not calibrated: the step has"
+            " too few labels on this model yet)"
+        )
+    return f"confidence ({call['signal']}): {score:.3f}, calibrated (raw {raw:.3f})"
 
 
 @app.command()

@@ -46,6 +46,9 @@ class Call:
     # signal means the backend gave nothing to score (no logprobs, say).
     signal: str | None = None
     confidence: float | None = None
+    # The score before calibration, when the step's labels calibrated it (see
+    # ``orchestrator.calibration``); None: ``confidence`` is the raw score.
+    raw_confidence: float | None = None
     judged: int | None = None  # a judge's call: the attempt number of the answer it graded
     personal: str | None = None  # kinds of personal data its prompt held ("email,phone"), if any
     # How the step's start tier was chosen (written, auto, explore, downgrade); for

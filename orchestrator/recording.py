@@ -14,7 +14,8 @@ from dataclasses import replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
 
-from orchestrator import budgets, router
+from orchestrator import budgets, calibration, router
+from orchestrator.calibration import Calibration
 from orchestrator.encoding import usd
 from orchestrator.hooks import CallRefused, Hooks
 from orchestrator.ledger import Call, StepRecord
@@ -119,6 +120,21 @@ class LedgerHooks(Hooks):
             explore=settings.explore,
             latency_usd_per_s=settings.latency_usd_per_s,
         )
+
+    async def calibration(self, plan: StepPlan, model: str, signal: str) -> Calibration | None:
+        """The step's calibration on ``model`` for ``signal``, from its labels
+        (``orchestrator.calibration``); None until it has enough."""
+        workflow = self._workflow.name
+        labelled = await off_loop(
+            lambda: self._store.calibration_labels(
+                workflow=workflow,
+                step_id=plan.id,
+                model=model,
+                signal=signal,
+                limit=calibration.HISTORY,
+            )
+        )
+        return calibration.fit(labelled)
 
     def _limits(self, day: date) -> list[Limit]:
         return budgets.limits(self._settings, self._workflow, self._lease.run_id, day)

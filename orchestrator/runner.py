@@ -335,6 +335,7 @@ class Runner:
             checkpoint=checkpoint,
             tiers=self._tiers,
             router=ledger.route,
+            calibrations=ledger.calibration,
         )
         run_info = {"id": run_id, "workflow": workflow.name}
         gate = _HandOffGate()

@@ -35,6 +35,7 @@ from decimal import Decimal
 from typing import Any
 
 from orchestrator import privacy, retries, router, schemas
+from orchestrator.calibration import Calibration
 from orchestrator.confidence import logprob_score
 from orchestrator.errors import (
     LeaseLost,
@@ -110,6 +111,8 @@ def ladder(
 # Where a ``tier: auto`` step starts: given the step, its route key and its
 # ladder's tier names (cheapest first), a ``router.Route``.
 Router = Callable[[StepPlan, str, list[str]], Awaitable[router.Route]]
+# A step's calibration on a model for a signal, or None until its labels allow one.
+Calibrations = Callable[[StepPlan, str, str], Awaitable[Calibration | None]]
 
 
 class StepRunner:
@@ -120,7 +123,8 @@ class StepRunner:
     on: attempt numbers already used never repeat, and a step another worker
     handed here continues at its tier. ``tiers`` are the tiers this process
     serves (None: all of them). ``router`` chooses where ``tier: auto`` steps
-    start (None: at the cheapest tier).
+    start (None: at the cheapest tier). ``calibrations`` map a step's raw
+    confidence scores to probabilities of being right (None: scores stay raw).
     """
 
     def __init__(
@@ -134,6 +138,7 @@ class StepRunner:
         checkpoint: Checkpoint | None = None,
         tiers: Collection[str] | None = None,
         router: Router | None = None,
+        calibrations: Calibrations | None = None,
     ) -> None:
         self._settings = settings
         self._clients = clients
@@ -145,6 +150,8 @@ class StepRunner:
         self._handed_on = checkpoint.handed_on
         self._tiers = tiers
         self._router = router
+        self._calibrations = calibrations
+        self._fits: dict[tuple[str, str, str], Calibration | None] = {}
         self._caps: dict[str, str | None] = {}
 
     @staticmethod
@@ -275,6 +282,19 @@ class StepRunner:
         tags["route_key"], tags["expected_pass"] = key, round(chosen.expected_pass, 4)
         return chosen.routed, climb[chosen.start :]
 
+    async def _calibrated(
+        self, plan: StepPlan, model: str, signal: str, raw: float
+    ) -> tuple[float, float | None]:
+        """The score to compare with the step's minimum, and the raw one when the
+        step's labels calibrated it (fitted once per run, step, model and signal)."""
+        if self._calibrations is None:
+            return raw, None
+        key = (plan.id, model, signal)
+        if key not in self._fits:
+            self._fits[key] = await self._calibrations(plan, model, signal)
+        fitted = self._fits[key]
+        return (raw, None) if fitted is None else (fitted(raw), raw)
+
     def _personal(self, messages: list[dict[str, str]]) -> list[str]:
         """The kinds of personal data in ``messages`` (none when detection is off)."""
         config = self._settings.config.privacy
@@ -350,7 +370,9 @@ class StepRunner:
                 )
                 call, value = await ask()
                 if call.outcome == "ok" and consistency is not None:
-                    call, value = await self._consistent(consistency, record, call, value, ask)
+                    call, value = await self._consistent(
+                        plan, consistency, record, call, value, ask
+                    )
                 if call.outcome == "ok" and plan.judge is not None:
                     call = await self._judged(
                         plan, record, call, value, messages, context, attempts, item_index
@@ -383,6 +405,7 @@ class StepRunner:
 
     async def _consistent(
         self,
+        plan: StepPlan,
         confidence: Confidence,
         record: StepRecord,
         first: Call,
@@ -405,21 +428,23 @@ class StepRunner:
                 answers.append((call, sampled))
         keys = [agreement_key(sampled) for _, sampled in answers]
         top, agreeing = Counter(keys).most_common(1)[0]
-        score = agreeing / confidence.samples
-        chosen = answers[keys.index(top)][1]
         last = answers[-1][0]
+        score, raw = await self._calibrated(
+            plan, last.model, "consistency", agreeing / confidence.samples
+        )
+        chosen = answers[keys.index(top)][1]
         verdict = "ok"
         error = None
         if score < confidence.min:
             verdict = "low_confidence"
             error = (
-                f"consistency {score:.3f} is below min {confidence.min:g}"
+                f"consistency {_score(score, raw)} is below min {confidence.min:g}"
                 f" ({agreeing} of {confidence.samples} samples agree)"
             )
         scored = {call.attempt for call, _ in answers}
         for index, call in enumerate(record.calls):
             if call.attempt in scored:
-                call = replace(call, signal="consistency", confidence=score)
+                call = replace(call, signal="consistency", confidence=score, raw_confidence=raw)
                 if call.attempt == last.attempt:
                     call = last = replace(call, outcome=verdict, error=error)
                 record.calls[index] = call
@@ -482,13 +507,23 @@ class StepRunner:
                 break
             if call.outcome == "budget_blocked":
                 break
-        outcome, error = "ok", None
-        if score is not None and score < confidence.min:
-            outcome = "low_confidence"
-            error = f"judge {judge.agent.name} scored {score:.3f}, below min {confidence.min:g}"
+        outcome, error, raw = "ok", None, None
+        if score is not None:
+            score, raw = await self._calibrated(plan, answered.model, "judge", score)
+            if score < confidence.min:
+                outcome = "low_confidence"
+                error = (
+                    f"judge {judge.agent.name} scored {_score(score, raw)},"
+                    f" below min {confidence.min:g}"
+                )
         index = next(i for i, call in enumerate(record.calls) if call is answered)
         record.calls[index] = replace(
-            answered, signal="judge", confidence=score, outcome=outcome, error=error
+            answered,
+            signal="judge",
+            confidence=score,
+            raw_confidence=raw,
+            outcome=outcome,
+            error=error,
         )
         return record.calls[index]
 
@@ -647,9 +682,6 @@ class StepRunner:
             outcome = "ok"
             if confidence is not None and signal == "logprob":
                 score = logprob_score(reply.logprobs)
-                if score is not None and score < confidence.min:
-                    outcome = "low_confidence"
-                    error = f"logprob confidence {score:.3f} is below min {confidence.min:g}"
         except TimeoutError:
             outcome, error = ModelTimeout.outcome, f"no answer within {timeout:g}s"
         except ModelError as exc:
@@ -671,6 +703,12 @@ class StepRunner:
             outcome = "error"
             error = clip(redact(f"{type(exc).__name__}: {exc}", self._settings.key_names))
         latency_ms = (time.perf_counter() - clock) * 1000
+        raw: float | None = None
+        if score is not None and outcome == "ok" and confidence is not None:
+            score, raw = await self._calibrated(plan, entry.model, "logprob", score)
+            if score < confidence.min:
+                outcome = "low_confidence"
+                error = f"logprob confidence {_score(score, raw)} is below min {confidence.min:g}"
         call = make_call(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -679,6 +717,7 @@ class StepRunner:
             error=error,
             usage_source=source,
             confidence=score,
+            raw_confidence=raw,
         )
         if check_raised is not None:
             raise _CheckRaised(call, check_raised)
@@ -704,6 +743,7 @@ class StepRunner:
         usage_source: str | None = None,
         signal: str | None = None,
         confidence: float | None = None,
+        raw_confidence: float | None = None,
         judged: int | None = None,
         personal: str | None = None,
         routed: str | None = None,
@@ -733,6 +773,7 @@ class StepRunner:
             usage_source=usage_source,
             signal=signal if outcome in ("ok", "low_confidence") else None,
             confidence=confidence,
+            raw_confidence=raw_confidence,
             judged=judged,
             personal=personal,
             routed=routed,
@@ -786,6 +827,11 @@ def parse_json(text: str) -> Any:
         except ValueError:
             pass
     raise InvalidOutput(f"not JSON: {text[:80]!r}")
+
+
+def _score(score: float, raw: float | None) -> str:
+    """A score for a message: calibrated ones say so, with their raw value."""
+    return f"{score:.3f}" if raw is None else f"{score:.3f} (calibrated; raw {raw:.3f})"
 
 
 def _now() -> datetime:

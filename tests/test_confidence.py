@@ -113,7 +113,7 @@ def test_with_nothing_surer_above_the_step_takes_its_last_answer(
     ]
     shown = tierflow("show", result.run_id, cwd=project.root)
     assert shown.returncode == 0, shown.stderr
-    assert "confidence (logprob): 0.350, raw (not calibrated)" in shown.stdout
+    assert "confidence (logprob): 0.350, raw (not calibrated:" in shown.stdout
     step = project.steps(result.run_id)[0]
     assert (step["tier_used"], step["model"]) == ("frontier", "openai/gpt-4o-mini")
 

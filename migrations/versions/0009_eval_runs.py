@@ -1,6 +1,7 @@
 """Runs made by ``tierflow eval``, and their ledger rows, are marked: spend
 reports leave them out unless asked. The spend indexes hold the mark, so a
-report still reads them alone.
+report still reads them alone. A ledger row keeps its raw confidence score
+when its step's labels calibrated it.
 
 Revision ID: 0009
 Revises: 0008
@@ -57,12 +58,14 @@ def upgrade() -> None:
     _drop_spend_indexes()
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
         batch_op.add_column(sa.Column("eval", sa.Boolean(), nullable=True))
+        batch_op.add_column(sa.Column("raw_confidence", sa.Float(), nullable=True))
     _spend_indexes(["eval"])
 
 
 def downgrade() -> None:
     _drop_spend_indexes()
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
+        batch_op.drop_column("raw_confidence")
         batch_op.drop_column("eval")
     _spend_indexes([])
     with op.batch_alter_table("runs", schema=None) as batch_op:

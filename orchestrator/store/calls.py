@@ -242,6 +242,46 @@ class CallStore:
         merged = sorted(rows + labels, key=lambda row: _utc(row[4]), reverse=True)
         return [row[:4] for row in merged[:limit]]
 
+    def calibration_labels(
+        self, *, workflow: str, step_id: str, model: str, signal: str, limit: int
+    ) -> list[tuple[float, bool]]:
+        """(raw score, right) of the step's labelled answers on ``model`` scored by
+        ``signal``, newest label first: for each run, the answer its step took
+        (the last accepted, items and judges aside) and the labels given to it."""
+        step = (model_calls.c.workflow == workflow, model_calls.c.step_id == step_id)
+        answers = (
+            select(func.max(model_calls.c.id).label("id"))
+            .where(
+                *step,
+                model_calls.c.judged.is_(None),
+                model_calls.c.item_index.is_(None),
+                model_calls.c.outcome.in_(ACCEPTED),
+            )
+            .group_by(model_calls.c.run_id)
+            .subquery()
+        )
+        query = (
+            select(
+                func.coalesce(model_calls.c.raw_confidence, model_calls.c.confidence),
+                feedback.c.good,
+            )
+            .join(answers, answers.c.id == model_calls.c.id)
+            .join(
+                feedback,
+                (feedback.c.run_id == model_calls.c.run_id)
+                & (feedback.c.step_id == model_calls.c.step_id),
+            )
+            .where(
+                model_calls.c.model == model,
+                model_calls.c.signal == signal,
+                model_calls.c.confidence.is_not(None),
+            )
+            .order_by(feedback.c.id.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return [(float(score), bool(good)) for score, good in connection.execute(query)]
+
     def add_feedback(self, run_id: str, step_id: str, *, good: bool, note: str | None) -> None:
         """A person's label on a succeeded step's answer; a ``UserError`` names what is wrong."""
         with self.engine.begin() as connection:

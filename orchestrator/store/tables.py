@@ -137,10 +137,13 @@ model_calls = Table(
     Column("local", Boolean),  # served by a local tier: its cost is not provider spend
     # reported, counted (the provider reported none), worst_case, or NULL (nothing billed).
     Column("usage_source", String(12)),
-    # The confidence signal that scored the answer (logprob, consistency) and its
-    # score in [0, 1]; a signal with no score: the backend gave nothing to score.
+    # The confidence signal that scored the answer (logprob, consistency, judge) and
+    # its score in [0, 1]; a signal with no score: the backend gave nothing to score.
     Column("signal", String(16)),
     Column("confidence", Float),
+    # The score before calibration, when the step's labels calibrated it (then
+    # ``confidence`` is the calibrated probability); NULL: ``confidence`` is raw.
+    Column("raw_confidence", Float),
     Column("judged", Integer),  # a judge's call: the attempt it graded
     # Kinds of personal data the prompt held (email, phone, ...; never the values).
     Column("personal", String(200)),
