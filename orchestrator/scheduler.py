@@ -681,7 +681,7 @@ class StepRunner:
             value = verify(plan, reply.text, context)
             outcome = "ok"
             if confidence is not None and signal == "logprob":
-                score = logprob_score(reply.logprobs)
+                score = logprob_score(reply.logprobs, structured=plan.step.output is not None)
         except TimeoutError:
             outcome, error = ModelTimeout.outcome, f"no answer within {timeout:g}s"
         except ModelError as exc:

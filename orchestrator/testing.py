@@ -4,6 +4,8 @@
 speaks OpenAI chat completions. The real ``ollama`` and litellm clients talk to
 them, so a test exercises everything but the model. Queue replies with
 ``reply(...)`` or set ``responder``; every request body is kept in ``requests``.
+``GoldAnswers`` is a responder that plays a stronger model in an evaluation
+(it knows the answers; figures it produces are simulated, and say so).
 
 A reply can also fail on the wire the way real providers and proxies do:
 ``FAILURES`` names one of each (a reply later than the client waits, a

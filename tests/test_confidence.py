@@ -406,3 +406,22 @@ def test_a_bad_judge_is_refused_at_load(
     assert checked.returncode == 2
     out = checked.stdout + checked.stderr
     assert "workflows/one.yaml:" in out and expected in out, out
+
+
+def test_a_json_answer_is_scored_on_its_values_not_its_scaffolding() -> None:
+    from orchestrator.confidence import value_tokens
+
+    pieces = [('{"', -3.0), ("answer", -2.0), ('":', -1.0), (' "', -1.5), ("4", -0.1), ("2", -0.2), ('"}', -4.0)]  # fmt: skip
+    tokens = [TokenChoice(logprob, math.log(0.01), text) for text, logprob in pieces]
+    assert [t.text for t in value_tokens(tokens)] == ["4", "2"]
+    # Two value tokens: the margin of the first, p("4") - p(best other).
+    scored = logprob_score(tokens, structured=True)
+    assert scored == pytest.approx(math.exp(-0.1) - 0.01)
+    assert logprob_score(tokens) is not None and logprob_score(tokens) < 0.2  # all seven
+    # Keys, escaped quotes and literals: only values are marked.
+    text = '{"a": "x\\"y", "b": [1, true], "c": null}'
+    tokens = [TokenChoice(-1.0, None, char) for char in text]
+    assert "".join(t.text for t in value_tokens(tokens)) == 'x\\"y1truenull'
+    # Tokens with no text (a backend that gives none) all count.
+    bare = [TokenChoice(-0.5), TokenChoice(-0.5)]
+    assert value_tokens(bare) == bare

@@ -40,6 +40,7 @@ class TokenChoice:
 
     logprob: float
     runner_up: float | None = None
+    text: str = ""  # the token as text, where the backend gives it
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def token_choices(entries: Any) -> tuple[TokenChoice, ...] | None:
             for alt in _field(entry, "top_logprobs") or ()
             if _field(alt, "token") != token and _field(alt, "logprob") is not None
         ]
-        found.append(TokenChoice(float(logprob), max(others, default=None)))
+        found.append(TokenChoice(float(logprob), max(others, default=None), str(token or "")))
     return tuple(found)
 
 

@@ -199,5 +199,5 @@ def _token_choices(logprobs: dict[str, Any] | None) -> tuple[TokenChoice, ...] |
         if logprob is None:
             continue
         others = [float(value) for text, value in (top or {}).items() if text != token]
-        found.append(TokenChoice(float(logprob), max(others, default=None)))
+        found.append(TokenChoice(float(logprob), max(others, default=None), token))
     return tuple(found) or None
