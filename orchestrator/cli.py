@@ -539,7 +539,7 @@ def runs(
     for row in rows:
         table.add_row(
             row["id"],
-            row["workflow"],
+            row["workflow"] + (" (eval)" if row["eval"] else ""),
             f"{row['status']} (stale: no live executor; tierflow resume {row['id'][:12]})"
             if row["stale"]
             else row["status"],
@@ -564,7 +564,8 @@ def show(
         _print_json(found)
         return
     console = _console()
-    console.print(f"[bold]{found['status']}[/]  {found['workflow']}  run {found['id']}")
+    made_by = " (a tierflow eval run)" if found["eval"] else ""
+    console.print(f"[bold]{found['status']}[/]  {found['workflow']}{made_by}  run {found['id']}")
     if found["error"]:
         console.print(f"[red]{escape(found['error'])}[/]")
     for step in found["steps"]:

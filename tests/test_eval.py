@@ -178,6 +178,8 @@ def test_eval_runs_stay_out_of_spend_unless_asked(
         ).all()
     store.engine.dispose()
     assert sorted(marks, key=str) == sorted([(None, 1), (True, 3)], key=str)
+    listed = tierflow("runs", cwd=project.root).stdout
+    assert listed.count("classify (eval)") == 3 and listed.count("classify ") == 4
 
 
 def test_auto_learns_from_the_cases_to_skip_a_tier_that_keeps_failing(
