@@ -60,24 +60,28 @@ def fit(labelled: Sequence[tuple[float, bool]]) -> Calibration | None:
             blocks[-1][2] += 1
         else:
             blocks.append([score, float(right), 1.0])
-    pooled = _pool([(start, r, n, r / n) for start, r, n in blocks])
-    shrunk = _pool([(start, r, n, (r + 1) / (n + 2)) for start, r, n, _ in pooled])
+    pooled = _pool([(start, r, n) for start, r, n in blocks], shrink=0)
+    shrunk = _pool(pooled, shrink=1)
     return Calibration(
-        starts=tuple(block[0] for block in shrunk),
-        values=tuple(round(block[3], 6) for block in shrunk),
+        starts=tuple(start for start, _, _ in shrunk),
+        values=tuple(round(_share(r, n, 1), 6) for _, r, n in shrunk),
         labels=len(labelled),
     )
 
 
+def _share(rights: float, count: float, shrink: int) -> float:
+    return (rights + shrink) / (count + 2 * shrink)
+
+
 def _pool(
-    blocks: list[tuple[float, float, float, float]],
-) -> list[tuple[float, float, float, float]]:
-    """Pool adjacent violators: merge neighbours until values never fall.
-    A block is (start, rights, count, value); a merged value is count-weighted."""
-    stack: list[tuple[float, float, float, float]] = []
+    blocks: list[tuple[float, float, float]], *, shrink: int
+) -> list[tuple[float, float, float]]:
+    """Pool adjacent violators: merge neighbours (start, rights, count) until
+    their shares right, with ``shrink`` pseudo-labels of each kind, never fall."""
+    stack: list[tuple[float, float, float]] = []
     for block in blocks:
         stack.append(block)
-        while len(stack) > 1 and stack[-2][3] >= stack[-1][3]:
-            (start, r1, n1, v1), (_, r2, n2, v2) = stack[-2], stack[-1]
-            stack[-2:] = [(start, r1 + r2, n1 + n2, (v1 * n1 + v2 * n2) / (n1 + n2))]
+        while len(stack) > 1 and _share(*stack[-2][1:], shrink) >= _share(*stack[-1][1:], shrink):
+            (start, r1, n1), (_, r2, n2) = stack[-2], stack[-1]
+            stack[-2:] = [(start, r1 + r2, n1 + n2)]
     return stack

@@ -42,6 +42,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ from orchestrator.store import Store
 MAX_CASES_BYTES = 64 * 1024 * 1024
 MATCHERS = ("contains", "one_of")
 Z_95 = 1.959964
-REJECTED = ("invalid_output", "low_confidence")
+NO_REQUEST = ("unavailable", "budget_blocked")
 CASE_KEYS = ("inputs", "expect", "meta")  # meta: anything (where the case came from); ignored
 
 
@@ -221,7 +222,7 @@ class PolicyResult:
 
     def calls_by_tier(self) -> dict[str, int]:
         return dict(
-            Counter(call["tier_used"] for call in self.calls if call["outcome"] != "unavailable")
+            Counter(call["tier_used"] for call in self.calls if call["outcome"] not in NO_REQUEST)
         )
 
     def false_accepts(self) -> dict[str, int]:
@@ -268,15 +269,20 @@ def taken(run: dict[str, Any]) -> dict[tuple[str, int | None], dict[str, Any]]:
 
 
 def wasted(run: dict[str, Any]) -> list[dict[str, Any]]:
-    """The calls of ``run`` whose answer was rejected: invalid, or below its
-    confidence minimum and not the answer its step (or item) took in the end."""
+    """The calls of ``run`` whose answers were rejected: every answer (valid or
+    not, a consistency sample too) at a tier below the one whose answer its step
+    (or item) took, or at any tier when it took none."""
     took = taken(run)
-    return [
-        call
-        for key, calls in answers(run).items()
-        for call in calls
-        if call["outcome"] in REJECTED and call is not took.get(key)
-    ]
+    found = []
+    for key, calls in answers(run).items():
+        kept = took.get(key)
+        found += [
+            call
+            for call in calls
+            if call["outcome"] in (*ACCEPTED, "invalid_output")
+            and (kept is None or call["tier_used"] != kept["tier_used"])
+        ]
+    return found
 
 
 @dataclass
@@ -311,14 +317,16 @@ class Evaluation:
             for result in pinned.cases if pinned else []:
                 for (step_id, item), call in taken(result.run).items():
                     right = result.verdicts.get(step_id)
+                    raw = call["raw_confidence"]
+                    score = call["confidence"] if raw is None else raw
                     if (
                         right is not None
                         and item is None
                         and call["signal"] == signal
-                        and call["confidence"] is not None
+                        and score is not None
                         and call["tier_used"] == cheapest
                     ):
-                        scored.append((call["confidence"], right))
+                        scored.append((score, right))
             found[signal] = {
                 "auroc": auroc(scored),
                 "tier": cheapest,
@@ -429,11 +437,21 @@ async def evaluate(
 
     clients = Clients()
     scope = f"eval:{time.time_ns()}"
+    # Calibration reads the labels given before the eval: its own verdicts
+    # would grade the cases with what it learnt from them.
+    started = datetime.now(UTC)
     results = []
     try:
         for policy in policies:
             shaped, hooks = under_policy(workflow, policy, scope=scope)
-            runner = Runner(settings=settings, store=store, clients=clients, hooks=hooks, eval=True)
+            runner = Runner(
+                settings=settings,
+                store=store,
+                clients=clients,
+                hooks=hooks,
+                eval=True,
+                labels_before=started,
+            )
             result = PolicyResult(policy)
             for done, case in enumerate(cases, 1):
                 result.cases.append(await _run_case(runner, store, shaped, case))

@@ -29,7 +29,8 @@ from orchestrator.storeio import off_loop, write
 class LedgerHooks(Hooks):
     """Records the run held by ``lease``. ``status`` is the run's status as the
     last step's write saw it, so the executor sees a cancel before the next step.
-    ``eval`` marks the rows as a ``tierflow eval`` run's."""
+    ``eval`` marks the rows as a ``tierflow eval`` run's; calibration reads only
+    labels given before ``labels_before``, when set."""
 
     def __init__(
         self,
@@ -39,9 +40,11 @@ class LedgerHooks(Hooks):
         lease: Lease,
         *,
         eval: bool = False,
+        labels_before: datetime | None = None,
     ) -> None:
         self._settings = settings
         self._eval = eval
+        self._labels_before = labels_before
         self._store = store
         self._workflow = workflow
         self._lease = lease
@@ -132,6 +135,7 @@ class LedgerHooks(Hooks):
                 model=model,
                 signal=signal,
                 limit=calibration.HISTORY,
+                before=self._labels_before,
             )
         )
         return calibration.fit(labelled)

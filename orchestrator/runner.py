@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -112,7 +113,8 @@ class Runner:
     ``tiers`` are the tiers this process serves; None (the default) serves all,
     and such a runner never hands a run off. ``hooks`` are told of every step
     and call, after the ledger's own (see ``orchestrator.hooks``). ``eval``
-    marks its runs and their ledger rows as ``tierflow eval``'s.
+    marks its runs and their ledger rows as ``tierflow eval``'s;
+    ``labels_before`` holds calibration to the labels given before it.
     """
 
     def __init__(
@@ -125,9 +127,11 @@ class Runner:
         tiers: Collection[str] | None = None,
         hooks: Sequence[Hooks] = (),
         eval: bool = False,
+        labels_before: datetime | None = None,
     ) -> None:
         self._settings = settings
         self._eval = eval
+        self._labels_before = labels_before
         self._hooks = tuple(hooks)
         self._store = store
         self._owns_clients = clients is None
@@ -203,7 +207,9 @@ class Runner:
             self._store, lambda: self._create(workflow, values, status="running", leased=True)
         )
         assert lease is not None
-        return await self._leased(workflow, lease, values, Checkpoint(), on_step=on_step)
+        return await self._leased(
+            workflow, lease, values, Checkpoint(), on_step=on_step, eval=self._eval
+        )
 
     async def execute(
         self,
@@ -245,8 +251,14 @@ class Runner:
             checkpoint = Checkpoint()
         else:
             checkpoint = await off_loop(lambda: self._store.prepare_resume(lease))
+        # A run tierflow eval made stays marked, whoever resumes it.
         return await self._leased(
-            workflow, lease, row["inputs"], checkpoint, time_limit_s=time_limit_s
+            workflow,
+            lease,
+            row["inputs"],
+            checkpoint,
+            time_limit_s=time_limit_s,
+            eval=self._eval or bool(row.get("eval")),
         )
 
     async def aclose(self) -> None:
@@ -274,6 +286,7 @@ class Runner:
         *,
         time_limit_s: float | None = None,
         on_step: Callable[[StepRecord], None] | None = None,
+        eval: bool = False,
     ) -> RunResult:
         """Execute the run while a heartbeat keeps ``lease`` fresh.
 
@@ -292,7 +305,7 @@ class Runner:
         watch = _Watch()
         task = asyncio.ensure_future(
             self._execute(
-                workflow, lease, values, checkpoint, keeper, watch, on_step or self._on_step
+                workflow, lease, values, checkpoint, keeper, watch, on_step or self._on_step, eval
             )
         )
         work.append(task)
@@ -321,11 +334,19 @@ class Runner:
         keeper: LeaseKeeper,
         watch: _Watch,
         on_step: Callable[[StepRecord], None] | None,
+        eval: bool,
     ) -> RunResult:
         run_id = lease.run_id
         done = checkpoint.done
         result = RunResult(run_id=run_id, workflow=workflow.name, status="running", outputs={})
-        ledger = LedgerHooks(self._settings, self._store, workflow, lease, eval=self._eval)
+        ledger = LedgerHooks(
+            self._settings,
+            self._store,
+            workflow,
+            lease,
+            eval=eval,
+            labels_before=self._labels_before,
+        )
         steps = StepRunner(
             settings=self._settings,
             clients=self._clients,

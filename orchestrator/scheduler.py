@@ -25,6 +25,7 @@ import asyncio
 import functools
 import itertools
 import json
+import logging
 import re
 import time
 from collections import Counter
@@ -56,6 +57,7 @@ from orchestrator.spec import AUTO_TIER, Confidence, StepPlan
 from orchestrator.store import Checkpoint
 from orchestrator.templates import TemplateProblem
 
+log = logging.getLogger("tierflow.scheduler")
 FAN_OUT_CONCURRENCY = 8
 # Samples of a ``consistency`` signal are drawn at this temperature: enough to
 # let an unsure model disagree with itself (self-consistency's usual 0.5-0.7).
@@ -278,21 +280,42 @@ class StepRunner:
         if self._router is None or resumed or len(climb) < 2:
             return "auto", climb
         key = router.route_key(self._settings, plan)
-        chosen = await self._router(plan, key, [name for name, _ in climb])
+        try:
+            chosen = await self._router(plan, key, [name for name, _ in climb])
+        except Exception as exc:  # no history to read: start at the cheapest tier
+            log.warning(
+                "step %s: its history is unreadable, it starts at the cheapest tier: %s",
+                plan.id,
+                redact(f"{type(exc).__name__}: {exc}", self._settings.key_names),
+            )
+            return "auto", climb
         tags["route_key"], tags["expected_pass"] = key, round(chosen.expected_pass, 4)
         return chosen.routed, climb[chosen.start :]
+
+    async def _fit(self, plan: StepPlan, model: str, signal: str) -> Calibration | None:
+        """The step's calibration on ``model`` for ``signal``, read once per run; a
+        ledger that cannot be read leaves the scores raw, and says so in the log."""
+        key = (plan.id, model, signal)
+        if key not in self._fits:
+            fitted = None
+            if self._calibrations is not None:
+                try:
+                    fitted = await self._calibrations(plan, model, signal)
+                except Exception as exc:
+                    log.warning(
+                        "step %s: calibration labels unreadable, scores stay raw: %s",
+                        plan.id,
+                        redact(f"{type(exc).__name__}: {exc}", self._settings.key_names),
+                    )
+            self._fits[key] = fitted
+        return self._fits[key]
 
     async def _calibrated(
         self, plan: StepPlan, model: str, signal: str, raw: float
     ) -> tuple[float, float | None]:
         """The score to compare with the step's minimum, and the raw one when the
-        step's labels calibrated it (fitted once per run, step, model and signal)."""
-        if self._calibrations is None:
-            return raw, None
-        key = (plan.id, model, signal)
-        if key not in self._fits:
-            self._fits[key] = await self._calibrations(plan, model, signal)
-        fitted = self._fits[key]
+        step's labels calibrated it."""
+        fitted = await self._fit(plan, model, signal)
         return (raw, None) if fitted is None else (fitted(raw), raw)
 
     def _personal(self, messages: list[dict[str, str]]) -> list[str]:
@@ -608,6 +631,9 @@ class StepRunner:
             structured=entry.structured,
             logprobs=signal == "logprob",
         )
+        if signal == "logprob":
+            # Read before the request, so nothing waits between its answer and its row.
+            await self._fit(plan, entry.model, signal)
         # What the provider may bill at most: kept as spend when a request that
         # may have reached it fails without reporting usage.
         worst = (prompt_tokens_upper_bound(request), plan.max_tokens)

@@ -55,9 +55,9 @@ UNSURE_AND_RIGHT = -0.5  # margin 0.58
 
 
 def light(body: dict[str, Any]) -> Reply:
-    """Right and unsure on c0-c14, wrong and sure of itself on c15-c29."""
+    """Right and unsure on c0-c19, wrong and sure of itself on c20-c39."""
     index = int(body["messages"][-1]["content"].strip()[1:])
-    right = index < 15
+    right = index < 20
     return Reply(
         text=json.dumps({"answer": "yes" if right else "no"}),
         logprobs=(UNSURE_AND_RIGHT if right else SURE_AND_WRONG,),
@@ -82,22 +82,30 @@ def test_labels_from_eval_calibrate_the_step_and_change_what_escalates(
             ],
         }
     )
-    cases = [{"inputs": {"text": f"c{i}"}, "expect": {"say": {"answer": "yes"}}} for i in range(30)]
+    cases = [{"inputs": {"text": f"c{i}"}, "expect": {"say": {"answer": "yes"}}} for i in range(40)]
     project.write("cases.jsonl", "\n".join(json.dumps(case) for case in cases) + "\n")
     ollama.responder = light
     frontier.default = Reply(text='{"answer": "yes"}')
 
     # Uncalibrated, a sure answer (0.94) passes min 0.55: it is taken, wrong as it is.
-    before = project.run("sure", {"text": "c20"})
+    before = project.run("sure", {"text": "c30"})
     assert [c["outcome"] for c in project.calls(before.run_id)] == ["ok"]
     assert project.calls(before.run_id)[0]["raw_confidence"] is None
 
-    # Thirty labelled answers from the local model alone: its sure ones were the wrong ones.
-    done = tierflow("eval", "sure", "--cases", "cases.jsonl", "-p", "tier:light", cwd=project.root)
+    # Forty labelled answers from the local model alone: its sure ones were the wrong ones.
+    done = tierflow(
+        "eval", "sure", "--cases", "cases.jsonl", "-p", "tier:light", "--json", cwd=project.root
+    )
     assert done.returncode == 0, done.stderr
+    # The eval calibrated nothing with its own verdicts, though it had 30 by case 31.
+    [light_policy] = json.loads(done.stdout)["policies"]
+    assert light_policy["quality"] == 0.5
+    eval_runs = [run for run in project.store().runs(limit=100) if run["eval"]]
+    assert len(eval_runs) == 40
+    assert all(project.calls(run["id"])[0]["raw_confidence"] is None for run in eval_runs)
 
     # Calibrated, 0.94 means a one-in-two chance of being right: below 0.55, so it escalates.
-    after = project.run("sure", {"text": "c20"})
+    after = project.run("sure", {"text": "c30"})
     first, second = project.calls(after.run_id)
     assert (first["tier_used"], first["outcome"]) == ("light", "low_confidence")
     assert first["raw_confidence"] == pytest.approx(0.9406, abs=1e-3)
@@ -106,3 +114,37 @@ def test_labels_from_eval_calibrate_the_step_and_change_what_escalates(
     assert (second["tier_used"], second["outcome"]) == ("frontier", "ok")
     shown = tierflow("show", after.run_id, cwd=project.root)
     assert "confidence (logprob): 0.500, calibrated (raw 0.941)" in shown.stdout
+
+
+def test_a_ledger_that_cannot_give_labels_leaves_scores_raw(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    project = Project(tmp_path / "p", {"tiers": tiers_for(ollama, frontier)})
+    project.workflow(
+        {
+            "name": "sure",
+            "steps": [
+                {
+                    "id": "say",
+                    "agent": "helper",
+                    "output": {"type": "object"},
+                    "confidence": {"signal": "logprob", "min": 0.55},
+                }
+            ],
+        }
+    )
+    ollama.default = Reply(text='{"answer": "no"}', logprobs=(SURE_AND_WRONG,))
+    store = project.store()
+    with store.engine.begin() as connection:  # the labels' table is gone: every read fails
+        connection.exec_driver_sql("DROP TABLE feedback")
+    store.engine.dispose()
+    result = project.run("sure", {"text": "c1"})
+    assert result.status == "succeeded"
+    [call] = project.calls(result.run_id)
+    assert (call["outcome"], call["raw_confidence"]) == ("ok", None)
+    assert call["confidence"] == pytest.approx(0.9406, abs=1e-3)
+    assert "calibration labels unreadable, scores stay raw" in caplog.text
+    # The step is tier: auto; the router could not read its labels either, and
+    # started it at the cheapest tier instead of failing it.
+    assert (call["tier_used"], call["routed"], call["expected_pass"]) == ("light", "auto", None)
+    assert "its history is unreadable, it starts at the cheapest tier" in caplog.text

@@ -192,7 +192,8 @@ class CallStore:
         (tier, outcome, cost, latency in ms); judges' rows and pending ones left out.
         People's feedback on its answers comes in among them, by time, as the
         outcome ``good`` or ``bad`` at the tier that gave the answer, instead of
-        that answer's own pass (its row's outcome reads ``labelled``: a cost, no label)."""
+        the automatic pass of that tier's calls (their outcome reads ``labelled``:
+        a cost, no label)."""
         mine = (
             model_calls.c.workflow == workflow,
             model_calls.c.step_id == step_id,
@@ -232,27 +233,47 @@ class CallStore:
                 (tier, "good" if good else "bad", 0, 0.0, at, run_id)
                 for tier, good, at, run_id in connection.execute(said)
             ]
-        # A person's label on an answer stands instead of its automatic pass; the
-        # call still says what the tier costs.
-        labelled = {row[5] for row in labels}
+        # A label on an answer stands instead of the automatic pass of the calls
+        # at the tier that gave it (a consistency step's samples too); the calls
+        # still say what the tier costs. Failures below that tier stay failures.
+        labelled = {row[5]: row[0] for row in labels}
         rows = [
-            (row[0], "labelled", *row[2:]) if row[5] in labelled and row[1] in ACCEPTED else row
+            (row[0], "labelled", *row[2:])
+            if labelled.get(row[5]) == row[0] and row[1] in ACCEPTED
+            else row
             for row in rows
         ]
         merged = sorted(rows + labels, key=lambda row: _utc(row[4]), reverse=True)
         return [row[:4] for row in merged[:limit]]
 
     def calibration_labels(
-        self, *, workflow: str, step_id: str, model: str, signal: str, limit: int
+        self,
+        *,
+        workflow: str,
+        step_id: str,
+        model: str,
+        signal: str,
+        limit: int,
+        before: datetime | None = None,
     ) -> list[tuple[float, bool]]:
         """(raw score, right) of the step's labelled answers on ``model`` scored by
-        ``signal``, newest label first: for each run, the answer its step took
-        (the last accepted, items and judges aside) and the labels given to it."""
-        step = (model_calls.c.workflow == workflow, model_calls.c.step_id == step_id)
+        ``signal``, newest first: for each labelled run, the answer its step took
+        (the last accepted, items and judges aside) and its newest label, given
+        before ``before`` if set."""
+        newest = select(func.max(feedback.c.id)).where(feedback.c.step_id == step_id)
+        if before is not None:
+            newest = newest.where(feedback.c.created_at < before)
+        labels = (
+            select(feedback.c.run_id, feedback.c.good, feedback.c.id)
+            .where(feedback.c.id.in_(newest.group_by(feedback.c.run_id)))
+            .subquery()
+        )
         answers = (
             select(func.max(model_calls.c.id).label("id"))
             .where(
-                *step,
+                model_calls.c.workflow == workflow,
+                model_calls.c.step_id == step_id,
+                model_calls.c.run_id.in_(select(labels.c.run_id)),
                 model_calls.c.judged.is_(None),
                 model_calls.c.item_index.is_(None),
                 model_calls.c.outcome.in_(ACCEPTED),
@@ -263,20 +284,16 @@ class CallStore:
         query = (
             select(
                 func.coalesce(model_calls.c.raw_confidence, model_calls.c.confidence),
-                feedback.c.good,
+                labels.c.good,
             )
             .join(answers, answers.c.id == model_calls.c.id)
-            .join(
-                feedback,
-                (feedback.c.run_id == model_calls.c.run_id)
-                & (feedback.c.step_id == model_calls.c.step_id),
-            )
+            .join(labels, labels.c.run_id == model_calls.c.run_id)
             .where(
                 model_calls.c.model == model,
                 model_calls.c.signal == signal,
                 model_calls.c.confidence.is_not(None),
             )
-            .order_by(feedback.c.id.desc())
+            .order_by(labels.c.id.desc())
             .limit(limit)
         )
         with self.engine.connect() as connection:
