@@ -5,10 +5,13 @@ SIMULATED: loopback OpenAI-compatible servers (``orchestrator.testing.GoldAnswer
 that know each case's gold answer and answer wrong on a stated share of the
 questions, priced as gpt-4o-mini and gpt-4.1 are in litellm's table.
 
-Runs the real ``tierflow eval`` command on a copy of evals/ with these policies:
-``tier:light``, ``tier:frontier``, ``as-written`` and ``auto`` on the logprob
-workflow; then ``tier:light`` on the consistency and judge workflows, for their
-signals' AUROC. Then times the router's decision (the ledger read and the
+Runs the real ``tierflow eval`` command on a copy of evals/: first
+``tier:light`` on evals/calibration.jsonl (the same tasks from other seeds),
+whose verdicts are the labels that calibrate the step's logprob score on
+SmolLM2; then, on evals/cases.jsonl, ``tier:light``, ``tier:frontier``,
+``as-written`` and ``auto`` on the logprob workflow (an eval calibrates only
+from labels given before it started, so these are held out); then
+``tier:light`` on the consistency and judge workflows, for their signals' AUROC. Then times the router's decision (the ledger read and the
 choice, as ``tier: auto`` makes it before each step) against the eval's
 ledger, as medians of several rounds, and as a ratio to the light model's
 median call.
@@ -61,7 +64,8 @@ def project(servers: dict[str, OpenAIServer]) -> Path:
     root = Path(tempfile.mkdtemp(prefix="tierflow-eval-"))
     for part in ("agents", "workflows"):
         shutil.copytree(EVALS / part, root / part)
-    shutil.copy(EVALS / "cases.jsonl", root / "cases.jsonl")
+    for name in ("cases.jsonl", "calibration.jsonl"):
+        shutil.copy(EVALS / name, root / name)
     config = (EVALS / "tierflow.yaml").read_text()
     for port, server in zip(PORTS, servers.values(), strict=True):
         config = config.replace(f"http://127.0.0.1:{port}/v1", f"{server.url}/v1")
@@ -70,8 +74,10 @@ def project(servers: dict[str, OpenAIServer]) -> Path:
     return root
 
 
-def tierflow_eval(root: Path, workflow: str, policies: tuple[str, ...], limit: int) -> Any:
-    command = [sys.executable, "-m", "orchestrator", "eval", workflow, "--cases", "cases.jsonl"]
+def tierflow_eval(
+    root: Path, workflow: str, policies: tuple[str, ...], limit: int, cases: str = "cases.jsonl"
+) -> Any:
+    command = [sys.executable, "-m", "orchestrator", "eval", workflow, "--cases", cases]
     for policy in policies:
         command += ["--policy", policy]
     command += ["--limit", str(limit), "--json"]
@@ -79,7 +85,8 @@ def tierflow_eval(root: Path, workflow: str, policies: tuple[str, ...], limit: i
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"tierflow eval {workflow} failed:\n{done.stderr}")
-    print(f"  tierflow eval {workflow} {' '.join(policies)}: {time.perf_counter() - started:.0f} s")
+    took = time.perf_counter() - started
+    print(f"  tierflow eval {workflow} --cases {cases} {' '.join(policies)}: {took:.0f} s")
     return json.loads(done.stdout)
 
 
@@ -154,6 +161,8 @@ def main() -> None:
     rates = ", ".join(f"{name} {rate:.0%}" for name, rate in ERROR_RATES.items())
     print(f"simulated tiers answer wrong on a stated share of questions: {rates}")
     try:
+        labels = tierflow_eval(root, "tasks", ("tier:light",), args.limit, "calibration.jsonl")
+        print(f"  calibration labels: {labels['policies'][0]['right']} right of {labels['cases']}")
         main_table = tierflow_eval(root, "tasks", POLICIES, args.limit)
         signals = {"logprob": main_table["signals"]["logprob"]}
         for workflow, signal in (("tasks-consistency", "consistency"), ("tasks-judge", "judge")):

@@ -1,5 +1,8 @@
-"""Write evals/cases.jsonl: labelled cases from reasoning-gym, a generator of
-tasks with exact answers (Apache-2.0), pinned to the version below.
+"""Write evals/cases.jsonl and evals/calibration.jsonl: labelled cases from
+reasoning-gym, a generator of tasks with exact answers (Apache-2.0), pinned to
+the version below. The calibration cases are the same tasks from other seeds:
+labels to calibrate a step's confidence on, held out from the cases it is
+measured on.
 
     pip install reasoning-gym==0.1.25 && python evals/generate.py
 
@@ -21,6 +24,7 @@ import reasoning_gym
 GENERATOR = "reasoning-gym"
 VERSION = "0.1.25"
 SEED = 20261203
+CALIBRATION_SEED = SEED + 1000
 PER_TASK = 30
 # Dataset, its configuration (small sizes: a 135M model has a 2048-token window), kind.
 TASKS: list[tuple[str, dict[str, Any], str]] = [
@@ -35,10 +39,10 @@ TASKS: list[tuple[str, dict[str, Any], str]] = [
 ]  # fmt: skip
 
 
-def cases() -> list[dict[str, Any]]:
+def cases(first_seed: int) -> list[dict[str, Any]]:
     found = []
     for offset, (name, config, kind) in enumerate(TASKS):
-        seed = SEED + offset
+        seed = first_seed + offset
         dataset = reasoning_gym.create_dataset(name, seed=seed, size=PER_TASK, **config)
         for index in range(PER_TASK):
             entry = dataset[index]
@@ -64,10 +68,11 @@ def main() -> None:
     installed = version("reasoning-gym")
     if installed != VERSION:
         raise SystemExit(f"reasoning-gym {installed} is installed; these cases come from {VERSION}")
-    path = Path(__file__).parent / "cases.jsonl"
-    lines = [json.dumps(case, ensure_ascii=False) for case in cases()]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"{path}: {len(lines)} cases")
+    for name, first_seed in (("cases.jsonl", SEED), ("calibration.jsonl", CALIBRATION_SEED)):
+        path = Path(__file__).parent / name
+        lines = [json.dumps(case, ensure_ascii=False) for case in cases(first_seed)]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"{path}: {len(lines)} cases")
 
 
 if __name__ == "__main__":

@@ -277,8 +277,8 @@ def test_the_shipped_cases_fit_the_shipped_workflows() -> None:
     settings = load_settings(EVALS / "tierflow.yaml")
     for name in ("tasks", "tasks-consistency", "tasks-judge"):
         loaded = load_workflow(find_workflow(name, settings), settings)
-        cases = evaluation.load_cases(EVALS / "cases.jsonl", loaded)
-        assert len(cases) == 240
+        for name in ("cases.jsonl", "calibration.jsonl"):
+            assert len(evaluation.load_cases(EVALS / name, loaded)) == 240
     lines = (EVALS / "cases.jsonl").read_text().splitlines()
     kinds = {json.loads(line)["meta"]["dataset"] for line in lines}
     assert len(kinds) == 8
