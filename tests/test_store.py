@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from conftest import make_call, make_step
@@ -294,3 +295,44 @@ def test_runs_whose_message_may_be_lost_are_claimed_once_per_period(store: Store
     assert (found["status"], found["queue"], found["lease_owner"]) == ("queued", "cpu", None)
     with pytest.raises(LeaseLost):  # it no longer holds the run
         store.hand_off(lease, queue="cpu")
+
+
+def test_a_steps_routing_history_merges_calls_and_labels_by_time(store: Store) -> None:
+    """On both databases: newest first, labels among calls in their place, the
+    newest label per answer, and labelled passes turned into costs only."""
+    from datetime import timedelta
+
+    start = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+
+    def routed(attempt: int, tier: str, outcome: str, minutes: int, cost: str) -> Any:
+        return make_call(
+            attempt,
+            cost,
+            tier_used=tier,
+            outcome=outcome,
+            route_key="k" * 16,
+            latency_ms=float(attempt),
+            created_at=start + timedelta(minutes=minutes),
+        )
+
+    # r1: light failed, frontier passed; labelled bad twice, then good (newest wins).
+    new_run(store, "r1")
+    first = [routed(1, "light", "low_confidence", 0, "0"), routed(2, "frontier", "ok", 1, "0.25")]
+    store.record_step(run_id="r1", workflow="wf", content_hash="h", record=make_step("a", first))
+    # r2: light passed, unlabelled, later than every label of r1 but one.
+    new_run(store, "r2")
+    second = [routed(1, "light", "ok", 10, "0.000000000001")]
+    store.record_step(run_id="r2", workflow="wf", content_hash="h", record=make_step("a", second))
+    for good in (False, False, True):
+        store.add_feedback("r1", "a", good=good, note=None)
+    history = store.route_history(workflow="wf", step_id="a", route_key="k" * 16, limit=10)
+    # Labels are written now (after every call): they come first, one for r1.
+    assert history == [
+        ("frontier", "good", 0.0, 0.0),
+        ("light", "ok", 1e-12, 1.0),
+        ("frontier", "labelled", 0.25, 2.0),
+        ("light", "low_confidence", 0.0, 1.0),
+    ]
+    assert (
+        store.route_history(workflow="wf", step_id="a", route_key="k" * 16, limit=2) == history[:2]
+    )

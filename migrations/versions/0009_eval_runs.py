@@ -1,7 +1,8 @@
 """Runs made by ``tierflow eval``, and their ledger rows, are marked: spend
 reports leave them out unless asked. The spend indexes hold the mark, so a
 report still reads them alone. A ledger row keeps its raw confidence score
-when its step's labels calibrated it.
+when its step's labels calibrated it. A label keeps the tier of the answer it
+labels, and a step's labels are indexed newest first, for the router.
 
 Revision ID: 0009
 Revises: 0008
@@ -60,9 +61,19 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("eval", sa.Boolean(), nullable=True))
         batch_op.add_column(sa.Column("raw_confidence", sa.Float(), nullable=True))
     _spend_indexes(["eval"])
+    with op.batch_alter_table("feedback", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("tier", sa.String(length=50), nullable=True))
+        batch_op.create_index("ix_feedback_step_id_id", ["step_id", "id"])
+    op.execute(
+        "UPDATE feedback SET tier = (SELECT tier_used FROM step_runs"
+        " WHERE step_runs.run_id = feedback.run_id AND step_runs.step_id = feedback.step_id)"
+    )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("feedback", schema=None) as batch_op:
+        batch_op.drop_index("ix_feedback_step_id_id")
+        batch_op.drop_column("tier")
     _drop_spend_indexes()
     with op.batch_alter_table("model_calls", schema=None) as batch_op:
         batch_op.drop_column("raw_confidence")

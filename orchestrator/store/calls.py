@@ -3,18 +3,30 @@ each step's result written with its calls in one transaction."""
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    Engine,
+    String,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    type_coerce,
+    update,
+)
 
 from orchestrator.errors import UserError
 from orchestrator.ledger import ACCEPTED, Call, StepRecord
 from orchestrator.store import counters, prepared
 from orchestrator.store.counters import Limit
 from orchestrator.store.leases import Lease, fence, fence_written, lost_on_conflict
-from orchestrator.store.tables import feedback, model_calls, runs, step_runs
+from orchestrator.store.tables import PICO_PER_USD, feedback, model_calls, runs, step_runs
 
 CALL_FIELDS = tuple(field.name for field in fields(Call))
 _INSERT_STEP = insert(step_runs)
@@ -29,6 +41,42 @@ _SETTLE_CALL = (
         model_calls.c.state == "pending",
     )
     .values({name: bindparam(name) for name in (*CALL_FIELDS, "state")})
+)
+
+
+# A tier: auto step's history (CallStore.route_history), built once.
+_MINE = (
+    model_calls.c.workflow == bindparam("h_workflow"),
+    model_calls.c.step_id == bindparam("h_step_id"),
+    model_calls.c.route_key == bindparam("h_key"),
+    model_calls.c.judged.is_(None),
+)
+_HISTORY_CALLS = (
+    select(
+        model_calls.c.tier_used,
+        model_calls.c.outcome,
+        type_coerce(model_calls.c.cost_usd, BigInteger),
+        model_calls.c.latency_ms,
+        type_coerce(model_calls.c.created_at, String),
+        model_calls.c.run_id,
+    )
+    .where(*_MINE, model_calls.c.state != "pending")
+    .order_by(model_calls.c.id.desc())
+    .limit(bindparam("h_limit"))
+)
+_HISTORY_LABELS = (
+    select(
+        feedback.c.tier,
+        feedback.c.good,
+        type_coerce(feedback.c.created_at, String),
+        feedback.c.run_id,
+    )
+    .where(
+        feedback.c.step_id == bindparam("h_step_id"),
+        feedback.c.run_id.in_(select(model_calls.c.run_id).where(*_MINE)),
+    )
+    .order_by(feedback.c.id.desc())
+    .limit(bindparam("h_limit"))
 )
 
 
@@ -187,64 +235,50 @@ class CallStore:
 
     def route_history(
         self, *, workflow: str, step_id: str, route_key: str, limit: int
-    ) -> list[tuple[str, str, Any, float]]:
+    ) -> list[tuple[str, str, float, float]]:
         """A ``tier: auto`` step's newest rows under ``route_key``, newest first:
-        (tier, outcome, cost, latency in ms); judges' rows and pending ones left out.
-        People's feedback on its answers comes in among them, by time, as the
-        outcome ``good`` or ``bad`` at the tier that gave the answer, instead of
-        the automatic pass of that tier's calls (their outcome reads ``labelled``:
-        a cost, no label)."""
-        mine = (
-            model_calls.c.workflow == workflow,
-            model_calls.c.step_id == step_id,
-            model_calls.c.route_key == route_key,
-            model_calls.c.judged.is_(None),
-        )
-        calls = (
-            select(
-                model_calls.c.tier_used,
-                model_calls.c.outcome,
-                model_calls.c.cost_usd,
-                model_calls.c.latency_ms,
-                model_calls.c.created_at,
-                model_calls.c.run_id,
-            )
-            .where(*mine, model_calls.c.state != "pending")
-            .order_by(model_calls.c.id.desc())
-            .limit(limit)
-        )
-        said = (
-            select(step_runs.c.tier_used, feedback.c.good, feedback.c.created_at, feedback.c.run_id)
-            .join(
-                step_runs,
-                (step_runs.c.run_id == feedback.c.run_id)
-                & (step_runs.c.step_id == feedback.c.step_id),
-            )
-            .where(
-                feedback.c.step_id == step_id,
-                feedback.c.run_id.in_(select(model_calls.c.run_id).where(*mine)),
-            )
-            .order_by(feedback.c.id.desc())
-            .limit(limit)
-        )
+        (tier, outcome, cost in USD, latency in ms); judges' rows and pending ones
+        left out. Labels on its answers (people's, and ``tierflow eval``'s) come in
+        among them, by time, as the outcome ``good`` or ``bad`` at the tier that
+        gave the answer, the newest one per run, instead of the automatic pass of
+        that tier's calls (their outcome reads ``labelled``: a cost, no label).
+
+        Read before every ``tier: auto`` step: its two statements are built once,
+        money comes back as integer pico-dollars and times as the database gives
+        them (both sides alike), merged in order without a sort.
+        """
+        params = {
+            "h_workflow": workflow,
+            "h_step_id": step_id,
+            "h_key": route_key,
+            "h_limit": limit,
+        }
         with self.engine.connect() as connection:
-            rows = [tuple(row) for row in connection.execute(calls)]
-            labels = [
-                (tier, "good" if good else "bad", 0, 0.0, at, run_id)
-                for tier, good, at, run_id in connection.execute(said)
-            ]
+            calls = connection.execute(_HISTORY_CALLS, params).all()
+            labels = connection.execute(_HISTORY_LABELS, params).all()
         # A label on an answer stands instead of the automatic pass of the calls
         # at the tier that gave it (a consistency step's samples too); the calls
         # still say what the tier costs. Failures below that tier stay failures.
-        labelled = {row[5]: row[0] for row in labels}
-        rows = [
-            (row[0], "labelled", *row[2:])
-            if labelled.get(row[5]) == row[0] and row[1] in ACCEPTED
-            else row
-            for row in rows
-        ]
-        merged = sorted(rows + labels, key=lambda row: _utc(row[4]), reverse=True)
-        return [row[:4] for row in merged[:limit]]
+        labelled: dict[str, str] = {}
+        for tier, _, _, run_id in labels:
+            labelled.setdefault(run_id, tier)  # the newest label of each answer
+        merged = heapq.merge(calls, labels, key=lambda row: row[-2], reverse=True)
+        history = []
+        counted: set[str] = set()
+        for row in merged:
+            if len(row) == 4:  # a label
+                tier, good, _, run_id = row
+                if run_id not in counted:
+                    counted.add(run_id)
+                    history.append((tier, "good" if good else "bad", 0.0, 0.0))
+            else:
+                tier, outcome, pico, latency, _, run_id = row
+                if outcome in ACCEPTED and labelled.get(run_id) == tier:
+                    outcome = "labelled"
+                history.append((tier, outcome, pico / PICO_PER_USD, latency))
+            if len(history) == limit:
+                break
+        return history
 
     def calibration_labels(
         self,
@@ -302,13 +336,12 @@ class CallStore:
     def add_feedback(self, run_id: str, step_id: str, *, good: bool, note: str | None) -> None:
         """A person's label on a succeeded step's answer; a ``UserError`` names what is wrong."""
         with self.engine.begin() as connection:
-            steps = dict(
-                connection.execute(
-                    select(step_runs.c.step_id, step_runs.c.status).where(
-                        step_runs.c.run_id == run_id
-                    )
-                ).all()
-            )
+            found = connection.execute(
+                select(step_runs.c.step_id, step_runs.c.status, step_runs.c.tier_used).where(
+                    step_runs.c.run_id == run_id
+                )
+            ).all()
+            steps = {step: status for step, status, _ in found}
             if step_id not in steps:
                 raise UserError(
                     f"run {run_id} has no step '{step_id}'; its steps: {', '.join(steps) or 'none'}"
@@ -323,6 +356,7 @@ class CallStore:
                     step_id=step_id,
                     good=good,
                     note=note,
+                    tier=next(tier for step, _, tier in found if step == step_id),
                     created_at=datetime.now(UTC),
                 )
             )
@@ -417,8 +451,3 @@ def _call_row(
     if not accepted:
         row["reference_cost_usd"] = None
     return row
-
-
-def _utc(at: datetime) -> datetime:
-    """SQLite gives back naive times (UTC); PostgreSQL aware ones."""
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)

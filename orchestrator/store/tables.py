@@ -222,6 +222,8 @@ feedback = Table(
     Column("step_id", String(100), nullable=False),
     Column("good", Boolean, nullable=False),
     Column("note", Text),
+    Column("tier", String(50)),  # the tier whose answer it labels
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index(None, "run_id", "step_id"),
+    Index(None, "step_id", "id"),  # a step's newest labels first, for the router
 )
