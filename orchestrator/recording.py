@@ -10,6 +10,7 @@ Every write is fenced by the run's lease. Once a workflow's own limits are
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -45,6 +46,7 @@ class LedgerHooks(Hooks):
         self._settings = settings
         self._eval = eval
         self._labels_before = labels_before
+        self._histories: dict[tuple[str, str], asyncio.Future[list[router.Outcome]]] = {}
         self._store = store
         self._workflow = workflow
         self._lease = lease
@@ -106,16 +108,17 @@ class LedgerHooks(Hooks):
         )
 
     async def route(self, plan: StepPlan, key: str, ladder: list[str]) -> router.Route:
-        """Where a ``tier: auto`` step starts, from its history (``orchestrator.router``)."""
-        rows = await off_loop(
-            lambda: self._store.route_history(
-                workflow=self._workflow.name, step_id=plan.id, route_key=key, limit=router.HISTORY
+        """Where a ``tier: auto`` step starts, from its history (``orchestrator.router``).
+
+        The history is read once per step of the run: the items of a ``for_each``
+        step share it (their own rows are written when the step ends), and each
+        item still draws its own exploration."""
+        found = self._histories.get((plan.id, key))
+        if found is None:
+            found = self._histories[(plan.id, key)] = asyncio.ensure_future(
+                self._history(plan, key)
             )
-        )
-        history = [
-            router.Outcome(tier, outcome, float(cost), latency)
-            for tier, outcome, cost, latency in rows
-        ]
+        history = await asyncio.shield(found)
         settings = self._settings.config.router
         return router.route(
             history,
@@ -123,6 +126,17 @@ class LedgerHooks(Hooks):
             explore=settings.explore,
             latency_usd_per_s=settings.latency_usd_per_s,
         )
+
+    async def _history(self, plan: StepPlan, key: str) -> list[router.Outcome]:
+        rows = await off_loop(
+            lambda: self._store.route_history(
+                workflow=self._workflow.name, step_id=plan.id, route_key=key, limit=router.HISTORY
+            )
+        )
+        return [
+            router.Outcome(tier, outcome, float(cost), latency)
+            for tier, outcome, cost, latency in rows
+        ]
 
     async def calibration(self, plan: StepPlan, model: str, signal: str) -> Calibration | None:
         """The step's calibration on ``model`` for ``signal``, from its labels

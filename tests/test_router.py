@@ -196,3 +196,49 @@ def test_feedback_names_what_is_wrong(
         said = tierflow(*args, cwd=project.root)
         assert said.returncode == 2 and message in said.stderr, said.stderr
         assert "Traceback" not in said.stderr
+
+
+def test_the_items_of_a_step_share_one_read_of_its_history(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    import asyncio
+
+    from sqlalchemy import event
+
+    project = auto_project(tmp_path, ollama, frontier)
+    project.workflow(
+        {
+            "name": "many",
+            "inputs": {"items": {"type": "array", "default": list(range(6))}},
+            "steps": [
+                {
+                    "id": "each",
+                    "agent": "helper",
+                    "tier": "auto",
+                    "for_each": "inputs['items']",
+                    "prompt": "item {{ item }}",
+                    "output": {"type": "object"},
+                }
+            ],
+        }
+    )
+    runner, loaded, store = project.runner("many")
+    reads: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "route_key" in statement and "ORDER BY model_calls.id DESC" in statement:
+            reads.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        for _ in range(2):
+            result = asyncio.run(runner.run(loaded, {}))
+            assert result.status == "succeeded"
+    finally:
+        store.engine.dispose()
+    assert len(reads) == 2  # one per run, not one per item
+    # Every item was routed from it: the second run's items start on the frontier,
+    # after the first run's six light failures.
+    calls = project.calls(result.run_id)
+    assert {c["tier_used"] for c in calls} == {"frontier"} and len(calls) == 6
+    assert all(c["routed"] == "auto" for c in calls)
