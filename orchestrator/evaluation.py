@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.encoding import money
 from orchestrator.errors import UserError
@@ -55,6 +55,9 @@ from orchestrator.loading import suggest
 from orchestrator.settings import Settings
 from orchestrator.spec import AUTO_TIER, LoadedWorkflow, StepPlan
 from orchestrator.store import Store
+
+if TYPE_CHECKING:
+    from orchestrator.runner import Runner
 
 MAX_CASES_BYTES = 64 * 1024 * 1024
 MATCHERS = ("contains", "one_of")
@@ -468,7 +471,9 @@ async def evaluate(
     )
 
 
-async def _run_case(runner: Any, store: Store, workflow: LoadedWorkflow, case: Case) -> CaseResult:
+async def _run_case(
+    runner: Runner, store: Store, workflow: LoadedWorkflow, case: Case
+) -> CaseResult:
     started = time.perf_counter()
     ran = await runner.run(workflow, case.inputs)
     latency_ms = (time.perf_counter() - started) * 1000

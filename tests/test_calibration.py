@@ -64,23 +64,22 @@ def light(body: dict[str, Any]) -> Reply:
     )
 
 
+def sure_project(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer, **step: Any
+) -> Project:
+    """A project whose one step, ``say`` of workflow ``sure``, asks for logprob 0.55."""
+    project = Project(tmp_path / "p", {"tiers": tiers_for(ollama, frontier)})
+    confidence = {"signal": "logprob", "min": 0.55}
+    say = {"id": "say", "agent": "helper", **step, "confidence": confidence}
+    project.workflow({"name": "sure", "steps": [say]})
+    return project
+
+
 def test_labels_from_eval_calibrate_the_step_and_change_what_escalates(
     tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer
 ) -> None:
-    project = Project(tmp_path / "p", {"tiers": tiers_for(ollama, frontier)})
-    project.workflow(
-        {
-            "name": "sure",
-            "steps": [
-                {
-                    "id": "say",
-                    "agent": "helper",
-                    "tier": "light",
-                    "output": {"type": "object", "required": ["answer"]},
-                    "confidence": {"signal": "logprob", "min": 0.55},
-                }
-            ],
-        }
+    project = sure_project(
+        tmp_path, ollama, frontier, tier="light", output={"type": "object", "required": ["answer"]}
     )
     cases = [{"inputs": {"text": f"c{i}"}, "expect": {"say": {"answer": "yes"}}} for i in range(40)]
     project.write("cases.jsonl", "\n".join(json.dumps(case) for case in cases) + "\n")
@@ -119,20 +118,7 @@ def test_labels_from_eval_calibrate_the_step_and_change_what_escalates(
 def test_a_ledger_that_cannot_give_labels_leaves_scores_raw(
     tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    project = Project(tmp_path / "p", {"tiers": tiers_for(ollama, frontier)})
-    project.workflow(
-        {
-            "name": "sure",
-            "steps": [
-                {
-                    "id": "say",
-                    "agent": "helper",
-                    "output": {"type": "object"},
-                    "confidence": {"signal": "logprob", "min": 0.55},
-                }
-            ],
-        }
-    )
+    project = sure_project(tmp_path, ollama, frontier, output={"type": "object"})  # tier: auto
     ollama.default = Reply(text='{"answer": "no"}', logprobs=(SURE_AND_WRONG,))
     store = project.store()
     with store.engine.begin() as connection:  # the labels' table is gone: every read fails
