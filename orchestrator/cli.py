@@ -455,7 +455,11 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
     def show(record: StepRecord) -> None:
         answer = record.answer
         mark = {"succeeded": "[green]✓[/]", "skipped": "[dim]–[/]"}.get(record.status, "[red]✗[/]")
-        where = f"{answer.tier_used} · {answer.model}" if answer else record.status
+        where = (
+            f"{_tier(answer.tier_used, answer.simulated)} · {answer.model}"
+            if answer
+            else record.status
+        )
         tokens = sum(c.prompt_tokens + c.completion_tokens for c in record.calls)
         seconds = (record.finished_at - record.started_at).total_seconds()
         console.print(
@@ -468,14 +472,26 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
                     said.add((call.model, call.error))
                     console.print(f"    [dim]skipped {escape(f'{call.model}: {call.error}')}[/]")
             elif call.outcome != "ok":
+                tier = _tier(call.tier_used, call.simulated)
                 console.print(
-                    f"    [yellow]{call.outcome}[/]"
-                    f" {escape(f'{call.tier_used} · {call.model}: {call.error}')}"
+                    f"    [yellow]{call.outcome}[/] {escape(f'{tier} · {call.model}: {call.error}')}"
                 )
         if record.error:
             console.print(f"    [red]{escape(record.error)}[/]")
 
     return show
+
+
+def _tier(name: str, simulated: bool | None) -> str:
+    """A tier's name as tables show it: a simulated one says so."""
+    return f"{name} (simulated)" if simulated else name
+
+
+def _simulated_note(cost: Decimal) -> str:
+    return (
+        f"{usd(cost)} of the cost is simulated: a tier marked simulated answered,"
+        " priced as its real model would charge. Nobody was billed for it."
+    )
 
 
 def _print_run_summary(console: Console, store: Store, run_id: str) -> None:
@@ -492,15 +508,16 @@ def _print_run_summary(console: Console, store: Store, run_id: str) -> None:
     table = Table(title=f"spend for run {run_id[:12]}", title_justify="left")
     for column in ("step", "tier", "model", "tokens in", "tokens out", "cost", "all-frontier"):
         table.add_column(column, justify="left" if column in ("step", "tier", "model") else "right")
-    total_cost = total_reference = Decimal(0)
+    total_cost = total_reference = simulated = Decimal(0)
     for call in found["calls"]:
         if call["outcome"] == "unavailable":
             continue
         total_cost += call["cost_usd"]
         total_reference += call["reference_cost_usd"] or 0
+        simulated += call["cost_usd"] if call["simulated"] else 0
         table.add_row(
             call["step_id"],
-            call["tier_used"],
+            _tier(call["tier_used"], call["simulated"]),
             call["model"],
             str(call["prompt_tokens"]),
             str(call["completion_tokens"]),
@@ -509,6 +526,8 @@ def _print_run_summary(console: Console, store: Store, run_id: str) -> None:
         )
     table.add_section()
     table.add_row("total", "", "", "", "", usd(total_cost), usd(total_reference))
+    if simulated:
+        table.caption, table.caption_justify = _simulated_note(simulated), "left"
     console.print()
     console.print(table)
     console.print(
@@ -575,7 +594,8 @@ def show(
         for call in (c for c in found["calls"] if c["step_id"] == step["step_id"]):
             item = "" if call["item_index"] is None else f" item {call['item_index']}"
             console.print(
-                f"  #{call['attempt']}{item}  {call['tier_used']} · {call['model']}  {call['outcome']}"
+                f"  #{call['attempt']}{item}  {_tier(call['tier_used'], call['simulated'])}"
+                f" · {call['model']}  {call['outcome']}"
                 f"  {call['prompt_tokens']}+{call['completion_tokens']} tok  {usd(call['cost_usd'])}"
                 f"  {call['latency_ms']:.0f} ms",
                 markup=False,
@@ -703,16 +723,19 @@ def _spend_table(found: reports.SpendReport) -> Any:
             f"{row.escalation_rate:.1%}",
             f"{row.prompt_tokens:,}",
             f"{row.completion_tokens:,}",
-            usd(row.cost_usd),
+            usd(row.cost_usd) + ("*" if row.simulated_cost_usd else ""),
             usd(row.local_cost_usd),
             usd(row.reference_cost_usd),
-            usd(row.savings_usd),
+            usd(row.savings_usd) + ("*" if row.simulated_cost_usd else ""),
         ]
 
     for row in found.groups:
         table.add_row(*(part or "-" for part in row.key), *cells(row))
     table.add_section()
     table.add_row("total", *[""] * (len(found.fields) - 1), *cells(found.total))
+    if found.total.simulated_cost_usd:
+        table.caption = "* " + _simulated_note(found.total.simulated_cost_usd)
+        table.caption_justify = "left"
     return table
 
 

@@ -37,6 +37,7 @@ class Call:
     created_at: datetime
     reserved_usd: Decimal | None = None  # held against budgets before the request
     local: bool = False  # served by a local tier
+    simulated: bool = False  # served by a stand-in for a real model (a tier marked simulated)
     # Where the tokens come from: "reported" by the provider; "counted" here, as
     # the provider reported none; "worst_case", the reservation's estimate, kept
     # for a call that may have been billed and reported nothing; None, nothing

@@ -24,6 +24,9 @@ the grand total equal the sum of the ledger rows exactly. What the figures mean:
   counts. A run that did not succeed has each row's counterfactual set to its
   cost when it ends, so it claims no savings. A row recorded with no reference
   model counts $0 there.
+- ``simulated_cost_usd``: the part of ``cost_usd`` recorded for calls to a
+  tier marked ``simulated`` (a stand-in that answered as a real model would,
+  priced as that model): money that was not spent. Tables that show it say so.
 - Pending and abandoned rows count with their worst-case estimate, so recorded
   spend never falls below real spend.
 """
@@ -86,6 +89,7 @@ class SpendRow:
     cost_usd: Decimal
     reference_cost_usd: Decimal
     local_cost_usd: Decimal = Decimal(0)
+    simulated_cost_usd: Decimal = Decimal(0)
 
     @property
     def provider_cost_usd(self) -> Decimal:
@@ -112,6 +116,7 @@ class SpendRow:
             "cost_usd": str(self.cost_usd),
             "provider_cost_usd": str(self.provider_cost_usd),
             "local_cost_usd": str(self.local_cost_usd),
+            "simulated_cost_usd": str(self.simulated_cost_usd),
             "reference_cost_usd": str(self.reference_cost_usd),
             "savings_usd": str(self.savings_usd),
         }
@@ -242,6 +247,7 @@ def total(rows: list[SpendRow]) -> SpendRow:
         cost_usd=sum((row.cost_usd for row in rows), Decimal(0)),
         reference_cost_usd=sum((row.reference_cost_usd for row in rows), Decimal(0)),
         local_cost_usd=sum((row.local_cost_usd for row in rows), Decimal(0)),
+        simulated_cost_usd=sum((row.simulated_cost_usd for row in rows), Decimal(0)),
     )
 
 
@@ -312,6 +318,7 @@ def spend_query(
             func.sum(partials.c.cost_usd, type_=Money),
             func.coalesce(func.sum(partials.c.reference_cost_usd), 0, type_=Money),
             func.coalesce(func.sum(partials.c.local_cost_usd), 0, type_=Money),
+            func.coalesce(func.sum(partials.c.simulated_cost_usd), 0, type_=Money),
         )
         .select_from(source)
         .group_by(*keys)
@@ -363,6 +370,9 @@ def _sums(keys: tuple[str, ...]) -> Select[Any]:
         func.sum(case((model_calls.c.local.is_(True), model_calls.c.cost_usd), else_=0)).label(
             "local_cost_usd"
         ),
+        func.sum(case((model_calls.c.simulated.is_(True), model_calls.c.cost_usd), else_=0)).label(
+            "simulated_cost_usd"
+        ),
     ).group_by(*columns)
 
 
@@ -381,6 +391,7 @@ def _escalations(keys: tuple[str, ...]) -> Select[Any]:
                     "cost_usd",
                     "reference_cost_usd",
                     "local_cost_usd",
+                    "simulated_cost_usd",
                 )
             ),
         )
@@ -402,7 +413,7 @@ def _within(
 
 
 def _row(row: Any, width: int) -> SpendRow:
-    calls, escalated, prompt, completion, cost, reference, local = row[width:]
+    calls, escalated, prompt, completion, cost, reference, local, simulated = row[width:]
     return SpendRow(
         key=tuple(_key_part(part) for part in row[:width]),
         calls=int(calls),
@@ -412,6 +423,7 @@ def _row(row: Any, width: int) -> SpendRow:
         cost_usd=cost or Decimal(0),
         reference_cost_usd=reference or Decimal(0),
         local_cost_usd=local or Decimal(0),
+        simulated_cost_usd=simulated or Decimal(0),
     )
 
 

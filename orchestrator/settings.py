@@ -17,7 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator import locality, pricing
 from orchestrator.errors import SpecError, UserError
@@ -53,6 +53,10 @@ class ModelEntry(_Strict):
     # How the model takes a step's output schema: the schema itself, any JSON
     # object, or nothing. A server that refuses one form gets the next.
     structured: Literal["json_schema", "json_object", "none"] = "json_schema"
+    # litellm's own stand-in for a provider: every request gets this text back and
+    # nothing leaves the machine. Only on a tier marked simulated: true (a demo or a
+    # test), so that a real tier can never answer with canned text.
+    mock_response: str | None = Field(default=None, min_length=1, max_length=10_000)
 
     @property
     def provider(self) -> str:
@@ -68,8 +72,9 @@ class Tier(_Strict):
     # Workers started with `--tiers NAME` consume this tier's queue; without
     # one, the tier's steps go to the configuration's default queue.
     queue: str | None = Field(default=None, pattern=QUEUE_PATTERN)
-    # Served by a stand-in for a real model (a test server): tierflow eval's
-    # tables say "simulated" beside the tier's figures.
+    # Served by a stand-in for a real model (a test server, or mock_response):
+    # its calls are marked in the ledger, and every table that shows their
+    # figures says "simulated".
     simulated: bool = False
 
     @field_validator("models", mode="before")
@@ -78,6 +83,15 @@ class Tier(_Strict):
         if isinstance(value, list):
             return [{"model": item} if isinstance(item, str) else item for item in value]
         return value
+
+    @model_validator(mode="after")
+    def _mocks_are_simulated(self) -> Tier:
+        mocked = [entry.model for entry in self.models if entry.mock_response is not None]
+        if mocked and not self.simulated:
+            raise ValueError(
+                f"{mocked[0]} answers with mock_response, so the tier must say simulated: true"
+            )
+        return self
 
 
 class PriceOverride(_Strict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -27,30 +28,43 @@ def _needs_llama_cpp() -> None:
         missing_service(f"embedded model not installed: {exc}")
 
 
-def test_quickstart_runs_on_the_embedded_model(tmp_path: Path) -> None:
+def test_quickstart_runs_on_the_embedded_model_and_shows_an_escalation(tmp_path: Path) -> None:
+    """README's first command: no server, no key. SmolLM2 writes the facts; its
+    headline fails the check and the step climbs to the simulated hosted tier."""
+    env = {**_env(), "TIERFLOW_DATABASE_URL": f"sqlite:///{tmp_path / 'q.db'}"}
+    quickstart = ["--config", "tierflow.quickstart.yaml"]
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "run", "quickstart", "--json"],
+        [sys.executable, "-m", "orchestrator", "run", "quickstart", *quickstart, "--json"],
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**_env(), "TIERFLOW_DATABASE_URL": f"sqlite:///{tmp_path / 'q.db'}"},
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["status"] == "succeeded"
-    assert isinstance(result["outputs"]["headline"], str) and result["outputs"]["headline"]
+    assert result["outputs"]["facts"]
 
     shown = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "show", result["run_id"], "--json"],
+        [sys.executable, "-m", "orchestrator", "show", result["run_id"], *quickstart, "--json"],
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**_env(), "TIERFLOW_DATABASE_URL": f"sqlite:///{tmp_path / 'q.db'}"},
+        env=env,
     )
-    calls = [c for c in json.loads(shown.stdout)["calls"] if c["outcome"] == "ok"]
-    assert {c["model"] for c in calls} == {"llamacpp/smollm2-135m"}
+    calls = [c for c in json.loads(shown.stdout)["calls"] if c["outcome"] != "unavailable"]
+    made = [(c["step_id"], c["model"], c["outcome"], c["simulated"]) for c in calls]
+    assert made == [
+        ("facts", "llamacpp/smollm2-135m", "ok", False),
+        ("headline", "llamacpp/smollm2-135m", "invalid_output", False),
+        ("headline", "openai/gpt-4o-mini", "ok", True),
+    ]
+    assert "wordcount <= 8" in calls[1]["error"]
+    assert calls[2]["escalation_reason"] and Decimal(calls[2]["cost_usd"]) > 0
     assert all(c["prompt_tokens"] > 0 and c["completion_tokens"] > 0 for c in calls)
-    assert all(c["cost_usd"] == "0" for c in calls)
+    assert [c["cost_usd"] for c in calls[:2]] == ["0", "0"]
+    saved = sum(Decimal(c["reference_cost_usd"] or 0) - Decimal(c["cost_usd"]) for c in calls)
+    assert saved > 0
 
 
 def test_embedded_model_honours_a_json_schema(tmp_path: Path) -> None:

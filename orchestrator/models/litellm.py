@@ -95,9 +95,20 @@ class LiteLLMClient(ModelClient):
 
     The key is read from ``api_key_env`` when the tier names one, else litellm
     finds the provider's usual variable. Keys are never stored or logged.
+
+    With ``mock_response``, litellm answers every request with that text itself
+    (its ``mock_response`` option): no key is needed and nothing is sent. Its
+    made-up usage is not a provider's, so the tokens are counted here.
     """
 
-    def __init__(self, *, model: str, api_base: str | None, api_key_env: str | None) -> None:
+    def __init__(
+        self,
+        *,
+        model: str,
+        api_base: str | None,
+        api_key_env: str | None,
+        mock_response: str | None = None,
+    ) -> None:
         self._litellm = import_litellm()
         import aiohttp  # litellm's transport; both already imported by litellm
         import httpx
@@ -113,6 +124,7 @@ class LiteLLMClient(ModelClient):
         self._model = model
         self._api_base = api_base
         self._api_key_env = api_key_env
+        self._mock_response = mock_response
         self._checked_key: tuple[str | None] | None = None
         self._forms = Forms()
 
@@ -136,7 +148,7 @@ class LiteLLMClient(ModelClient):
         raise ModelUnavailable(f"{self._model}: {', '.join(missing)} not set")
 
     async def complete(self, request: ModelRequest) -> ModelReply:
-        api_key = self._api_key()
+        api_key = None if self._mock_response is not None else self._api_key()
         _open_on.setdefault(asyncio.get_running_loop(), weakref.WeakSet()).add(self)
         form = self._forms.of(request) if request.json_schema is not None else "none"
         options: dict[str, Any] = {
@@ -152,6 +164,8 @@ class LiteLLMClient(ModelClient):
             "num_retries": 0,  # the scheduler decides what to ask again
             "max_retries": 0,
         }
+        if self._mock_response is not None:
+            options["mock_response"] = self._mock_response
         if request.logprobs:  # dropped for a provider that takes none: then none come back
             options.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
         if request.json_schema is not None:
@@ -173,7 +187,7 @@ class LiteLLMClient(ModelClient):
             raise
         except Exception as exc:
             raise self._error(exc, request, form) from None
-        usage = _reported(getattr(response, "usage", None))
+        usage = None if self._mock_response else _reported(getattr(response, "usage", None))
         if not response.choices:
             raise ModelCallError(f"{self._model}: the answer held no choices", usage=usage)
         text = response.choices[0].message.content or ""

@@ -10,7 +10,7 @@ class Clients:
     """Builds clients lazily, so a run pays only for the backends it reaches."""
 
     def __init__(self) -> None:
-        self._clients: dict[tuple[str, str | None, str | None], ModelClient] = {}
+        self._clients: dict[tuple[str, str | None, str | None, str | None], ModelClient] = {}
 
     def for_entry(self, entry: ModelEntry) -> ModelClient:
         provider = entry.provider
@@ -18,6 +18,7 @@ class Clients:
             provider if provider in ("ollama", "llamacpp") else entry.model,
             entry.api_base,
             entry.api_key_env,
+            entry.mock_response,
         )
         client = self._clients.get(key)
         if client is None:
@@ -42,4 +43,9 @@ def _build(entry: ModelEntry) -> ModelClient:
         return LlamaCppClient()
     from orchestrator.models.litellm import LiteLLMClient
 
-    return LiteLLMClient(model=entry.model, api_base=entry.api_base, api_key_env=entry.api_key_env)
+    return LiteLLMClient(
+        model=entry.model,
+        api_base=entry.api_base,
+        api_key_env=entry.api_key_env,
+        mock_response=entry.mock_response,
+    )

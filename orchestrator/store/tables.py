@@ -135,6 +135,9 @@ model_calls = Table(
     # The worst case reserved before the request; what cost_usd leaves of it was released.
     Column("reserved_usd", Money),
     Column("local", Boolean),  # served by a local tier: its cost is not provider spend
+    # Served by a stand-in for a real model (a tier marked simulated): its cost is
+    # what the real model would have charged, and reports say so.
+    Column("simulated", Boolean),
     # reported, counted (the provider reported none), worst_case, or NULL (nothing billed).
     Column("usage_source", String(12)),
     # The confidence signal that scored the answer (logprob, consistency, judge) and
@@ -185,6 +188,7 @@ model_calls = Table(
         "reference_cost_usd",
         "local",
         "eval",
+        "simulated",
     ),
     Index(
         "ix_model_calls_escalated",
