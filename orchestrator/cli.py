@@ -43,6 +43,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+cache_app = typer.Typer(help="Answers kept for steps that say cache:.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 ConfigOption = Annotated[
     str | None,
@@ -457,6 +459,7 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
         mark = {"succeeded": "[green]✓[/]", "skipped": "[dim]–[/]"}.get(record.status, "[red]✗[/]")
         where = (
             f"{_tier(answer.tier_used, answer.simulated)} · {answer.model}"
+            + (" · cache hit" if answer.outcome == "cache_hit" else "")
             if answer
             else record.status
         )
@@ -471,7 +474,7 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
                 if (call.model, call.error) not in said:
                     said.add((call.model, call.error))
                     console.print(f"    [dim]skipped {escape(f'{call.model}: {call.error}')}[/]")
-            elif call.outcome != "ok":
+            elif call.outcome not in ("ok", "cache_hit"):
                 tier = _tier(call.tier_used, call.simulated)
                 console.print(
                     f"    [yellow]{call.outcome}[/] {escape(f'{tier} · {call.model}: {call.error}')}"
@@ -518,7 +521,7 @@ def _print_run_summary(console: Console, store: Store, run_id: str) -> None:
         table.add_row(
             call["step_id"],
             _tier(call["tier_used"], call["simulated"]),
-            call["model"],
+            call["model"] + (" (cache hit)" if call["outcome"] == "cache_hit" else ""),
             str(call["prompt_tokens"]),
             str(call["completion_tokens"]),
             usd(call["cost_usd"]),
@@ -784,6 +787,17 @@ def db_upgrade(config: ConfigOption = None) -> None:
     settings = _settings(config)
     open_engine(settings.database_url, migrate=True).dispose()
     typer.echo(f"{safe_url(settings.database_url)} is at revision {head_revision()}")
+
+
+@cache_app.command("clear")
+def cache_clear(
+    workflow: Annotated[str | None, typer.Option(help="Only this workflow's kept answers.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Drop kept answers, so the next run of a cache: step asks its model again."""
+    dropped = _store(_settings(config)).clear_answers(workflow)
+    which = f" of workflow {workflow}" if workflow else ""
+    typer.echo(f"dropped {dropped} kept answer{'s' if dropped != 1 else ''}{which}")
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ from typing import Any
 
 from orchestrator.settings import Settings
 
-# Outcomes of a call whose answer a step may take.
-ACCEPTED = ("ok", "low_confidence")
+# Outcomes of a call whose answer a step may take (a cache hit's was kept from an earlier one).
+ACCEPTED = ("ok", "low_confidence", "cache_hit")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Every figure is summed in SQL over integer pico-dollars, so group totals and
 the grand total equal the sum of the ledger rows exactly. What the figures mean:
 
 - ``calls``: provider requests. A model skipped as unavailable leaves a ledger
-  row (0 tokens, $0) but is not a call.
+  row (0 tokens, $0) but is not a call; neither is a ``cache_hit`` (0 tokens,
+  $0, and the reference cost of the answer it gave again, so savings count it).
 - ``escalated_calls``: calls that carry an ``escalation_reason``. The scheduler
   sets one on every call it makes on a tier above the first tier it tried for
   that step (or ``for_each`` item), because everything tried below failed,
@@ -73,7 +74,8 @@ GROUPS = {
 # The columns partial sums may be grouped by: the leading columns of the
 # covering index ix_model_calls_spend, in its order (see spend_query).
 PARTIAL_KEYS = ("workflow", "workflow_hash", "step_id", "tier_used", "model", "day")
-_IS_CALL = model_calls.c.outcome != "unavailable"
+# A skipped model and a cache hit made no request.
+_IS_CALL = model_calls.c.outcome.not_in(("unavailable", "cache_hit"))
 _NONE: ColumnElement[int] = literal_column("0", Integer)
 
 

@@ -102,7 +102,7 @@ def costs(
     """Each ladder tier's expected cost per call (see the module's docstring)."""
     seen: dict[str, list[float]] = {}
     for row in history:
-        if row.outcome in ("unavailable", "good", "bad"):
+        if row.outcome in ("unavailable", "cache_hit", "good", "bad"):
             continue  # no request, or a label with no call
         cost = row.cost_usd or row.latency_ms / 1000 * latency_usd_per_s
         seen.setdefault(row.tier, []).append(cost)

@@ -25,6 +25,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from orchestrator.cache import Answers
 from orchestrator.errors import LeaseLost, RunCancelled, RunError, StepFailed
 from orchestrator.graph import OUTPUTS, compile_graph
 from orchestrator.hooks import Hooks
@@ -357,6 +358,7 @@ class Runner:
             tiers=self._tiers,
             router=ledger.route,
             calibrations=ledger.calibration,
+            answers=Answers(self._store, workflow.name, secrets=self._settings.key_names),
         )
         run_info = {"id": run_id, "workflow": workflow.name}
         gate = _HandOffGate()

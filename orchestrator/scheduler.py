@@ -36,6 +36,7 @@ from decimal import Decimal
 from typing import Any
 
 from orchestrator import privacy, retries, router, schemas
+from orchestrator.cache import Answers, answer_key, caching
 from orchestrator.calibration import Calibration
 from orchestrator.confidence import logprob_score
 from orchestrator.errors import (
@@ -127,6 +128,7 @@ class StepRunner:
     serves (None: all of them). ``router`` chooses where ``tier: auto`` steps
     start (None: at the cheapest tier). ``calibrations`` map a step's raw
     confidence scores to probabilities of being right (None: scores stay raw).
+    ``answers`` keeps and gives back the answers of ``cache:`` steps (None: no caching).
     """
 
     def __init__(
@@ -141,8 +143,10 @@ class StepRunner:
         tiers: Collection[str] | None = None,
         router: Router | None = None,
         calibrations: Calibrations | None = None,
+        answers: Answers | None = None,
     ) -> None:
         self._settings = settings
+        self._answers = answers
         self._clients = clients
         self._pricer = pricer
         self._units_left = max_calls
@@ -370,6 +374,17 @@ class StepRunner:
                 )
         tags: dict[str, Any] = {"personal": ",".join(personal) or None}
         tags["routed"], climb = await self._route(plan, climb, tags, resumed=bool(resumed))
+        cache = caching(plan, personal) if self._answers is not None else None
+        keys = {}
+        if cache is not None:
+            keys = {
+                (tier_name, entry.model): answer_key(plan, entry, messages)
+                for tier_name, tier in climb
+                for entry in tier.models
+            }
+            hit = await self._cached(plan, climb, keys, context, record, attempts, item_index, tags)
+            if hit is not None:
+                return hit[0]
         for tier_name, tier in climb:
             if used >= escalation.max_attempts:
                 break
@@ -401,6 +416,16 @@ class StepRunner:
                         plan, record, call, value, messages, context, attempts, item_index
                     )
                 if call.outcome == "ok":
+                    if cache is not None and self._answers is not None:
+                        await self._answers.keep(
+                            plan,
+                            cache,
+                            keys[(tier_name, entry.model)],
+                            model=entry.model,
+                            value=value,
+                            prompt_tokens=call.prompt_tokens,
+                            completion_tokens=call.completion_tokens,
+                        )
                     return value
                 if call.outcome == "budget_blocked":
                     raise StepFailed(f"budget_blocked: {call.error}")
@@ -425,6 +450,54 @@ class StepRunner:
             f" (max_attempts {escalation.max_attempts})" if used >= escalation.max_attempts else ""
         )
         raise StepFailed(f"no tier gave a valid answer{limit}: " + "; ".join(failures))
+
+    async def _cached(
+        self,
+        plan: StepPlan,
+        climb: list[tuple[str, Tier]],
+        keys: dict[tuple[str, str], str],
+        context: dict[str, Any],
+        record: StepRecord,
+        attempts: Iterator[int],
+        item_index: int | None,
+        tags: Mapping[str, Any],
+    ) -> tuple[Any] | None:
+        """The kept answer of the cheapest model on the ladder that has one and
+        still passes the step's schema and checks, recorded as a ``cache_hit``
+        row: no request, no tokens, $0, and the reference cost of its tokens."""
+        assert self._answers is not None
+        found = await self._answers.find(list(keys.values()))
+        for tier_name, tier in climb:
+            for entry in tier.models:
+                kept = found.get(keys[(tier_name, entry.model)])
+                if kept is None:
+                    continue
+                try:
+                    value = verify(plan, kept.answer, context)
+                except (InvalidOutput, TemplateProblem):
+                    continue  # the checks changed since: ask again
+                call = self._call(
+                    plan,
+                    entry,
+                    attempt=next(attempts),
+                    item_index=item_index,
+                    tier_used=tier_name,
+                    escalation_reason=None,
+                    started=_now(),
+                    local=tier.local,
+                    simulated=tier.simulated,
+                    prompt_tokens=kept.prompt_tokens,
+                    completion_tokens=kept.completion_tokens,
+                    latency_ms=0.0,
+                    outcome="cache_hit",
+                    error=None,
+                    **tags,
+                )
+                record.calls.append(
+                    replace(call, prompt_tokens=0, completion_tokens=0, cost_usd=Decimal(0))
+                )
+                return (value,)
+        return None
 
     async def _consistent(
         self,

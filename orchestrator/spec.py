@@ -94,6 +94,23 @@ class Confidence(_Strict):
         return self
 
 
+MAX_CACHE_TTL_S = 10 * 365 * 86_400  # ten years; no ttl_s keeps an answer until cleared
+
+
+class Cache(_Strict):
+    """Keep accepted answers and give them again for the same request (``orchestrator.cache``)."""
+
+    ttl_s: int | None = Field(default=None, ge=1, le=MAX_CACHE_TTL_S)  # None: until cleared
+    # Cache a sensitive or tainted step, or a prompt holding personal data, too:
+    # its answers are then stored in the database.
+    sensitive: bool = False
+
+
+def _cache_setting(value: object) -> object:
+    """``cache: true`` is ``cache: {}``; ``false`` stays, to turn an agent's cache off."""
+    return {} if value is True else value
+
+
 # The judge's answer, and the prompt of a judge agent that gives none of its own.
 JUDGE_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -116,6 +133,9 @@ class Agent(_Strict):
     temperature: float = Field(default=0.0, ge=0, le=2)
     max_tokens: int = Field(default=512, ge=1, le=200_000)
     confidence: Confidence | None = None
+    cache: Cache | Literal[False] | None = None
+
+    _cache_setting = field_validator("cache", mode="before")(_cache_setting)
 
 
 class Step(_Strict):
@@ -132,6 +152,9 @@ class Step(_Strict):
     max_tokens: int | None = Field(default=None, ge=1, le=200_000)
     timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     confidence: Confidence | None = None  # the agent's, unless the step gives its own
+    cache: Cache | Literal[False] | None = None  # the agent's, unless the step gives its own
+
+    _cache_setting = field_validator("cache", mode="before")(_cache_setting)
 
     @field_validator("output")
     @classmethod
@@ -229,6 +252,12 @@ class StepPlan:
     @property
     def confidence(self) -> Confidence | None:
         return self.step.confidence or self.agent.confidence
+
+    @property
+    def cache(self) -> Cache | None:
+        """Its cache settings (the step's, else its agent's); None: not cached."""
+        chosen = self.step.cache if self.step.cache is not None else self.agent.cache
+        return chosen or None
 
     @property
     def local_only(self) -> bool:
@@ -645,6 +674,12 @@ class _Checker:
         if plan.confidence is not None and plan.confidence.signal == "judge":
             judge = self._judge(plan, loc, allowed, ancestors)
             plan = replace(plan, judge=judge)
+        if plan.cache is not None and plan.confidence and plan.confidence.signal == "consistency":
+            self.report(
+                (*loc, "cache") if step.cache is not None else (*loc, "agent"),
+                "cache and confidence signal consistency do not go together: cached"
+                " samples would all agree; turn one off (cache: false)",
+            )
         return plan
 
     def _judge(

@@ -1,6 +1,6 @@
-"""The store: runs and leases, the ledger, and budget counters, over one engine.
+"""The store: runs and leases, the ledger, budget counters and kept answers, over one engine.
 
-Each concern lives in its own module (``runs``, ``calls``, ``counters``); ``Store``
+Each concern lives in its own module (``runs``, ``calls``, ``counters``, ``answers``); ``Store``
 puts them together so callers hold one object. The engine is handed in.
 """
 
@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from sqlalchemy import Engine
 
+from orchestrator.store.answers import AnswerStore
 from orchestrator.store.calls import CallStore
 from orchestrator.store.counters import CounterStore
 from orchestrator.store.runs import RunStore
 
 
-class Store(RunStore, CallStore, CounterStore):
+class Store(RunStore, CallStore, CounterStore, AnswerStore):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

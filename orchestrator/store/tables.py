@@ -217,6 +217,25 @@ budget_usage = Table(
     Column("reserved_usd", Money, nullable=False),
 )
 
+# Answers kept for ``cache:`` steps, by the hash of everything that shapes an
+# answer (``orchestrator.cache``). A hit is re-checked against the step's
+# schema and checks before it is taken.
+answer_cache = Table(
+    "answer_cache",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("workflow", String(100), nullable=False),
+    Column("step_id", String(100), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("answer", Text, nullable=False),
+    # The tokens of the call that made it: what a hit would have cost the reference model.
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True)),  # NULL: kept until cleared
+    Index(None, "workflow"),
+)
+
 # What people said of a step's answer: a label the router counts (tier: auto).
 feedback = Table(
     "feedback",
