@@ -292,6 +292,27 @@ def get_run(run_id: str, request: Request) -> JSONText:
     return JSONText(dumps(found))
 
 
+class RetryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Run this step and every step that depends on it again, too.
+    from_step: str | None = Field(default=None, alias="from", max_length=100)
+
+
+@api.post("/runs/{run_id}/retry", status_code=201)
+def retry_run(run_id: str, request: Request, body: RetryRequest | None = None) -> dict[str, str]:
+    """Queue a retry of an ended run, as ``tierflow retry --enqueue`` does: a new run
+    that reuses every step that finished and runs the rest."""
+    service = service_of(request)
+    if service.store.find_run_id(run_id) is None:
+        raise HTTPException(status_code=404, detail=f"no run {run_id!r}")
+    from_step = body.from_step if body is not None else None
+    return {
+        "run_id": service.client.retry(run_id, from_step=from_step),
+        "retry_of": service.store.find_run_id(run_id) or run_id,
+        "status": "queued",
+    }
+
+
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     good: bool

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from orchestrator import reports
     from orchestrator.budgets import BudgetStatus
     from orchestrator.ledger import StepRecord
+    from orchestrator.runner import RunResult
     from orchestrator.settings import Settings
     from orchestrator.spec import LoadedWorkflow
     from orchestrator.store import Store
@@ -157,20 +158,22 @@ def run(
     ):
         result = asyncio.run(runner.run(loaded, values))
     if as_json:
-        _print_json(
-            {
-                "run_id": result.run_id,
-                "workflow": result.workflow,
-                "status": result.status,
-                "error": result.error,
-                "cost_usd": result.cost_usd,
-                "outputs": result.outputs,
-            }
-        )
+        _print_json(_run_json(result))
     else:
         _print_run_summary(console, store, result.run_id)
     if result.status != "succeeded":
         raise typer.Exit(1)
+
+
+def _run_json(result: RunResult) -> dict[str, Any]:
+    return {
+        "run_id": result.run_id,
+        "workflow": result.workflow,
+        "status": result.status,
+        "error": result.error,
+        "cost_usd": result.cost_usd,
+        "outputs": result.outputs,
+    }
 
 
 @app.command()
@@ -364,6 +367,43 @@ def resume(
             f"run {row['id']} is being executed by {row['lease_owner']}; its lease is live"
         )
     _print_run_summary(console, store, result.run_id)
+    if result.status != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command()
+def retry(
+    run_id: Annotated[str, typer.Argument(help="An ended run's id, or a unique prefix of one.")],
+    from_step: Annotated[
+        str | None,
+        typer.Option("--from", help="Run this step and every step that needs it again too."),
+    ] = None,
+    enqueue: Annotated[
+        bool, typer.Option("--enqueue", help="Queue the retry for a worker; print its id.")
+    ] = False,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A new run with the same inputs that reuses every step that finished and runs the rest."""
+    from orchestrator.client import Client
+
+    with Client(config=config) as client:
+        if enqueue:
+            typer.echo(client.retry(run_id, from_step=from_step))
+            return
+        workflow, found = client.retried(run_id)
+        settings, store = client.settings, client.store
+        console = _console(stderr=as_json)
+        from orchestrator.runner import Runner
+
+        runner = Runner(
+            settings=settings, store=store, on_step=None if as_json else _step_printer(console)
+        )
+        result = asyncio.run(runner.retry(workflow, found, from_step=from_step))
+        if as_json:
+            _print_json(_run_json(result))
+        else:
+            _print_run_summary(console, store, result.run_id)
     if result.status != "succeeded":
         raise typer.Exit(1)
 
@@ -587,11 +627,16 @@ def show(
         return
     console = _console()
     made_by = " (a tierflow eval run)" if found["eval"] else ""
+    if found["retry_of"]:
+        made_by += f" (a retry of run {found['retry_of']})"
     console.print(f"[bold]{found['status']}[/]  {found['workflow']}{made_by}  run {found['id']}")
     if found["error"]:
         console.print(f"[red]{escape(found['error'])}[/]")
     for step in found["steps"]:
-        console.print(f"[bold]{step['step_id']}[/]  {step['status']}  (asked {step['tier_asked']})")
+        reused = f", reused from run {step['reused_from']}" if step["reused_from"] else ""
+        console.print(
+            f"[bold]{step['step_id']}[/]  {step['status']}  (asked {step['tier_asked']}{reused})"
+        )
         if step["error"]:
             console.print(f"  [red]{escape(step['error'])}[/]")
         for call in (c for c in found["calls"] if c["step_id"] == step["step_id"]):

@@ -212,6 +212,35 @@ class Client:
             raise
         return run_id
 
+    def retry(self, run_id: str, *, from_step: str | None = None) -> str:
+        """Queue a retry of the ended run ``run_id`` (a unique prefix will do) for a
+        worker: a new run, linked to it, that reuses every step that finished
+        there and runs the rest (``from_step`` and its dependents again too).
+        Returns the new run's id. ``UserError`` for an unknown or active run."""
+        from orchestrator.queue import enqueue_run, first_queue
+        from orchestrator.runner import time_limit_s
+
+        workflow, found = self.retried(run_id)
+        settings = self.settings
+        queue, limit = first_queue(settings, workflow), time_limit_s(settings, workflow)
+        new_id = self._plain_runner().create_retry(
+            workflow, found, from_step=from_step, queue=queue, time_limit_s=limit
+        )
+        try:
+            enqueue_run(self._celery(), new_id, queue=queue, time_limit_s=limit)
+        except RunError as exc:
+            self.store.finish_run(new_id, status="failed", error=str(exc))
+            raise
+        return new_id
+
+    def retried(self, run_id: str) -> tuple[LoadedWorkflow, str]:
+        """The workflow of run ``run_id`` as its file is now, and the run's whole id."""
+        found = self.store.find_run_id(run_id)
+        row = None if found is None else self.store.run_row(found)
+        if row is None:
+            raise UserError(f"no run {run_id!r}")
+        return self.load(self.settings.root / row["workflow_path"]), row["id"]
+
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         """The recorded run (status, inputs, outputs, steps, ledger rows), or None.
         A unique prefix of a run id is enough."""

@@ -26,11 +26,12 @@ from decimal import Decimal
 from typing import Any
 
 from orchestrator.cache import Answers
-from orchestrator.errors import LeaseLost, RunCancelled, RunError, StepFailed
+from orchestrator.errors import LeaseLost, RunCancelled, RunError, StepFailed, UserError
 from orchestrator.graph import OUTPUTS, compile_graph
 from orchestrator.hooks import Hooks
 from orchestrator.lease import LeaseKeeper
 from orchestrator.ledger import Pricer, StepRecord
+from orchestrator.loading import suggest
 from orchestrator.models import Clients
 from orchestrator.recording import LedgerHooks
 from orchestrator.scheduler import (
@@ -41,8 +42,9 @@ from orchestrator.scheduler import (
     ladder,
 )
 from orchestrator.settings import Settings
-from orchestrator.spec import LoadedWorkflow, StepPlan, project_path
+from orchestrator.spec import LoadedWorkflow, StepPlan, dependents, project_path
 from orchestrator.store import Checkpoint, Lease, Store
+from orchestrator.store.runs import ACTIVE
 from orchestrator.storeio import off_loop, write
 
 
@@ -164,6 +166,83 @@ class Runner:
         )
         return run_id
 
+    def create_retry(
+        self,
+        workflow: LoadedWorkflow,
+        retried: str,
+        *,
+        from_step: str | None = None,
+        queue: str | None = None,
+        time_limit_s: float | None = None,
+    ) -> str:
+        """Record a queued retry of run ``retried`` (see ``retry``), about to be published."""
+        values, reuse = self._retry_plan(workflow, retried, from_step)
+        run_id, _ = self._create(
+            workflow,
+            values,
+            status="queued",
+            queue=queue,
+            time_limit_s=time_limit_s,
+            retry_of=retried,
+            reuse=reuse,
+        )
+        return run_id
+
+    async def retry(
+        self,
+        workflow: LoadedWorkflow,
+        retried: str,
+        *,
+        from_step: str | None = None,
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> RunResult:
+        """A new run of ``workflow`` with run ``retried``'s inputs, linked to it, that
+        takes every step that finished there (succeeded or skipped) as it was and
+        runs the rest here. ``from_step`` runs that step and all that depend on it
+        again too. ``UserError`` if the run is still active or the step unknown."""
+        values, reuse = await off_loop(lambda: self._retry_plan(workflow, retried, from_step))
+        _, lease = await write(
+            self._store,
+            lambda: self._create(
+                workflow, values, status="running", leased=True, retry_of=retried, reuse=reuse
+            ),
+        )
+        assert lease is not None
+        checkpoint = await off_loop(lambda: self._store.prepare_resume(lease))
+        return await self._leased(
+            workflow, lease, values, checkpoint, on_step=on_step, eval=self._eval
+        )
+
+    def _retry_plan(
+        self, workflow: LoadedWorkflow, retried: str, from_step: str | None
+    ) -> tuple[dict[str, Any], list[str]]:
+        """The retried run's inputs, checked against the workflow as it is now, and
+        the steps the retry takes as they were."""
+        row = self._store.run_row(retried)
+        if row is None:
+            raise UserError(f"no run {retried!r}")
+        if row["workflow"] != workflow.name:
+            raise UserError(f"run {retried} is of workflow {row['workflow']}, not {workflow.name}")
+        if row["status"] in ACTIVE:
+            raise UserError(
+                f"run {retried} is {row['status']}: retry a run once it has ended"
+                " (tierflow cancel stops it)"
+            )
+        ids = [plan.id for plan in workflow.steps]
+        again: set[str] = set()
+        if from_step is not None:
+            if from_step not in ids:
+                raise UserError(
+                    f"--from {from_step!r}: {workflow.name} has no such step{suggest(from_step, ids)}"
+                )
+            again = dependents(workflow, from_step)
+        reuse = [
+            step
+            for step in self._store.finished_steps(retried)
+            if step in ids and step not in again
+        ]
+        return workflow.resolve_inputs(row["inputs"]), reuse
+
     def _create(
         self,
         workflow: LoadedWorkflow,
@@ -173,6 +252,8 @@ class Runner:
         leased: bool = False,
         queue: str | None = None,
         time_limit_s: float | None = None,
+        retry_of: str | None = None,
+        reuse: Sequence[str] = (),
     ) -> tuple[str, Lease | None]:
         run_id = uuid.uuid4().hex
         version = workflow.spec.version
@@ -189,6 +270,8 @@ class Runner:
             queue=queue,
             time_limit_s=time_limit_s,
             eval=self._eval,
+            retry_of=retry_of,
+            reuse=reuse,
         )
         return run_id, lease
 
@@ -246,8 +329,9 @@ class Runner:
             return RunResult(
                 run_id=run_id, workflow=workflow.name, status="failed", outputs={}, error=error
             )
-        if lease.token == 1 and row["status"] == "queued":
-            # Queued when read, and this is its first lease: nothing ran before.
+        if lease.token == 1 and row["status"] == "queued" and row["retry_of"] is None:
+            # Queued when read, and this is its first lease: nothing ran before
+            # (a retry starts with the steps it reuses, which the resume reads).
             # (A run started before leases had tokens was "running", and resumes.)
             checkpoint = Checkpoint()
         else:

@@ -403,6 +403,15 @@ def project_path(path: Path, settings: Settings) -> str:
         return str(resolved)
 
 
+def dependents(workflow: LoadedWorkflow, step_id: str) -> set[str]:
+    """``step_id`` and every step that needs it, directly or through others."""
+    found = {step_id}
+    for plan in workflow.steps:  # in dependency order: a step comes after what it needs
+        if found.intersection(plan.step.needs):
+            found.add(plan.id)
+    return found
+
+
 class WorkflowCache:
     """Loaded workflows, loaded again when the file or one of its agents changes.
 

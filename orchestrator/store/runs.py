@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -60,6 +61,24 @@ _CREATE_LEASED = insert(runs).values(
 )
 
 
+_REUSABLE = ("succeeded", "skipped")
+# A retry's first step rows: the finished steps it reuses, as the retried run left them.
+_COPIED = ("step_id", "status", "output", "tier_asked", "tier_used", "model", "started_at")
+_COPY_STEPS = insert(step_runs).from_select(
+    ["run_id", *_COPIED, "finished_at", "reused_from"],
+    select(
+        bindparam("new_run_id", type_=step_runs.c.run_id.type),
+        *(step_runs.c[name] for name in _COPIED),
+        step_runs.c.finished_at,
+        bindparam("old_run_id", type_=step_runs.c.run_id.type),
+    ).where(
+        step_runs.c.run_id == bindparam("old_run_id"),
+        step_runs.c.step_id.in_(bindparam("steps", expanding=True)),
+        step_runs.c.status.in_(_REUSABLE),
+    ),
+)
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -106,10 +125,14 @@ class RunStore:
         queue: str | None = None,
         time_limit_s: float | None = None,
         eval: bool = False,
+        retry_of: str | None = None,
+        reuse: Sequence[str] = (),
     ) -> Lease | None:
         """Record a new run; with ``lease_owner`` the creator holds its lease from
         the start, and gets it back. ``queue`` is where its message is about to go.
-        ``eval`` marks a run of ``tierflow eval``."""
+        ``eval`` marks a run of ``tierflow eval``. A retry of run ``retry_of``
+        starts with that run's steps ``reuse`` copied in (those that succeeded
+        or were skipped there), in the same transaction."""
         moment = now()
         leased = lease_owner is not None
         with self.engine.begin() as connection:
@@ -132,9 +155,24 @@ class RunStore:
                     "enqueued_at": moment if queue else None,
                     "time_limit_s": time_limit_s,
                     "eval": True if eval else None,
+                    "retry_of": retry_of,
                 },
             )
+            if retry_of is not None and reuse:
+                connection.execute(
+                    _COPY_STEPS, {"new_run_id": run_id, "old_run_id": retry_of, "steps": reuse}
+                )
         return Lease(run_id, lease_owner, 1) if lease_owner is not None else None
+
+    def finished_steps(self, run_id: str) -> list[str]:
+        """The steps of ``run_id`` that succeeded or were skipped: what a retry may reuse."""
+        query = (
+            select(step_runs.c.step_id)
+            .where(step_runs.c.run_id == run_id, step_runs.c.status.in_(_REUSABLE))
+            .order_by(step_runs.c.id)
+        )
+        with self.engine.connect() as connection:
+            return [row[0] for row in connection.execute(query)]
 
     def acquire_lease(self, run_id: str, *, owner: str, ttl_s: float) -> Lease | None:
         """Take the run's lease unless a live lease belongs to someone else.

@@ -88,6 +88,8 @@ runs = Table(
     Column("enqueued_at", DateTime(timezone=True)),
     Column("time_limit_s", Float),  # a hard limit for each task that executes it
     Column("eval", Boolean),  # made by tierflow eval (True), else NULL
+    # A retry: the run whose finished steps it reused (tierflow retry).
+    Column("retry_of", String(32)),
     Index(None, "workflow", "created_at"),
     Index(None, "status"),
     Index("ix_runs_versions", "workflow", "workflow_hash", "workflow_version"),
@@ -111,6 +113,7 @@ step_runs = Table(
     Column("handoff_tier", String(50)),
     Column("handoff_used", Integer),  # attempts it used before the hand-off
     Column("handoff_reason", Text),  # why it escalated, for its next call's row
+    Column("reused_from", String(32)),  # a retry's step taken as it was from this run
     UniqueConstraint("run_id", "step_id"),
 )
 
