@@ -313,6 +313,28 @@ def retry_run(run_id: str, request: Request, body: RetryRequest | None = None) -
     }
 
 
+class ApprovalRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    approved: bool
+    note: str | None = Field(default=None, max_length=2000)
+    by: str = Field(default="api", min_length=1, max_length=200)  # who decides
+
+
+@api.post("/runs/{run_id}/steps/{step_id}/approval", status_code=201)
+def post_approval(
+    run_id: str, step_id: str, body: ApprovalRequest, request: Request
+) -> dict[str, Any]:
+    """A person's decision on a waiting approval step, as ``tierflow approve`` records
+    it: approved, the run is queued for a worker; rejected, it fails with the note."""
+    service = service_of(request)
+    if service.store.find_run_id(run_id) is None:
+        raise HTTPException(status_code=404, detail=f"no run {run_id!r}")
+    found, status = service.client.decide(
+        run_id, step_id, approved=body.approved, note=body.note, by=body.by
+    )
+    return {"run_id": found, "step_id": step_id, "approved": body.approved, "status": status}
+
+
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     good: bool

@@ -161,7 +161,7 @@ def run(
         _print_json(_run_json(result))
     else:
         _print_run_summary(console, store, result.run_id)
-    if result.status != "succeeded":
+    if result.status not in ("succeeded", "waiting"):
         raise typer.Exit(1)
 
 
@@ -367,7 +367,67 @@ def resume(
             f"run {row['id']} is being executed by {row['lease_owner']}; its lease is live"
         )
     _print_run_summary(console, store, result.run_id)
-    if result.status != "succeeded":
+    if result.status not in ("succeeded", "waiting"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def approve(
+    run_id: Annotated[str, typer.Argument(help="A waiting run's id, or a unique prefix of one.")],
+    step: Annotated[str, typer.Argument(help="The approval step it waits on.")],
+    reject: Annotated[
+        bool, typer.Option("--reject", help="Reject instead: the run fails with the note.")
+    ] = False,
+    note: Annotated[
+        str | None, typer.Option(help="Why; later steps see it as the step's note.")
+    ] = None,
+    by: Annotated[
+        str | None, typer.Option(help="Who decides (default: this machine's user name).")
+    ] = None,
+    enqueue: Annotated[
+        bool,
+        typer.Option(
+            "--enqueue", help="Carry on on the queue, not here (a queued run always does)."
+        ),
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Decide on an approval step: the run carries on (here, or on the queue), or fails."""
+    import getpass
+
+    from orchestrator.client import Client
+    from orchestrator.runner import Runner
+
+    with Client(config=config) as client:
+        found = client.store.find_run_id(run_id)
+        row = None if found is None else client.store.run_row(found)
+        if row is None:
+            raise UserError(f"no run {run_id!r}")
+        queued = enqueue or row["queue"] is not None
+        found, status = client.decide(
+            row["id"],
+            step,
+            approved=not reject,
+            note=note,
+            by=by or getpass.getuser(),
+            enqueue=queued,
+        )
+        if status == "failed":
+            typer.echo(f"rejected: run {found} failed")
+            return
+        if queued:
+            typer.echo(f"approved: run {found} is queued for a worker")
+            return
+        workflow, _ = client.retried(found)
+        console = _console()
+        runner = Runner(
+            settings=client.settings, store=client.store, on_step=_step_printer(console)
+        )
+        result = asyncio.run(runner.execute(workflow, found))
+        if result is None:
+            raise UserError(f"run {found} is being executed elsewhere")
+        _print_run_summary(console, client.store, found)
+    if result.status not in ("succeeded", "waiting"):
         raise typer.Exit(1)
 
 
@@ -404,7 +464,7 @@ def retry(
             _print_json(_run_json(result))
         else:
             _print_run_summary(console, store, result.run_id)
-    if result.status != "succeeded":
+    if result.status not in ("succeeded", "waiting"):
         raise typer.Exit(1)
 
 
@@ -492,11 +552,26 @@ def _gather_inputs(
 def _step_printer(console: Console) -> Callable[[StepRecord], None]:
     """Prints each step as it ends; a model skipped for the same reason again (an
     Ollama that is not running, under every step) is said once per run."""
+    from orchestrator.spec import APPROVER
+
     said: set[tuple[str, str | None]] = set()
 
     def show(record: StepRecord) -> None:
         answer = record.answer
-        mark = {"succeeded": "[green]✓[/]", "skipped": "[dim]–[/]"}.get(record.status, "[red]✗[/]")
+        marks = {"succeeded": "[green]✓[/]", "skipped": "[dim]–[/]", "waiting": "[yellow]…[/]"}
+        mark = marks.get(record.status, "[red]✗[/]")
+        if record.status == "waiting":
+            message = (record.output or {}).get("message", "")
+            console.print(
+                f"{mark} [bold]{record.step_id}[/]  waits for approval: {escape(message)}"
+            )
+            return
+        if record.agent == APPROVER.name and record.status == "succeeded":
+            decision = record.output or {}
+            note = f": {decision['note']}" if decision.get("note") else ""
+            by = escape(decision["by"] + note)
+            console.print(f"{mark} [bold]{record.step_id}[/]  approved by {by}")
+            return
         where = (
             f"{_tier(answer.tier_used, answer.simulated)} · {answer.model}"
             + (" · cache hit" if answer.outcome == "cache_hit" else "")
@@ -573,6 +648,15 @@ def _print_run_summary(console: Console, store: Store, run_id: str) -> None:
         table.caption, table.caption_justify = _simulated_note(simulated), "left"
     console.print()
     console.print(table)
+    if found["status"] == "waiting":
+        for step in found["steps"]:
+            if step["status"] == "waiting":
+                console.print(
+                    f"waiting · run id {run_id} · step {step['step_id']} waits for a person:"
+                    f" tierflow approve {run_id[:12]} {step['step_id']} [--reject --note TEXT]",
+                    markup=False,
+                )
+        return
     console.print(
         f"{found['status']} · run id {run_id} · saved {usd(total_reference - total_cost)} against all-frontier"
     )

@@ -233,6 +233,37 @@ class Client:
             raise
         return new_id
 
+    def decide(
+        self,
+        run_id: str,
+        step_id: str,
+        *,
+        approved: bool,
+        note: str | None = None,
+        by: str,
+        enqueue: bool = True,
+    ) -> tuple[str, str]:
+        """Record a person's decision on a waiting approval step of run ``run_id``
+        (a unique prefix will do); (the run's whole id, its status after).
+
+        Approved, the run is ``queued`` again, and with ``enqueue`` published for a
+        worker (else the caller executes it, as ``tierflow approve`` does). Rejected,
+        it is ``failed`` with the note. ``UserError`` if nothing there is waiting,
+        or the step was decided already."""
+        from orchestrator.queue import enqueue_run
+
+        found = self.store.find_run_id(run_id)
+        if found is None:
+            raise UserError(f"no run {run_id!r}")
+        status = self.store.decide(found, step_id, approved=approved, note=note, by=by)
+        if status == "queued" and enqueue:
+            row = self.store.run_row(found)
+            assert row is not None
+            queue = row["queue"] or self.settings.config.queue
+            limit = row["time_limit_s"]
+            enqueue_run(self._celery(), found, queue=queue, time_limit_s=limit)
+        return found, status
+
     def retried(self, run_id: str) -> tuple[LoadedWorkflow, str]:
         """The workflow of run ``run_id`` as its file is now, and the run's whole id."""
         found = self.store.find_run_id(run_id)

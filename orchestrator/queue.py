@@ -158,7 +158,7 @@ def publish(app: Any, run_id: str, *, queue: str, time_limit_s: float | None) ->
     )
 
 
-def enqueue_run(app: Any, run_id: str, *, queue: str, time_limit_s: float) -> None:
+def enqueue_run(app: Any, run_id: str, *, queue: str, time_limit_s: float | None) -> None:
     """Publish a new run's message; raises ``RunError`` if the broker cannot take it."""
     from orchestrator.errors import RunError
 
@@ -177,6 +177,7 @@ def start_sweeper(settings: Settings) -> threading.Thread:
     Those are runs whose lease went stale (their worker died) and runs queued
     for longer than ``QUEUED_FOR_TTLS`` lease TTLs (a broker that lost its
     messages in a restart). A duplicate message is harmless: the lease decides.
+    Waiting runs whose approval timed out fail here too.
     """
     ttl = settings.config.lease_ttl_s
 
@@ -188,6 +189,8 @@ def start_sweeper(settings: Settings) -> threading.Thread:
             try:
                 if ended := store.abandon_orphans():
                     log.warning("%d ended runs had calls pending; abandoned them", ended)
+                for run_id in store.expire_waiting():
+                    log.warning("run %s: nobody approved it in time; failed", run_id)
                 for row in store.runs_to_publish(
                     lease_ttl_s=ttl, queued_for_s=QUEUED_FOR_TTLS * ttl
                 ):

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -37,6 +37,7 @@ from orchestrator.recording import LedgerHooks
 from orchestrator.scheduler import (
     BACKSTOP_S,
     FAN_OUT_CONCURRENCY,
+    NeedsApproval,
     NeedsTier,
     StepRunner,
     ladder,
@@ -44,7 +45,7 @@ from orchestrator.scheduler import (
 from orchestrator.settings import Settings
 from orchestrator.spec import LoadedWorkflow, StepPlan, dependents, project_path
 from orchestrator.store import Checkpoint, Lease, Store
-from orchestrator.store.runs import ACTIVE
+from orchestrator.store.runs import ACTIVE, now
 from orchestrator.storeio import off_loop, write
 
 
@@ -52,7 +53,9 @@ from orchestrator.storeio import off_loop, write
 class RunResult:
     run_id: str
     workflow: str
-    status: str  # succeeded, failed, cancelled, or queued when handed to another tier's queue
+    # succeeded, failed, cancelled; queued when handed to another tier's queue;
+    # waiting for a person's decision on an approval step
+    status: str
     outputs: dict[str, Any]
     error: str | None = None
     queue: str | None = None  # where a handed-off run waits now
@@ -78,6 +81,8 @@ class _HandOffGate:
 
     def __init__(self) -> None:
         self.tiers: list[str] = []
+        # Approval steps reached, each with how long it may wait (None: no limit).
+        self.approvals: list[float | None] = []
         self._running = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -97,7 +102,23 @@ class _HandOffGate:
         if tier is not None:
             self.tiers.append(tier)
         await self._idle.wait()
+        if self.approvals:  # a person decides first; a hand-off comes after
+            raise _Waiting(self.approvals)
         raise _HandedOff(self.tiers[0])
+
+    async def wait_for_approval(self, timeout_s: float | None) -> None:
+        self.approvals.append(timeout_s)
+        await self.wait()
+
+    @property
+    def leaving(self) -> bool:
+        return bool(self.tiers or self.approvals)
+
+
+class _Waiting(Exception):
+    def __init__(self, timeouts: list[float | None]) -> None:
+        limits = [limit for limit in timeouts if limit is not None]
+        self.timeout_s = min(limits) if limits else None
 
 
 class _Watch:
@@ -223,7 +244,7 @@ class Runner:
             raise UserError(f"no run {retried!r}")
         if row["workflow"] != workflow.name:
             raise UserError(f"run {retried} is of workflow {row['workflow']}, not {workflow.name}")
-        if row["status"] in ACTIVE:
+        if row["status"] in (*ACTIVE, "waiting"):
             raise UserError(
                 f"run {retried} is {row['status']}: retry a run once it has ended"
                 " (tierflow cancel stops it)"
@@ -443,6 +464,7 @@ class Runner:
             router=ledger.route,
             calibrations=ledger.calibration,
             answers=Answers(self._store, workflow.name, secrets=self._settings.key_names),
+            decisions=lambda plan: off_loop(lambda: self._store.decision(run_id, plan.id)),
         )
         run_info = {"id": run_id, "workflow": workflow.name}
         gate = _HandOffGate()
@@ -454,7 +476,7 @@ class Runner:
                 return done[plan.id]
             if cancelled or keeper.cancelled:
                 raise RunCancelled(f"run {run_id} was cancelled before step '{plan.id}'")
-            if gate.tiers:  # the run is leaving this worker: start nothing new
+            if gate.leaving:  # the run is leaving this worker: start nothing new
                 await gate.wait()
             context = {
                 "inputs": values,
@@ -463,14 +485,21 @@ class Runner:
             }
             record = steps.start(plan)
             needs: NeedsTier | None = None
+            approval: NeedsApproval | None = None
             with gate.running():
                 try:
                     await steps.run(plan, context, record)  # its hooks record it
                 except NeedsTier as exc:
                     needs = exc
+                except NeedsApproval as exc:
+                    approval = exc
                 finally:
                     cancelled = cancelled or ledger.status == "cancelled"
                     result.steps.append(record)
+            if on_step is not None and approval is not None:
+                on_step(record)
+            if approval is not None:
+                await gate.wait_for_approval(approval.timeout_s)
             if needs is not None:
                 await gate.wait(needs.tier)
             if on_step is not None:
@@ -492,6 +521,12 @@ class Runner:
             )
             result.outputs = state[OUTPUTS]
             result.status = "succeeded"
+        except _Waiting as exc:
+            until = None if exc.timeout_s is None else now() + timedelta(seconds=exc.timeout_s)
+            if await off_loop(lambda: self._store.wait(lease, until=until)):
+                result.status = "waiting"
+                return result
+            result.status, result.error = "cancelled", f"run {run_id} was cancelled"
         except _HandedOff as exc:
             queue = self._settings.queue_of(exc.tier)
             if await off_loop(lambda: self._store.hand_off(lease, queue=queue)):

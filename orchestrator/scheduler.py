@@ -83,6 +83,18 @@ class _CheckRaised(Exception):
         self.call, self.problem = call, problem
 
 
+class NeedsApproval(Exception):
+    """The step waits for a person's decision (``timeout_s``: how long it may wait)."""
+
+    def __init__(self, step_id: str, timeout_s: float | None) -> None:
+        super().__init__(f"step '{step_id}' waits for an approval")
+        self.timeout_s = timeout_s
+
+
+# A person's decision on an approval step of the run, or None while there is none.
+Decisions = Callable[[StepPlan], Awaitable[dict[str, Any] | None]]
+
+
 class NeedsTier(Exception):
     """The step continues on ``tier``, which this worker does not serve."""
 
@@ -129,6 +141,7 @@ class StepRunner:
     start (None: at the cheapest tier). ``calibrations`` map a step's raw
     confidence scores to probabilities of being right (None: scores stay raw).
     ``answers`` keeps and gives back the answers of ``cache:`` steps (None: no caching).
+    ``decisions`` reads a person's decision on an approval step (None: none is ever made).
     """
 
     def __init__(
@@ -144,9 +157,11 @@ class StepRunner:
         router: Router | None = None,
         calibrations: Calibrations | None = None,
         answers: Answers | None = None,
+        decisions: Decisions | None = None,
     ) -> None:
         self._settings = settings
         self._answers = answers
+        self._decisions = decisions
         self._clients = clients
         self._pricer = pricer
         self._units_left = max_calls
@@ -198,6 +213,9 @@ class StepRunner:
             if plan.when is not None and not plan.when.evaluate(context):
                 record.status = "skipped"
                 return
+            if plan.step.approval is not None:
+                await self._approval(plan, context, record)
+                return
             if self._hooks:
                 self._caps[plan.id] = await self._cap(plan)
             climb = self._ladder(plan)
@@ -219,12 +237,30 @@ class StepRunner:
         except NeedsTier as need:
             record.status, record.handoff, record.error = "handed_off", need.as_record(), str(need)
             raise
+        except NeedsApproval:
+            record.status = "waiting"
+            raise
         except asyncio.CancelledError:
             record.status, record.error = (
                 "cancelled",
                 "cancelled mid-step (a parallel step failed, or the lease was lost)",
             )
             raise
+
+    async def _approval(self, plan: StepPlan, context: dict[str, Any], record: StepRecord) -> None:
+        """A person's decision is the step's output; with none yet, the step
+        shows its message and the run waits (``NeedsApproval``)."""
+        assert plan.step.approval is not None
+        decision = None if self._decisions is None else await self._decisions(plan)
+        if decision is None:
+            record.output = {"message": plan.prompt.render(context)}
+            raise NeedsApproval(plan.id, plan.step.approval.timeout_s)
+        if not decision["approved"]:
+            record.status = "failed"
+            note = f": {decision['note']}" if decision["note"] else ""
+            record.error = f"rejected by {decision['by']}{note}"
+            return
+        record.output, record.status = decision, "succeeded"
 
     async def _cap(self, plan: StepPlan) -> str | None:
         """The lowest of the hooks' caps on the step's tier, or None."""

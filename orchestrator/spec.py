@@ -138,9 +138,31 @@ class Agent(_Strict):
     _cache_setting = field_validator("cache", mode="before")(_cache_setting)
 
 
+MAX_APPROVAL_WAIT_S = 366 * 86_400  # a year: longer than any approval should wait
+
+
+class Approval(_Strict):
+    """A person decides before the run goes on: ``tierflow approve`` or the API.
+    The run waits (status ``waiting``) holding no worker and no lease."""
+
+    message: str = Field(min_length=1, max_length=10_000)  # a template, as a prompt is
+    # Past this, waiting since the step was reached, the run fails. None: no limit.
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_APPROVAL_WAIT_S, allow_inf_nan=False)
+
+
+# What an approval step may not say: it calls no model.
+_MODEL_ONLY = ("agent", "tier", "prompt", "output", "checks", "for_each", "max_tokens", "timeout_s")
+
+
+# The agent of an approval step's record: a person, not a model.
+APPROVER = Agent(name="approver", description="A person who approves or rejects.")
+
+
 class Step(_Strict):
     id: str = Field(pattern=NAME_PATTERN, max_length=NAME_LENGTH)
-    agent: str = Field(pattern=NAME_PATTERN, max_length=NAME_LENGTH)  # agents/NAME.yaml
+    # agents/NAME.yaml; a step has an agent or an approval, not both.
+    agent: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=NAME_LENGTH)
+    approval: Approval | None = None
     tier: str | None = None
     prompt: str | None = None
     output: dict[str, Any] | None = None
@@ -162,6 +184,21 @@ class Step(_Strict):
         if schema is not None:
             schemas.check_schema(schema)
         return schema
+
+    @model_validator(mode="after")
+    def _agent_or_approval(self) -> Step:
+        if self.approval is None:
+            if self.agent is None:
+                raise ValueError("give the step an agent: (or approval: for a person's decision)")
+            return self
+        given = [name for name in _MODEL_ONLY if name in self.model_fields_set]
+        given += [name for name in ("confidence", "cache") if name in self.model_fields_set]
+        if given:
+            raise ValueError(
+                f"an approval step calls no model, so it takes no {', '.join(given)}:"
+                " a person answers it"
+            )
+        return self
 
 
 class WorkflowBudget(Budget):
@@ -535,7 +572,12 @@ class _Checker:
         index_of = {step.id: index for index, step in enumerate(self.spec.steps)}
         for plan in plans:
             taint = found.get(plan.id)
-            if taint is None or plan.step.sensitive or self._local_tier_from(plan.tier):
+            if (
+                taint is None
+                or plan.step.sensitive
+                or plan.step.approval is not None  # a person reads it, not a model
+                or self._local_tier_from(plan.tier)
+            ):
                 continue  # a sensitive step without a local tier is reported already
             loc: tuple[str | int, ...] = ("steps", index_of[plan.id])
             if plan.step.tier is not None:
@@ -613,6 +655,8 @@ class _Checker:
     def _plan_step(self, index: int, ancestors: set[str]) -> StepPlan | None:
         step = self.spec.steps[index]
         loc = ("steps", index)
+        if step.approval is not None:
+            return self._approval(step, loc, ancestors)
         agent = self._agent(step, loc)
         if agent is None:
             return None
@@ -691,6 +735,30 @@ class _Checker:
             )
         return plan
 
+    def _approval(
+        self, step: Step, loc: tuple[str | int, ...], ancestors: set[str]
+    ) -> StepPlan | None:
+        """An approval step's plan: its message is its prompt, shown to a person."""
+        assert step.approval is not None
+        allowed = {"inputs", "steps", "run"}
+        message = self._template(
+            (*loc, "approval"), step.approval.message, allowed, ancestors, label="approval message"
+        )
+        when = self._expression((*loc, "when"), step.when, allowed, ancestors, label="when")
+        if message is None:
+            return None
+        return StepPlan(
+            step=step,
+            agent=APPROVER,
+            tier=self.settings.tier_names[0],
+            prompt=message,
+            system=None,
+            when=when,
+            for_each=None,
+            checks=(),
+            max_tokens=1,
+        )
+
     def _judge(
         self,
         plan: StepPlan,
@@ -740,6 +808,7 @@ class _Checker:
         )
 
     def _agent(self, step: Step, loc: tuple[str | int, ...]) -> Agent | None:
+        assert step.agent is not None  # an approval step has none, and is planned apart
         if step.agent in self._agents:
             return self._agents[step.agent]
         agent = self._load_agent(step, loc)

@@ -28,7 +28,7 @@ def upgrade() -> None:
         sa.Column("completion_tokens", sa.Integer(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
-        sa.PrimaryKeyConstraint("key"),
+        sa.PrimaryKeyConstraint("key", name=op.f("pk_answer_cache")),
     )
     op.create_index(op.f("ix_answer_cache_workflow"), "answer_cache", ["workflow"])
 

@@ -205,7 +205,7 @@ class RunStore:
             return connection.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
 
     def cancel_run(self, run_id: str) -> str | None:
-        """Cancel a queued or running run; returns its status afterwards, or None if unknown.
+        """Cancel a queued, running or waiting run; returns its status afterwards, or None if unknown.
 
         A queued run is never picked up; a running one is stopped by its
         executor, which records the calls it cuts off. When no live executor
@@ -215,8 +215,8 @@ class RunStore:
         with self.engine.begin() as connection:
             connection.execute(
                 update(runs)
-                .where(runs.c.id == run_id, runs.c.status.in_(ACTIVE))
-                .values(status="cancelled", finished_at=now())
+                .where(runs.c.id == run_id, runs.c.status.in_((*ACTIVE, "waiting")))
+                .values(status="cancelled", finished_at=now(), waiting_until=None)
             )
             orphaned = connection.execute(
                 select(runs.c.id).where(runs.c.id == run_id, _stale())

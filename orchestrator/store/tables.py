@@ -90,6 +90,8 @@ runs = Table(
     Column("eval", Boolean),  # made by tierflow eval (True), else NULL
     # A retry: the run whose finished steps it reused (tierflow retry).
     Column("retry_of", String(32)),
+    # A waiting run (an approval step) fails if nobody decides by then; NULL: no limit.
+    Column("waiting_until", DateTime(timezone=True)),
     Index(None, "workflow", "created_at"),
     Index(None, "status"),
     Index("ix_runs_versions", "workflow", "workflow_hash", "workflow_version"),
@@ -237,6 +239,20 @@ answer_cache = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True)),  # NULL: kept until cleared
     Index(None, "workflow"),
+)
+
+# A person's decision on an approval step, once per step of a run.
+approvals = Table(
+    "approvals",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(32), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("step_id", String(100), nullable=False),
+    Column("approved", Boolean, nullable=False),
+    Column("note", Text),
+    Column("decided_by", String(200), nullable=False),
+    Column("decided_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("run_id", "step_id"),
 )
 
 # What people said of a step's answer: a label the router counts (tier: auto).

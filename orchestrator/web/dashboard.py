@@ -1,4 +1,5 @@
-"""The dashboard page: spend over time per workflow, tier mix, savings, budgets, recent runs.
+"""The dashboard page: spend over time per workflow, tier mix, savings, budgets, the runs
+waiting for an approval, recent runs.
 
 Rendered on the server with Jinja2 (autoescape on: workflow names, model names,
 errors and escalation reasons are data) and inline SVG charts from ``charts``.
@@ -41,6 +42,17 @@ class StepView:
     calls: int
     cost_usd: Decimal
     escalations: list[str]
+
+
+@dataclass(frozen=True)
+class WaitView:
+    """An approval step a run waits on, and what it asks."""
+
+    run_id: str
+    workflow: str
+    step_id: str
+    message: str
+    until: datetime | None
 
 
 @dataclass(frozen=True)
@@ -98,8 +110,25 @@ def render(
         tier_chart=charts.tier_mix(by_tier, ladder),
         savings_chart=charts.savings(by_workflow.total),
         runs=recent_runs(store),
+        waiting=waiting_approvals(store),
         budgets=budgets or [],
     )
+
+
+def waiting_approvals(store: Store, limit: int = 100) -> list[WaitView]:
+    """Every approval step that a waiting run waits on, oldest run first."""
+    views = []
+    for row in reversed(store.runs(status="waiting", limit=limit)):
+        found = store.run(row["id"])
+        for step in found["steps"] if found is not None else []:
+            if step["status"] == "waiting":
+                message = (step["output"] or {}).get("message", "")
+                views.append(
+                    WaitView(
+                        row["id"], row["workflow"], step["step_id"], message, row["waiting_until"]
+                    )
+                )
+    return views
 
 
 def recent_runs(store: Store, limit: int = RECENT_RUNS) -> list[RunView]:
