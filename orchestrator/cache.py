@@ -2,8 +2,8 @@
 
 The key is a SHA-256 of everything that shapes an answer: the model and its
 endpoint (and a simulated model's ``mock_response``), the rendered messages,
-``max_tokens``, the temperature, the output schema and the structured-output
-form. Checks are not in it: a hit is checked again, and taken only if it
+``max_tokens``, the temperature, the output schema, the structured-output
+form and the tools offered. Checks are not in it: a hit is checked again, and taken only if it
 passes the step's schema and checks as they are now.
 
 A hit makes no request. Its ledger row has outcome ``cache_hit``, no tokens
@@ -53,6 +53,7 @@ def answer_key(plan: StepPlan, entry: ModelEntry, messages: list[dict[str, str]]
         "max_tokens": plan.max_tokens,
         "temperature": plan.agent.temperature,
         "schema": plan.step.output,
+        "tools": [tool.schema() for tool in plan.tools],
     }
     text = json.dumps(shaped, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()

@@ -372,6 +372,38 @@ def resume(
 
 
 @app.command()
+def tools(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """The tools tierflow.yaml names: where each comes from, its limits and its JSON schema."""
+    settings = _settings(config)
+    found = [settings.tool(name) for name in settings.config.tools]  # SpecError: exit 2
+    listed = [
+        {
+            "name": tool.name,
+            "source": tool.source,
+            "description": tool.description,
+            "timeout_s": tool.timeout_s,
+            "max_output_bytes": tool.max_output_bytes,
+            "parameters": tool.parameters,
+        }
+        for tool in found
+    ]
+    if as_json:
+        _print_json(listed)
+        return
+    console = _console()
+    if not listed:
+        console.print("no tools: name them in tierflow.yaml under tools:")
+    for entry in listed:
+        console.print(
+            f"[bold]{entry['name']}[/]  {escape(entry['source'])}"
+            f"  (timeout {entry['timeout_s']:g}s, result cut at {entry['max_output_bytes']} bytes)"
+        )
+        if entry["description"]:
+            console.print(f"  {escape(entry['description'])}")
+        console.print(f"  {json.dumps(entry['parameters'])}", markup=False)
+
+
+@app.command()
 def approve(
     run_id: Annotated[str, typer.Argument(help="A waiting run's id, or a unique prefix of one.")],
     step: Annotated[str, typer.Argument(help="The approval step it waits on.")],

@@ -59,6 +59,22 @@ class Call:
     route_key: str | None = None
 
 
+@dataclass(frozen=True)
+class ToolRun:
+    """One tool call of a step's tool loop: what ran, how it went, how big it was
+    (sizes in bytes of the arguments and the result; never the values)."""
+
+    attempt: int  # the model turn that asked for it
+    item_index: int | None
+    name: str
+    outcome: str  # ok, truncated, error, timeout; refused: unknown tool or bad arguments
+    duration_ms: float
+    arguments_bytes: int
+    result_bytes: int
+    error: str | None
+    created_at: datetime
+
+
 @dataclass
 class StepRecord:
     """A finished step (succeeded, failed or skipped) and every call it made."""
@@ -72,6 +88,7 @@ class StepRecord:
     started_at: datetime
     finished_at: datetime
     calls: list[Call] = field(default_factory=list)
+    tools: list[ToolRun] = field(default_factory=list)  # the tool calls its model asked for
     # A handed_off step's tier, attempts used and escalation reason, for the next worker.
     handoff: dict[str, Any] | None = None
 

@@ -12,10 +12,10 @@ import functools
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -152,6 +152,15 @@ def _compiled_patterns(patterns: tuple[tuple[str, str], ...]) -> dict[str, re.Pa
     return {name: re.compile(pattern) for name, pattern in patterns}
 
 
+class ToolEntry(_Strict):
+    """A tool: a Python function (``module:function``, importable from the project's
+    folder), how long a call may run and how much of its result the model sees."""
+
+    call: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    timeout_s: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    max_output_bytes: int = Field(default=16 * 1024, ge=64, le=4 * 1024 * 1024)
+
+
 class Router(_Strict):
     """``tier: auto`` (see ``orchestrator.router``)."""
 
@@ -179,6 +188,15 @@ class Config(_Strict):
     local_hosts: list[Annotated[str, AfterValidator(locality.check_local_host_entry)]] = []
     privacy: Privacy = Privacy()
     router: Router = Router()
+    # Tools agents may call: a name and "module:function", or a ToolEntry mapping.
+    tools: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)], ToolEntry] = {}
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _paths_to_entries(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {k: {"call": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
 
     @field_validator("database")
     @classmethod
@@ -238,6 +256,21 @@ class Settings:
     path: Path | None
     database_url: str
     broker_url: str | None
+    tool_lines: dict[str, int] = field(default_factory=dict)  # where tierflow.yaml names each
+
+    def tool(self, name: str) -> Any:
+        """The ``orchestrator.tools.Tool`` named ``name``, imported once per process;
+        ``SpecError`` naming tierflow.yaml's line if it cannot be offered."""
+        from orchestrator.tools import ToolProblem, cached_tool
+
+        entry = self.config.tools[name]
+        try:
+            return cached_tool(
+                name, entry.call, str(self.root), entry.timeout_s, entry.max_output_bytes
+            )
+        except ToolProblem as exc:
+            where = f"{self.path}:{self.tool_lines.get(name, 1)}: tools.{name}"
+            raise SpecError(f"{where}: {exc}") from None
 
     @property
     def tier_names(self) -> list[str]:
@@ -309,6 +342,7 @@ def load_settings(path: str | Path | None = None) -> Settings:
         raise SpecError(*problems)
     database = _from_environment("TIERFLOW_DATABASE_URL", check_database_url) or config.database
     return Settings(
+        tool_lines={name: doc.line_of(("tools", name)) for name in config.tools},
         config=config,
         root=root,
         path=found,

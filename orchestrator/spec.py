@@ -94,6 +94,8 @@ class Confidence(_Strict):
         return self
 
 
+DEFAULT_MAX_TURNS = 4  # model turns of a tool loop: ask, call tools, ask again…
+MAX_TURNS = 20
 MAX_CACHE_TTL_S = 10 * 365 * 86_400  # ten years; no ttl_s keeps an answer until cleared
 
 
@@ -134,6 +136,10 @@ class Agent(_Strict):
     max_tokens: int = Field(default=512, ge=1, le=200_000)
     confidence: Confidence | None = None
     cache: Cache | Literal[False] | None = None
+    # Tools it may call (names from tierflow.yaml's tools:), and the model turns
+    # a step has to finish with an answer.
+    tools: list[str] = []
+    max_turns: int = Field(default=DEFAULT_MAX_TURNS, ge=1, le=MAX_TURNS)
 
     _cache_setting = field_validator("cache", mode="before")(_cache_setting)
 
@@ -151,7 +157,17 @@ class Approval(_Strict):
 
 
 # What an approval step may not say: it calls no model.
-_MODEL_ONLY = ("agent", "tier", "prompt", "output", "checks", "for_each", "max_tokens", "timeout_s")
+_MODEL_ONLY = (
+    "agent",
+    "tier",
+    "prompt",
+    "output",
+    "checks",
+    "for_each",
+    "max_tokens",
+    "timeout_s",
+    "max_turns",
+)
 
 
 # The agent of an approval step's record: a person, not a model.
@@ -175,6 +191,7 @@ class Step(_Strict):
     timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     confidence: Confidence | None = None  # the agent's, unless the step gives its own
     cache: Cache | Literal[False] | None = None  # the agent's, unless the step gives its own
+    max_turns: int | None = Field(default=None, ge=1, le=MAX_TURNS)  # the agent's, unless given
 
     _cache_setting = field_validator("cache", mode="before")(_cache_setting)
 
@@ -281,6 +298,11 @@ class StepPlan:
     # A history of its own for ``tier: auto`` (tierflow eval's auto policy learns from
     # its cases alone); None: the step's history in the ledger.
     route_scope: str | None = None
+    tools: tuple[Any, ...] = ()  # the agent's ``orchestrator.tools.Tool``s
+
+    @property
+    def max_turns(self) -> int:
+        return self.step.max_turns or self.agent.max_turns
 
     @property
     def id(self) -> str:
@@ -426,6 +448,9 @@ def _identity(doc: YamlDoc, plans: list[StepPlan], settings: Settings) -> str:
             if each is not None
         },
         "tiers": settings.config.model_dump(mode="json", include={"tiers", "escalation"}),
+        "tools": {
+            tool.name: [tool.source, tool.parameters] for plan in plans for tool in plan.tools
+        },
     }
     return hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -711,9 +736,11 @@ class _Checker:
                 )
             )
         )
-        if prompt is None:
+        tools = self._tools(agent, loc)
+        if prompt is None or tools is None:
             return None
         plan = StepPlan(
+            tools=tools,
             step=step,
             agent=agent,
             tier=tier,
@@ -734,6 +761,26 @@ class _Checker:
                 " samples would all agree; turn one off (cache: false)",
             )
         return plan
+
+    def _tools(self, agent: Agent, loc: tuple[str | int, ...]) -> tuple[Any, ...] | None:
+        """The tools ``agent`` lists, imported; None (with problems reported) if one
+        is unknown or cannot be offered."""
+        found = []
+        known = list(self.settings.config.tools)
+        for name in agent.tools:
+            if name not in self.settings.config.tools:
+                self.report(
+                    (*loc, "agent"),
+                    f"agent '{agent.name}' lists unknown tool '{name}'{suggest(name, known)};"
+                    f" tools are named in tierflow.yaml's tools: ({', '.join(known) or 'none'})",
+                )
+                return None
+            try:
+                found.append(self.settings.tool(name))
+            except SpecError as exc:
+                self.problems.extend(exc.problems)
+                return None
+        return tuple(found)
 
     def _approval(
         self, step: Step, loc: tuple[str | int, ...], ancestors: set[str]

@@ -59,6 +59,10 @@ class Reply:
     # list repeats its last value for more words), and an alternative's 3 lower.
     # () sends none, as a server that does not give them.
     logprobs: tuple[float, ...] = (-0.01,)
+    # Ask for tools instead of answering: (name, arguments) each, in the protocol's
+    # own shape (OpenAI sends arguments as a JSON string, Ollama as an object). A
+    # string is sent as the arguments text, as a model that writes broken JSON does.
+    tool_calls: tuple[tuple[str, Any], ...] = ()
 
     def usage(self, body: dict[str, Any]) -> tuple[int, int]:
         """Prompt and completion tokens to report for this reply to ``body``."""
@@ -70,6 +74,27 @@ class Reply:
 
 
 Responder = Callable[[dict[str, Any]], Reply]
+
+
+def _openai_message(reply: Reply, serial: int) -> dict[str, Any]:
+    """An OpenAI answer's message: its text, or the tool calls it asks for."""
+    if not reply.tool_calls:
+        return {"role": "assistant", "content": reply.text}
+    return {
+        "role": "assistant",
+        "content": reply.text or None,
+        "tool_calls": [
+            {
+                "id": f"call_{serial}_{index}",
+                "type": "function",
+                "function": {
+                    "name": name,
+                    "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments),
+                },
+            }
+            for index, (name, arguments) in enumerate(reply.tool_calls)
+        ],
+    }
 
 
 def token_logprobs(reply: Reply, pieces: list[str], start: int = 0) -> list[dict[str, Any]]:
@@ -322,10 +347,16 @@ class OllamaServer(LoopbackServer):
         if reply.status != 200:
             return reply.status, {"error": reply.text}, reply
         prompt, completion = reply.usage(body)
+        message: dict[str, Any] = {"role": "assistant", "content": reply.text}
+        if reply.tool_calls:
+            message["tool_calls"] = [
+                {"function": {"name": name, "arguments": arguments}}
+                for name, arguments in reply.tool_calls
+            ]
         final = {
             "model": body["model"],
             "created_at": "2026-11-22T00:00:00Z",
-            "message": {"role": "assistant", "content": reply.text},
+            "message": message,
             "done": True,
             "done_reason": "stop",
             "total_duration": 1000,
@@ -388,8 +419,8 @@ class OpenAIServer(LoopbackServer):
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": reply.text},
-                    "finish_reason": "stop",
+                    "message": _openai_message(reply, len(self.requests)),
+                    "finish_reason": "tool_calls" if reply.tool_calls else "stop",
                     "logprobs": _openai_logprobs(body, reply, _words(reply.text)),
                 }
             ],

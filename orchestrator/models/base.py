@@ -19,9 +19,20 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A model's request to run a tool: OpenAI's shape, which every client maps to."""
+
+    id: str
+    name: str
+    arguments: Any  # a dict, or the text the model gave when it is not JSON
+
+
+@dataclass(frozen=True)
 class ModelRequest:
     model: str  # the name after the provider prefix: ``llama3.2:1b`` for ``ollama/llama3.2:1b``
-    messages: list[dict[str, str]]
+    # Chat messages in OpenAI's shape: role and content, and in a tool loop an
+    # assistant's ``tool_calls`` and ``tool`` answers (``tool_call_id``, ``name``).
+    messages: list[dict[str, Any]]
     max_tokens: int
     temperature: float
     timeout_s: float
@@ -32,6 +43,7 @@ class ModelRequest:
     # Ask for each answer token's log-probability and its best alternative's
     # (a ``logprob`` confidence signal reads them).
     logprobs: bool = False
+    tools: tuple[dict[str, Any], ...] = ()  # tools the model may ask for (OpenAI's shape)
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,7 @@ class ModelReply:
     counted: bool = False  # the backend reported no usage: the tokens were counted here
     # The answer's tokens, when logprobs were asked for and the backend gave them.
     logprobs: tuple[TokenChoice, ...] | None = None
+    tool_calls: tuple[ToolCall, ...] = ()  # the tools the model asks to run, instead of answering
 
 
 # Ways to ask for structured output, strongest first: the schema itself, any
@@ -69,7 +82,13 @@ def prompt_tokens_upper_bound(request: ModelRequest) -> int:
     the response format and as the instructions that name it for servers that
     take only JSON objects, plus what a provider wraps around it.
     """
-    tokens = sum(len(m["content"].encode()) + 16 for m in request.messages)
+    tokens = sum(
+        len((m.get("content") or "").encode())
+        + 16
+        + (len(json.dumps(m["tool_calls"]).encode()) if m.get("tool_calls") else 0)
+        for m in request.messages
+    )
+    tokens += sum(len(json.dumps(tool).encode()) for tool in request.tools)
     if request.json_schema is not None:
         schema = len(json.dumps(request.json_schema).encode())
         tokens += 2 * schema + STRUCTURED_OVERHEAD_TOKENS
@@ -104,7 +123,7 @@ def _field(entry: Any, name: str) -> Any:
     return entry.get(name) if isinstance(entry, dict) else getattr(entry, name, None)
 
 
-def instructed(messages: list[dict[str, str]], schema: dict[str, Any]) -> list[dict[str, str]]:
+def instructed(messages: list[dict[str, Any]], schema: dict[str, Any]) -> list[dict[str, Any]]:
     """``messages`` with the schema stated in the system message, for a server that
     is asked for any JSON object, or for nothing: the answer's shape in words."""
     note = f"Answer with JSON only, matching this JSON Schema: {json.dumps(schema)}"

@@ -39,6 +39,7 @@ from orchestrator.models.base import (
     ModelReply,
     ModelRequest,
     TokenChoice,
+    ToolCall,
     instructed,
     parse_retry_after,
     token_choices,
@@ -166,6 +167,13 @@ class LiteLLMClient(ModelClient):
         }
         if self._mock_response is not None:
             options["mock_response"] = self._mock_response
+        if request.tools:
+            options["tools"] = list(request.tools)
+            # A tool's answer is role, tool_call_id and content in OpenAI's API.
+            options["messages"] = [
+                {k: v for k, v in m.items() if k != "name"} if m["role"] == "tool" else m
+                for m in request.messages
+            ]
         if request.logprobs:  # dropped for a provider that takes none: then none come back
             options.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
         if request.json_schema is not None:
@@ -180,7 +188,7 @@ class LiteLLMClient(ModelClient):
                 # "schema" is llama-cpp-python's: its server makes a grammar of it.
                 options["response_format"] = {"type": "json_object", "schema": request.json_schema}
         try:
-            if request.stream:
+            if request.stream and not request.tools:  # a tool loop's turns are not streamed
                 return await self._stream(request, options)
             response = await self._litellm.acompletion(**options)
         except ModelError:
@@ -192,10 +200,13 @@ class LiteLLMClient(ModelClient):
             raise ModelCallError(f"{self._model}: the answer held no choices", usage=usage)
         text = response.choices[0].message.content or ""
         logprobs = _choices(response.choices[0])
+        calls = _tool_calls(response.choices[0].message)
         if usage is None:
             prompt, completion = self._count(request, options["messages"], text)
-            return ModelReply(text, prompt, completion, counted=True, logprobs=logprobs)
-        return ModelReply(text, *usage, logprobs=logprobs)
+            return ModelReply(
+                text, prompt, completion, counted=True, logprobs=logprobs, tool_calls=calls
+            )
+        return ModelReply(text, *usage, logprobs=logprobs, tool_calls=calls)
 
     async def _stream(self, request: ModelRequest, options: dict[str, Any]) -> ModelReply:
         """Assemble a streamed answer, with the usage at its end.
@@ -336,6 +347,21 @@ def _choices(choice: Any) -> tuple[TokenChoice, ...] | None:
         else getattr(logprobs, "content", None)
     )
     return token_choices(content)
+
+
+def _tool_calls(message: Any) -> tuple[ToolCall, ...]:
+    """The tool calls of an OpenAI-shaped answer; arguments parsed when they are JSON."""
+    found = []
+    for index, call in enumerate(getattr(message, "tool_calls", None) or ()):
+        function = getattr(call, "function", None)
+        raw = getattr(function, "arguments", None)
+        try:
+            arguments = json.loads(raw) if isinstance(raw, str) else raw
+        except ValueError:
+            arguments = raw
+        name = str(getattr(function, "name", "") or "")
+        found.append(ToolCall(str(getattr(call, "id", None) or f"call_{index}"), name, arguments))
+    return tuple(found)
 
 
 def _reported(usage: Any) -> tuple[int, int] | None:

@@ -132,6 +132,12 @@ _load_lock = threading.Lock()
 
 class LlamaCppClient(ModelClient):
     async def complete(self, request: ModelRequest) -> ModelReply:
+        if request.tools:
+            # Not sent anywhere: the step moves on to a model that calls tools.
+            raise ModelUnavailable(
+                f"embedded model '{request.model}' does not call tools; give the step a tier"
+                " whose models do (Ollama, or a provider through litellm)"
+            )
         finder = KNOWN_MODELS.get(request.model)
         if finder is None:
             raise ModelUnavailable(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from dataclasses import replace
 from typing import Any
 
 from orchestrator.errors import (
@@ -22,6 +23,7 @@ from orchestrator.models.base import (
     ModelReply,
     ModelRequest,
     TokenChoice,
+    ToolCall,
     instructed,
     parse_retry_after,
     token_choices,
@@ -71,6 +73,9 @@ class OllamaClient(ModelClient):
         }
         if request.logprobs:  # Ollama 0.12.11 and later; older servers ignore them
             chat.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
+        if request.tools:
+            chat["tools"] = list(request.tools)
+            chat["messages"] = [_ollama_message(m) for m in messages]
         client = self._timed.get(request.timeout_s)
         if client is None:
             # ollama's chat() takes no per-call timeout, so keep one client per timeout.
@@ -78,7 +83,7 @@ class OllamaClient(ModelClient):
                 host=self._host_arg, timeout=request.timeout_s, verify=_tls()
             )
         try:
-            if request.stream:
+            if request.stream and not request.tools:  # a tool loop's turns are not streamed
                 return await self._stream(client, chat)
             response = await client.chat(**chat, stream=False)
             text = response.message.content or ""
@@ -86,13 +91,18 @@ class OllamaClient(ModelClient):
             raise
         except Exception as exc:
             raise self._error(exc, request, form) from None
-        return _reply(
+        reply = _reply(
             chat,
             text,
             response.prompt_eval_count,
             response.eval_count,
             token_choices(response.logprobs),
         )
+        calls = tuple(
+            ToolCall(f"call_{index}", call.function.name, dict(call.function.arguments or {}))
+            for index, call in enumerate(response.message.tool_calls or ())
+        )
+        return replace(reply, tool_calls=calls) if calls else reply
 
     async def _stream(self, client: Any, chat: dict[str, Any]) -> ModelReply:
         """Assemble a streamed answer. Ollama sends one token a chunk and its counts in
@@ -196,6 +206,24 @@ def _reply(
     if completion is None:
         completion = len(text.encode())
     return ModelReply(text, prompt, completion, counted=True, logprobs=logprobs)
+
+
+def _ollama_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A tool loop's message in Ollama's shape: a tool call's arguments are an
+    object, not a string, and a tool's answer names its tool."""
+    if message["role"] == "tool":
+        return {"role": "tool", "content": message["content"], "tool_name": message.get("name")}
+    if not message.get("tool_calls"):
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        arguments = call["function"]["arguments"]
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            arguments = {}
+        calls.append({"function": {"name": call["function"]["name"], "arguments": arguments}})
+    return {"role": "assistant", "content": message.get("content") or "", "tool_calls": calls}
 
 
 def _retry_after(exc: BaseException) -> float | None:

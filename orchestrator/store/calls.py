@@ -4,7 +4,7 @@ each step's result written with its calls in one transaction."""
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +26,14 @@ from orchestrator.ledger import ACCEPTED, Call, StepRecord
 from orchestrator.store import counters, prepared
 from orchestrator.store.counters import Limit
 from orchestrator.store.leases import Lease, fence, fence_written, lost_on_conflict
-from orchestrator.store.tables import PICO_PER_USD, feedback, model_calls, runs, step_runs
+from orchestrator.store.tables import (
+    PICO_PER_USD,
+    feedback,
+    model_calls,
+    runs,
+    step_runs,
+    tool_calls,
+)
 
 CALL_FIELDS = tuple(field.name for field in fields(Call))
 _INSERT_STEP = insert(step_runs)
@@ -176,6 +183,14 @@ class CallStore:
                     prepared.execute(connection, _INSERT_CALL, columns)
                 elif call.reserved_usd is not None:
                     counters.move(connection, row, released=call.reserved_usd, spent=call.cost_usd)
+            if record.tools:
+                connection.execute(
+                    insert(tool_calls),
+                    [
+                        {"run_id": run_id, "step_id": record.step_id, **asdict(run)}
+                        for run in record.tools
+                    ],
+                )
             if record.status != "succeeded":
                 # Calls cut off by a cancellation never settle; they may have been billed.
                 abandon(connection, "cancelled mid-call", run_id=run_id, step_id=record.step_id)

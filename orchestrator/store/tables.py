@@ -241,6 +241,25 @@ answer_cache = Table(
     Index(None, "workflow"),
 )
 
+# Each tool call of a step's tool loop: sizes and outcome, never the values.
+tool_calls = Table(
+    "tool_calls",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(32), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("step_id", String(100), nullable=False),
+    Column("attempt", Integer, nullable=False),  # the model turn that asked for it
+    Column("item_index", Integer),
+    Column("name", String(100), nullable=False),
+    Column("outcome", String(20), nullable=False),
+    Column("duration_ms", Float, nullable=False),
+    Column("arguments_bytes", Integer, nullable=False),
+    Column("result_bytes", Integer, nullable=False),
+    Column("error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index(None, "run_id", "step_id"),
+)
+
 # A person's decision on an approval step, once per step of a run.
 approvals = Table(
     "approvals",
