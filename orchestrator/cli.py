@@ -617,11 +617,16 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
             f"  {usd(record.cost_usd)}  {seconds:.1f}s"
         )
         for call in record.calls:
+            for tool in (t for t in record.tools if t.attempt == call.attempt):
+                what = f"tool {tool.name} {tool.outcome} {tool.duration_ms:.0f} ms"
+                console.print(
+                    f"    [dim]{escape(what + (f': {tool.error}' if tool.error else ''))}[/]"
+                )
             if call.outcome == "unavailable":
                 if (call.model, call.error) not in said:
                     said.add((call.model, call.error))
                     console.print(f"    [dim]skipped {escape(f'{call.model}: {call.error}')}[/]")
-            elif call.outcome not in ("ok", "cache_hit"):
+            elif call.outcome not in ("ok", "cache_hit", "tool_calls"):
                 tier = _tier(call.tier_used, call.simulated)
                 console.print(
                     f"    [yellow]{call.outcome}[/] {escape(f'{tier} · {call.model}: {call.error}')}"
@@ -749,10 +754,10 @@ def show(
     if found["error"]:
         console.print(f"[red]{escape(found['error'])}[/]")
     for step in found["steps"]:
-        reused = f", reused from run {step['reused_from']}" if step["reused_from"] else ""
-        console.print(
-            f"[bold]{step['step_id']}[/]  {step['status']}  (asked {step['tier_asked']}{reused})"
-        )
+        said = [f"asked {step['tier_asked']}"] if step["tier_asked"] else ["a person decides"]
+        if step["reused_from"]:
+            said.append(f"reused from run {step['reused_from']}")
+        console.print(f"[bold]{step['step_id']}[/]  {step['status']}  ({', '.join(said)})")
         if step["error"]:
             console.print(f"  [red]{escape(step['error'])}[/]")
         for call in (c for c in found["calls"] if c["step_id"] == step["step_id"]):
@@ -780,6 +785,14 @@ def show(
                 )
             if call["escalation_reason"]:
                 console.print(f"      escalated: {call['escalation_reason']}", markup=False)
+            for tool in found["tools"]:
+                if (tool["step_id"], tool["attempt"]) == (call["step_id"], call["attempt"]):
+                    console.print(
+                        f"      tool {tool['name']}  {tool['outcome']}  {tool['duration_ms']:.0f} ms"
+                        f"  arguments {tool['arguments_bytes']} B, result {tool['result_bytes']} B"
+                        + (f": {tool['error']}" if tool["error"] else ""),
+                        markup=False,
+                    )
 
 
 def _confidence(call: dict[str, Any]) -> str:

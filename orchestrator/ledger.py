@@ -84,7 +84,7 @@ class StepRecord:
     status: str
     output: Any
     error: str | None
-    tier_asked: str
+    tier_asked: str | None  # None for an approval step: a person answers it
     started_at: datetime
     finished_at: datetime
     calls: list[Call] = field(default_factory=list)

@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Project
+import yaml
+from conftest import REPO, Project, tierflow
 
 from orchestrator.testing import OllamaServer, OpenAIServer, Reply
 
@@ -31,10 +32,12 @@ def shipped(tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer) -> Pro
             ]
         },
     }
-    project = Project(tmp_path / "shipped", {"tiers": tiers})
+    shipped_config = yaml.safe_load((REPO / "tierflow.yaml").read_text())
+    project = Project(tmp_path / "shipped", {"tiers": tiers, "tools": shipped_config["tools"]})
     shutil.rmtree(project.root / "agents")
     shutil.copytree(REPO / "agents", project.root / "agents")
     shutil.copytree(REPO / "workflows", project.root / "workflows", dirs_exist_ok=True)
+    shutil.copytree(REPO / "examples", project.root / "examples")
     return project
 
 
@@ -169,3 +172,40 @@ def test_support_triage_never_sends_the_confidential_ticket_to_the_frontier(
     else:
         assert result.status == "failed"
         assert remote == set()
+
+
+def test_support_agent_looks_the_order_up_and_waits_for_a_person(
+    shipped: Project, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    """The tool runs for real (examples/shop.py); the run waits; an approval finishes it."""
+
+    def answer(body: dict) -> Reply:
+        last = body["messages"][-1]
+        if last["role"] == "tool":
+            order = json.loads(last["content"])
+            return Reply(
+                text=f"Order {order['order_id']} is {order['status']} with {order['carrier']}."
+            )
+        if body.get("tools"):
+            return Reply(text="", tool_calls=(("lookup_order", {"order_id": "A1001"}),))
+        return Reply(text=f"Hi Ana! {last['content'].split('says: ')[1].splitlines()[0]}")
+
+    ollama.responder = answer
+    first = shipped.run("support-agent", {})
+    assert first.status == "waiting", first.error
+    tool_turns = [
+        c["outcome"] for c in shipped.calls(first.run_id) if c["step_id"] == "investigate"
+    ]
+    assert tool_turns == ["tool_calls", "ok"]
+    gate = next(s for s in shipped.steps(first.run_id) if s["step_id"] == "review")
+    assert gate["output"] == {
+        "message": "Send Ana a reply saying: Order A1001 is shipped with DHL."
+    }
+
+    decided = tierflow("approve", first.run_id, "review", "--by", "lead", cwd=shipped.root)
+    assert decided.returncode == 0, decided.stderr
+    found = json.loads(tierflow("show", first.run_id, "--json", cwd=shipped.root).stdout)
+    assert found["status"] == "succeeded"
+    assert found["outputs"]["reply"] == "Hi Ana! Order A1001 is shipped with DHL."
+    assert [t["name"] for t in found["tools"]] == ["lookup_order"]
+    assert frontier.requests == []

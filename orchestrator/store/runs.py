@@ -24,7 +24,7 @@ from orchestrator.store import prepared
 from orchestrator.store.calls import abandon
 from orchestrator.store.clock import db_now_s
 from orchestrator.store.leases import Lease, fence
-from orchestrator.store.tables import model_calls, runs, step_runs
+from orchestrator.store.tables import model_calls, runs, step_runs, tool_calls
 
 ACTIVE = ("queued", "running")
 # Bound values, not an expanding IN: a statement built once holds them (store.prepared).
@@ -390,7 +390,21 @@ class RunStore:
                 .mappings()
                 .all()
             )
-        return {**row, "steps": [dict(s) for s in steps], "calls": [dict(c) for c in calls]}
+            tools = (
+                connection.execute(
+                    select(tool_calls)
+                    .where(tool_calls.c.run_id == found_id)
+                    .order_by(tool_calls.c.id)
+                )
+                .mappings()
+                .all()
+            )
+        return {
+            **row,
+            "steps": [dict(s) for s in steps],
+            "calls": [dict(c) for c in calls],
+            "tools": [dict(t) for t in tools],
+        }
 
     def runs(
         self, *, workflow: str | None = None, status: str | None = None, limit: int = 50

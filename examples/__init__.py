@@ -1,0 +1,1 @@
+"""Python code the shipped example workflows call: tools named in tierflow.yaml."""
