@@ -584,7 +584,7 @@ def _gather_inputs(
 def _step_printer(console: Console) -> Callable[[StepRecord], None]:
     """Prints each step as it ends; a model skipped for the same reason again (an
     Ollama that is not running, under every step) is said once per run."""
-    from orchestrator.spec import APPROVER
+    from orchestrator.spec import APPROVER, CHILD_RUNNER
 
     said: set[tuple[str, str | None]] = set()
 
@@ -610,6 +610,8 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
             if answer
             else record.status
         )
+        if record.agent == CHILD_RUNNER.name and record.status == "succeeded":
+            where = f"ran its workflow: the {record.step_id}.* steps"
         tokens = sum(c.prompt_tokens + c.completion_tokens for c in record.calls)
         seconds = (record.finished_at - record.started_at).total_seconds()
         console.print(
@@ -754,10 +756,11 @@ def show(
     if found["error"]:
         console.print(f"[red]{escape(found['error'])}[/]")
     for step in found["steps"]:
-        said = [f"asked {step['tier_asked']}"] if step["tier_asked"] else ["a person decides"]
+        said = [f"asked {step['tier_asked']}"] if step["tier_asked"] else []
         if step["reused_from"]:
             said.append(f"reused from run {step['reused_from']}")
-        console.print(f"[bold]{step['step_id']}[/]  {step['status']}  ({', '.join(said)})")
+        told = f"  ({', '.join(said)})" if said else ""
+        console.print(f"[bold]{step['step_id']}[/]  {step['status']}{told}")
         if step["error"]:
             console.print(f"  [red]{escape(step['error'])}[/]")
         for call in (c for c in found["calls"] if c["step_id"] == step["step_id"]):

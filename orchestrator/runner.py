@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -47,6 +48,7 @@ from orchestrator.spec import LoadedWorkflow, StepPlan, dependents, project_path
 from orchestrator.store import Checkpoint, Lease, Store
 from orchestrator.store.runs import ACTIVE, now
 from orchestrator.storeio import off_loop, write
+from orchestrator.templates import Expression, Template, TemplateProblem
 
 
 @dataclass
@@ -257,10 +259,11 @@ class Runner:
                     f"--from {from_step!r}: {workflow.name} has no such step{suggest(from_step, ids)}"
                 )
             again = dependents(workflow, from_step)
+        known = set(_step_names(workflow))
         reuse = [
             step
             for step in self._store.finished_steps(retried)
-            if step in ids and step not in again
+            if step in known and step.split(".", 1)[0] not in again
         ]
         return workflow.resolve_inputs(row["inputs"]), reuse
 
@@ -470,8 +473,14 @@ class Runner:
         gate = _HandOffGate()
         cancelled = False  # seen in a step's record; the keeper's own flag may lag
 
-        async def run_step(plan: StepPlan, outputs: dict[str, Any]) -> Any:
+        async def step_of(
+            inputs: dict[str, Any], prefix: str, plan: StepPlan, outputs: dict[str, Any]
+        ) -> Any:
+            """Run ``plan`` of the workflow whose steps are named from ``prefix``:
+            "" for this run's own, "STEP." for those of a workflow that STEP uses."""
             nonlocal cancelled
+            if prefix:  # recorded under its own name in this run: "STEP.CHILD_STEP"
+                plan = replace(plan, step=plan.step.model_copy(update={"id": prefix + plan.id}))
             if plan.id in done:  # finished before this process took the run over
                 return done[plan.id]
             if cancelled or keeper.cancelled:
@@ -479,10 +488,12 @@ class Runner:
             if gate.leaving:  # the run is leaving this worker: start nothing new
                 await gate.wait()
             context = {
-                "inputs": values,
+                "inputs": inputs,
                 "steps": {step_id: {"output": output} for step_id, output in outputs.items()},
                 "run": run_info,
             }
+            if plan.child is not None:
+                return await uses(plan, context)
             record = steps.start(plan)
             needs: NeedsTier | None = None
             approval: NeedsApproval | None = None
@@ -508,9 +519,43 @@ class Runner:
                 raise StepFailed(f"step '{plan.id}' failed: {record.error}")
             return record.output
 
-        graph = self._graphs.get(workflow.content_hash)
-        if graph is None:
-            graph = self._graphs[workflow.content_hash] = compile_graph(workflow)
+        async def uses(plan: StepPlan, context: dict[str, Any]) -> Any:
+            """A uses: step: the other workflow's steps run in this run, named
+            "STEP.CHILD_STEP", so their calls count here (budgets, spend, show);
+            the step's output is that workflow's outputs."""
+            assert plan.child is not None
+            child = plan.child
+            record = steps.start(plan)
+            if plan.when is not None and not plan.when.evaluate(context):
+                record.status = "skipped"
+            else:
+                try:
+                    given = {name: _given(value, context) for name, value in plan.child_inputs}
+                    inputs = child.resolve_inputs(given)
+                    state = await self._graph(child).ainvoke(
+                        {OUTPUTS: {}},
+                        config={
+                            "recursion_limit": len(child.steps) + 2,
+                            "configurable": {
+                                "run_step": functools.partial(step_of, inputs, f"{plan.id}.")
+                            },
+                        },
+                    )
+                    record.output, record.status = state[OUTPUTS], "succeeded"
+                except (UserError, TemplateProblem, StepFailed) as exc:
+                    record.status, record.error = "failed", f"workflow {child.name}: {exc}"
+            record.finished_at = datetime.now(UTC)
+            for hook in (ledger, *self._hooks):
+                await hook.after_step(plan, record)
+            result.steps.append(record)
+            if on_step is not None:
+                on_step(record)
+            if record.status == "failed":
+                raise StepFailed(f"step '{plan.id}' failed: {record.error}")
+            return record.output
+
+        run_step = functools.partial(step_of, values, "")
+        graph = self._graph(workflow)
         try:
             state = await graph.ainvoke(
                 {OUTPUTS: {}},
@@ -573,6 +618,13 @@ class Runner:
             result.status, result.error = "cancelled", f"run {run_id} was cancelled"
         return result
 
+    def _graph(self, workflow: LoadedWorkflow) -> Any:
+        """The workflow's compiled graph, compiled once per content."""
+        graph = self._graphs.get(workflow.content_hash)
+        if graph is None:
+            graph = self._graphs[workflow.content_hash] = compile_graph(workflow)
+        return graph
+
     async def _interrupted(self, lease: Lease, why: str, keeper: LeaseKeeper) -> None:
         """The run's work was cut off from outside: end it failed, unless it is not ours."""
         if keeper.lost is not None:
@@ -583,6 +635,26 @@ class Runner:
                     lease.run_id, status="failed", error=f"interrupted: {why}", lease=lease
                 )
             )
+
+
+def _step_names(workflow: LoadedWorkflow, prefix: str = "") -> list[str]:
+    """Every step a run of ``workflow`` records: its own, and ``STEP.CHILD`` for the
+    steps of the workflows its ``uses:`` steps run."""
+    names = []
+    for plan in workflow.steps:
+        names.append(prefix + plan.id)
+        if plan.child is not None:
+            names += _step_names(plan.child, f"{prefix}{plan.id}.")
+    return names
+
+
+def _given(value: Any, context: dict[str, Any]) -> Any:
+    """A ``with`` value for a sub-workflow's input: rendered, evaluated, or as written."""
+    if isinstance(value, Template):
+        return value.render(context)
+    if isinstance(value, Expression):
+        return value.evaluate(context)
+    return value
 
 
 # Besides each call's own timeout: store I/O, rendering and checks, per call,
@@ -603,6 +675,9 @@ def time_limit_s(settings: Settings, workflow: LoadedWorkflow) -> float:
     units = workflow.spec.max_steps or settings.config.max_steps
     total = RUN_SLACK_S
     for plan in workflow.steps:
+        if plan.child is not None:  # its steps run one after another, as these do
+            total += time_limit_s(settings, plan.child) - RUN_SLACK_S
+            continue
         climb = ladder(settings, plan)
         slowest = max((entry.timeout_s for _, tier in climb for entry in tier.models), default=0)
         per_call = (plan.step.timeout_s or slowest) + BACKSTOP_S + PER_CALL_SLACK_S

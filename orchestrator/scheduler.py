@@ -193,7 +193,7 @@ class StepRunner:
             status="running",
             output=None,
             error=None,
-            tier_asked=None if plan.step.approval is not None else plan.tier,
+            tier_asked=None if plan.step.approval or plan.child else plan.tier,
             started_at=_now(),
             finished_at=_now(),
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -172,13 +173,19 @@ _MODEL_ONLY = (
 
 # The agent of an approval step's record: a person, not a model.
 APPROVER = Agent(name="approver", description="A person who approves or rejects.")
+# The agent of a uses: step's record: the other workflow's steps do its work.
+CHILD_RUNNER = Agent(name="workflow", description="Runs another workflow's steps.")
 
 
 class Step(_Strict):
     id: str = Field(pattern=NAME_PATTERN, max_length=NAME_LENGTH)
-    # agents/NAME.yaml; a step has an agent or an approval, not both.
+    # agents/NAME.yaml; a step has an agent, an approval or a sub-workflow (uses).
     agent: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=NAME_LENGTH)
     approval: Approval | None = None
+    # Another workflow of the project, run as part of this one: its inputs from
+    # ``with`` (templates; a lone ``{{ expression }}`` keeps its value's type).
+    uses: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=NAME_LENGTH)
+    with_: dict[str, Any] = Field(default={}, alias="with")
     tier: str | None = None
     prompt: str | None = None
     output: dict[str, Any] | None = None
@@ -203,18 +210,28 @@ class Step(_Strict):
         return schema
 
     @model_validator(mode="after")
-    def _agent_or_approval(self) -> Step:
-        if self.approval is None:
-            if self.agent is None:
-                raise ValueError("give the step an agent: (or approval: for a person's decision)")
+    def _agent_approval_or_uses(self) -> Step:
+        kinds = [kind for kind in ("agent", "approval", "uses") if getattr(self, kind) is not None]
+        if not kinds:
+            raise ValueError(
+                "give the step an agent: (or approval: for a person's decision,"
+                " or uses: for another workflow)"
+            )
+        if "with_" in self.model_fields_set and self.uses is None:
+            raise ValueError("with: gives a sub-workflow its inputs; it goes with uses:")
+        if kinds == ["agent"]:
             return self
         given = [name for name in _MODEL_ONLY if name in self.model_fields_set]
-        given += [name for name in ("confidence", "cache") if name in self.model_fields_set]
+        given += [name for name in ("confidence", "cache", "approval", "uses")]
+        given = [name for name in given if name in self.model_fields_set and name != kinds[-1]]
         if given:
-            raise ValueError(
-                f"an approval step calls no model, so it takes no {', '.join(given)}:"
-                " a person answers it"
+            what = (
+                "an approval step calls no model" + ", so it takes no "
+                if kinds[-1] == "approval"
+                else "a uses: step runs another workflow, so it takes no "
             )
+            who = " a person answers it" if kinds[-1] == "approval" else " that workflow's steps do"
+            raise ValueError(f"{what}{', '.join(given)}:{who}")
         return self
 
 
@@ -299,6 +316,10 @@ class StepPlan:
     # its cases alone); None: the step's history in the ledger.
     route_scope: str | None = None
     tools: tuple[Any, ...] = ()  # the agent's ``orchestrator.tools.Tool``s
+    # A uses: step: the workflow it runs, and each of its inputs as a Template,
+    # an Expression (a lone ``{{ expression }}``) or a value written as is.
+    child: LoadedWorkflow | None = None
+    child_inputs: tuple[tuple[str, Any], ...] = ()
 
     @property
     def max_turns(self) -> int:
@@ -334,6 +355,11 @@ class StepPlan:
             if expression is not None:
                 found.append((name, expression.reads))
         found += [(f"checks[{i}]", check.reads) for i, check in enumerate(self.checks)]
+        found += [
+            (f"with.{name}", value.reads)
+            for name, value in self.child_inputs
+            if hasattr(value, "reads")
+        ]
         if self.judge is not None:  # the judge sees the prompt and the answer too
             found += [(f"judge {name}", reads) for name, reads in self.judge.texts()]
         return found
@@ -416,17 +442,32 @@ def load_agent(path: Path) -> Agent:
     return agent
 
 
-def load_workflow(path: str | Path, settings: Settings) -> LoadedWorkflow:
-    """Load a workflow file and check it whole; raises ``SpecError`` listing every problem."""
+def load_workflow(
+    path: str | Path,
+    settings: Settings,
+    *,
+    stack: tuple[Path, ...] = (),
+    confidential: frozenset[str] = frozenset(),
+) -> LoadedWorkflow:
+    """Load a workflow file and check it whole; raises ``SpecError`` listing every problem.
+
+    ``stack`` holds the workflows that use this one (a cycle is refused), and
+    ``confidential`` inputs that are confidential where it is used (taint flows in)."""
     path = Path(path)
     doc = read_yaml(path)
     spec = validate(Workflow, doc)
+    if confidential:
+        inputs = {
+            name: given.model_copy(update={"confidential": True}) if name in confidential else given
+            for name, given in spec.inputs.items()
+        }
+        spec = spec.model_copy(update={"inputs": inputs})
     if len(spec.steps) > MAX_WORKFLOW_STEPS:
         count = len(spec.steps)
         raise SpecError(
             doc.problem(("steps",), f"{count} steps is over the limit of {MAX_WORKFLOW_STEPS}")
         )
-    checker = _Checker(doc, spec, settings)
+    checker = _Checker(doc, spec, settings, stack=stack)
     plans = checker.plan()
     if checker.problems:
         raise SpecError(*checker.problems)
@@ -516,7 +557,11 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 class _Checker:
     """Cross-file checks: agents, tiers, needs, cycles, templates and their references."""
 
-    def __init__(self, doc: YamlDoc, spec: Workflow, settings: Settings) -> None:
+    def __init__(
+        self, doc: YamlDoc, spec: Workflow, settings: Settings, *, stack: tuple[Path, ...] = ()
+    ) -> None:
+        self.stack = stack
+        self._reads: dict[str, list[tuple[str, frozenset[Read]]]] = {}
         self.doc = doc
         self.spec = spec
         self.settings = settings
@@ -593,7 +638,8 @@ class _Checker:
     def _taint(self, plans: list[StepPlan]) -> list[StepPlan]:
         """``plans`` with their taint; reports a tainted step no local tier can run."""
         confidential = [name for name, spec in self.spec.inputs.items() if spec.confidential]
-        found = taints({plan.id: plan.texts() for plan in plans}, confidential)
+        self._reads = {plan.id: plan.texts() for plan in plans}
+        found = taints(self._reads, confidential)
         index_of = {step.id: index for index, step in enumerate(self.spec.steps)}
         for plan in plans:
             taint = found.get(plan.id)
@@ -601,6 +647,7 @@ class _Checker:
                 taint is None
                 or plan.step.sensitive
                 or plan.step.approval is not None  # a person reads it, not a model
+                or plan.child is not None  # its own steps are checked, taint and all
                 or self._local_tier_from(plan.tier)
             ):
                 continue  # a sensitive step without a local tier is reported already
@@ -615,7 +662,10 @@ class _Checker:
                 f"step '{plan.id}' {taint}, so it may use only tiers marked local: true,"
                 f" and {where} marked local",
             )
-        planned = [replace(plan, taint=found.get(plan.id)) for plan in plans]
+        planned = [
+            self._child_tainted(replace(plan, taint=found.get(plan.id)), confidential)
+            for plan in plans
+        ]
         for plan in planned:
             judge = plan.judge
             if judge is None or not plan.local_only:
@@ -633,6 +683,28 @@ class _Checker:
                     f" true, and judge tier '{judge.tier}' is not",
                 )
         return planned
+
+    def _child_tainted(self, plan: StepPlan, confidential: list[str]) -> StepPlan:
+        """A uses: step whose inputs carry confidential data: its workflow loaded
+        again with those inputs confidential, so every step of it that reads them stays local."""
+        if plan.child is None or plan.taint is None:
+            return plan
+        tainted = []
+        for name, value in plan.child_inputs:
+            reads: frozenset[Read] = getattr(value, "reads", frozenset())
+            if taints({"with": [("with", reads)], **self._reads}, confidential).get("with"):
+                tainted.append(name)
+        if not tainted:
+            return plan
+        stack = (*self.stack, self.doc.path.resolve())
+        try:
+            child = load_workflow(
+                plan.child.path, self.settings, stack=stack, confidential=frozenset(tainted)
+            )
+        except SpecError as exc:
+            self.problems.extend(exc.problems)
+            return plan
+        return replace(plan, child=child)
 
     def _order(self) -> list[int]:
         """Step indexes in dependency order; reports a cycle if there is one."""
@@ -682,6 +754,8 @@ class _Checker:
         loc = ("steps", index)
         if step.approval is not None:
             return self._approval(step, loc, ancestors)
+        if step.uses is not None:
+            return self._uses(step, loc, ancestors)
         agent = self._agent(step, loc)
         if agent is None:
             return None
@@ -781,6 +855,76 @@ class _Checker:
                 self.problems.extend(exc.problems)
                 return None
         return tuple(found)
+
+    def _uses(self, step: Step, loc: tuple[str | int, ...], ancestors: set[str]) -> StepPlan | None:
+        """A uses: step's plan: the other workflow, loaded and checked (cycles refused),
+        and its inputs from ``with``, compiled against this workflow's names."""
+        assert step.uses is not None
+        allowed = {"inputs", "steps", "run"}
+        when = self._expression((*loc, "when"), step.when, allowed, ancestors, label="when")
+        folder = self.settings.root / self.settings.config.workflows_dir
+        path = folder / f"{step.uses}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+            self.report(
+                (*loc, "uses"), f"unknown workflow '{step.uses}'{suggest(step.uses, known)}"
+            )
+            return None
+        chain = [*self.stack, self.doc.path.resolve()]
+        if path.resolve() in chain:
+            names = " → ".join([*(p.stem for p in chain[chain.index(path.resolve()) :]), step.uses])
+            self.report((*loc, "uses"), f"workflows form a cycle: {names}")
+            return None
+        try:
+            child = load_workflow(path, self.settings, stack=tuple(chain))
+        except SpecError as exc:
+            self.report((*loc, "uses"), f"workflow '{step.uses}' has problems:")
+            self.problems.extend(exc.problems)
+            return None
+        inputs: list[tuple[str, Any]] = []
+        for name, value in step.with_.items():
+            if name not in child.spec.inputs:
+                known = list(child.spec.inputs)
+                self.report(
+                    (*loc, "with", name),
+                    f"workflow '{step.uses}' has no input '{name}'{suggest(name, known)}",
+                )
+                continue
+            inputs.append(
+                (name, self._child_input((*loc, "with", name), value, allowed, ancestors))
+            )
+        missing = [
+            name
+            for name, spec in child.spec.inputs.items()
+            if spec.required and name not in step.with_
+        ]
+        if missing:
+            self.report((*loc, "with"), f"workflow '{step.uses}' needs input {', '.join(missing)}")
+        return StepPlan(
+            step=step,
+            agent=CHILD_RUNNER,
+            tier=self.settings.tier_names[0],
+            prompt=Template("", label="uses"),
+            system=None,
+            when=when,
+            for_each=None,
+            checks=(),
+            max_tokens=1,
+            child=child,
+            child_inputs=tuple(inputs),
+        )
+
+    def _child_input(
+        self, loc: tuple[str | int, ...], value: Any, allowed: set[str], ancestors: set[str]
+    ) -> Any:
+        """A ``with`` value: a lone ``{{ expression }}`` keeps its type, other text is a
+        template, anything else is given as written."""
+        if not isinstance(value, str):
+            return value
+        lone = re.fullmatch(r"\s*\{\{(.*)\}\}\s*", value, flags=re.DOTALL)
+        if lone is not None and "{{" not in lone.group(1) and "}}" not in lone.group(1):
+            return self._expression(loc, lone.group(1).strip(), allowed, ancestors, label="with")
+        return self._template(loc, value, allowed, ancestors, label="with")
 
     def _approval(
         self, step: Step, loc: tuple[str | int, ...], ancestors: set[str]
