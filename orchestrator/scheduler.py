@@ -30,7 +30,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -50,14 +50,14 @@ from orchestrator.errors import (
     redact,
 )
 from orchestrator.hooks import CallRefused, Hooks
-from orchestrator.ledger import Call, Pricer, StepRecord, ToolRun
+from orchestrator.ledger import Call, Pricer, StepRecord
 from orchestrator.models import Clients, ModelRequest
-from orchestrator.models.base import ToolCall, prompt_tokens_upper_bound
+from orchestrator.models.base import prompt_tokens_upper_bound
 from orchestrator.settings import ModelEntry, Settings, Tier
 from orchestrator.spec import AUTO_TIER, Confidence, StepPlan
 from orchestrator.store import Checkpoint
 from orchestrator.templates import TemplateProblem
-from orchestrator.tools import parse_arguments, run_tool
+from orchestrator.toolloop import ToolRequest, converse
 
 log = logging.getLogger("tierflow.scheduler")
 FAN_OUT_CONCURRENCY = 8
@@ -70,14 +70,6 @@ _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 class InvalidOutput(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class ToolRequest:
-    """A model turn that asked for tools instead of answering (outcome ``tool_calls``)."""
-
-    text: str
-    calls: tuple[ToolCall, ...]
 
 
 class _CheckRaised(Exception):
@@ -464,7 +456,9 @@ class StepRunner:
                         escalation_reason=escalation_reason,
                         tags=tags,
                     )
-                    call, value = await self._converse(plan, tier, messages, record, turn)
+                    call, value = await converse(
+                        plan, tier, messages, record, turn, personal=self._personal
+                    )
                 else:
                     call, value = await ask()
                 if call.outcome == "ok" and consistency is not None:
@@ -510,107 +504,6 @@ class StepRunner:
             f" (max_attempts {escalation.max_attempts})" if used >= escalation.max_attempts else ""
         )
         raise StepFailed(f"no tier gave a valid answer{limit}: " + "; ".join(failures))
-
-    async def _converse(
-        self,
-        plan: StepPlan,
-        tier: Tier,
-        messages: list[dict[str, Any]],
-        record: StepRecord,
-        turn: Callable[[list[dict[str, Any]]], Awaitable[tuple[Call, Any]]],
-    ) -> tuple[Call, Any]:
-        """A tool loop on one model: ask; run the tools it asks for and give it their
-        results; ask again, up to the step's ``max_turns``. Every turn is a ledger
-        row. An unknown tool, arguments that fail the tool's schema, or no answer
-        within ``max_turns`` make the last turn ``invalid_output``; a tool's own
-        failure goes back to the model once, and a second one is an ``error``."""
-        tools = {tool.name: tool for tool in plan.tools}
-        history = list(messages)
-        failures = 0
-        for _ in range(plan.max_turns):
-            call, value = await turn(history)
-            if call.outcome != "tool_calls":
-                return call, value
-            asked: ToolRequest = value
-            history.append(_assistant_turn(asked))
-            for requested in asked.calls:
-                tool = tools.get(requested.name)
-                sent = _size(requested.arguments)
-                problem = None
-                if tool is None:
-                    problem = f"unknown tool {requested.name!r}{_among(requested.name, tools)}"
-                else:
-                    try:
-                        arguments = parse_arguments(tool, requested.arguments)
-                    except ValueError as exc:
-                        problem = str(exc)
-                if problem is not None or tool is None:
-                    self._ran(record, call, requested.name, "refused", 0.0, sent, 0, problem)
-                    return self._redo(record, call, "invalid_output", f"tool call: {problem}")
-                result = await run_tool(tool, arguments)
-                self._ran(
-                    record,
-                    call,
-                    tool.name,
-                    result.outcome,
-                    result.duration_ms,
-                    sent,
-                    result.result_bytes,
-                    result.error,
-                )
-                if result.error is not None:
-                    failures += 1
-                    if failures > 1:
-                        why = f"tool {tool.name} failed again: {result.error}"
-                        return self._redo(record, call, "error", why)
-                personal = self._personal([{"content": result.content}])
-                if personal and not tier.local:
-                    raise StepFailed(
-                        f"tool {tool.name}'s result holds personal data ({', '.join(personal)})"
-                        " and this tier is not marked local: true; it was not sent"
-                    )
-                history.append(
-                    {
-                        "role": "tool",
-                        "tool_call_id": requested.id,
-                        "name": requested.name,
-                        "content": result.content,
-                    }
-                )
-        why = f"no answer within max_turns {plan.max_turns}: the model kept calling tools"
-        return self._redo(record, call, "invalid_output", why)
-
-    @staticmethod
-    def _ran(
-        record: StepRecord,
-        call: Call,
-        name: str,
-        outcome: str,
-        duration_ms: float,
-        arguments_bytes: int,
-        result_bytes: int,
-        error: str | None,
-    ) -> None:
-        record.tools.append(
-            ToolRun(
-                attempt=call.attempt,
-                item_index=call.item_index,
-                name=name,
-                outcome=outcome,
-                duration_ms=duration_ms,
-                arguments_bytes=arguments_bytes,
-                result_bytes=result_bytes,
-                error=error,
-                created_at=_now(),
-            )
-        )
-
-    @staticmethod
-    def _redo(record: StepRecord, call: Call, outcome: str, error: str) -> tuple[Call, Any]:
-        """``call``, the turn that ended the loop, with ``outcome``: in ``record`` too."""
-        index = next(i for i, made in enumerate(record.calls) if made is call)
-        record.calls[index] = replace(call, outcome=outcome, error=clip(error))
-        return record.calls[index], None
 
     async def _cached(
         self,
@@ -1103,35 +996,3 @@ def _score(score: float, raw: float | None) -> str:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _assistant_turn(asked: ToolRequest) -> dict[str, Any]:
-    """The model's tool-calling turn as the next request repeats it (OpenAI's shape)."""
-    return {
-        "role": "assistant",
-        "content": asked.text,
-        "tool_calls": [
-            {
-                "id": call.id,
-                "type": "function",
-                "function": {
-                    "name": call.name,
-                    "arguments": call.arguments
-                    if isinstance(call.arguments, str)
-                    else json.dumps(call.arguments),
-                },
-            }
-            for call in asked.calls
-        ],
-    }
-
-
-def _size(value: Any) -> int:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return len(text.encode())
-
-
-def _among(name: str, tools: Mapping[str, Any]) -> str:
-    from orchestrator.loading import suggest
-
-    return f"{suggest(name, tools)}; it may call {', '.join(tools)}"

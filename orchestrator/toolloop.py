@@ -1,0 +1,166 @@
+"""A step's tool loop: the model asks for tools, tierflow runs them and answers.
+
+Every model turn is a ledger row (one that asked for tools has outcome
+``tool_calls``); every tool call is a ``ToolRun`` of the step's record. See
+``orchestrator.tools`` for how a tool is found, checked and run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from orchestrator.errors import StepFailed, clip
+from orchestrator.ledger import Call, StepRecord, ToolRun
+from orchestrator.loading import suggest
+from orchestrator.models.base import ToolCall
+from orchestrator.settings import Tier
+from orchestrator.spec import StepPlan
+from orchestrator.tools import parse_arguments, run_tool
+
+
+@dataclass(frozen=True)
+class ToolRequest:
+    """A model turn that asked for tools instead of answering (outcome ``tool_calls``)."""
+
+    text: str
+    calls: tuple[ToolCall, ...]
+
+
+async def converse(
+    plan: StepPlan,
+    tier: Tier,
+    messages: list[dict[str, Any]],
+    record: StepRecord,
+    turn: Callable[[list[dict[str, Any]]], Awaitable[tuple[Call, Any]]],
+    personal: Callable[[list[dict[str, Any]]], list[str]],
+) -> tuple[Call, Any]:
+    """A tool loop on one model: ask; run the tools it asks for and give it their
+    results; ask again, up to the step's ``max_turns``. Every turn is a ledger
+    row. An unknown tool, arguments that fail the tool's schema, or no answer
+    within ``max_turns`` make the last turn ``invalid_output``; a tool's own
+    failure goes back to the model once, and a second one is an ``error``.
+
+    ``turn`` asks the model once with the messages so far and records the turn;
+    ``personal`` finds personal data in messages (a result holding any never
+    reaches a tier not marked local)."""
+    tools = {tool.name: tool for tool in plan.tools}
+    history = list(messages)
+    failures = 0
+    for _ in range(plan.max_turns):
+        call, value = await turn(history)
+        if call.outcome != "tool_calls":
+            return call, value
+        asked: ToolRequest = value
+        history.append(_assistant_turn(asked))
+        for requested in asked.calls:
+            tool = tools.get(requested.name)
+            sent = _size(requested.arguments)
+            problem = None
+            if tool is None:
+                problem = f"unknown tool {requested.name!r}{_among(requested.name, tools)}"
+            else:
+                try:
+                    arguments = parse_arguments(tool, requested.arguments)
+                except ValueError as exc:
+                    problem = str(exc)
+            if problem is not None or tool is None:
+                _ran(record, call, requested.name, "refused", 0.0, sent, 0, problem)
+                return _redo(record, call, "invalid_output", f"tool call: {problem}")
+            result = await run_tool(tool, arguments)
+            _ran(
+                record,
+                call,
+                tool.name,
+                result.outcome,
+                result.duration_ms,
+                sent,
+                result.result_bytes,
+                result.error,
+            )
+            if result.error is not None:
+                failures += 1
+                if failures > 1:
+                    why = f"tool {tool.name} failed again: {result.error}"
+                    return _redo(record, call, "error", why)
+            held = personal([{"content": result.content}])
+            if held and not tier.local:
+                raise StepFailed(
+                    f"tool {tool.name}'s result holds personal data ({', '.join(held)})"
+                    " and this tier is not marked local: true; it was not sent"
+                )
+            history.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": requested.id,
+                    "name": requested.name,
+                    "content": result.content,
+                }
+            )
+    why = f"no answer within max_turns {plan.max_turns}: the model kept calling tools"
+    return _redo(record, call, "invalid_output", why)
+
+
+def _ran(
+    record: StepRecord,
+    call: Call,
+    name: str,
+    outcome: str,
+    duration_ms: float,
+    arguments_bytes: int,
+    result_bytes: int,
+    error: str | None,
+) -> None:
+    record.tools.append(
+        ToolRun(
+            attempt=call.attempt,
+            item_index=call.item_index,
+            name=name,
+            outcome=outcome,
+            duration_ms=duration_ms,
+            arguments_bytes=arguments_bytes,
+            result_bytes=result_bytes,
+            error=error,
+            created_at=datetime.now(UTC),
+        )
+    )
+
+
+def _redo(record: StepRecord, call: Call, outcome: str, error: str) -> tuple[Call, Any]:
+    """``call``, the turn that ended the loop, with ``outcome``: in ``record`` too."""
+    index = next(i for i, made in enumerate(record.calls) if made is call)
+    record.calls[index] = replace(call, outcome=outcome, error=clip(error))
+    return record.calls[index], None
+
+
+def _assistant_turn(asked: ToolRequest) -> dict[str, Any]:
+    """The model's tool-calling turn as the next request repeats it (OpenAI's shape)."""
+    return {
+        "role": "assistant",
+        "content": asked.text,
+        "tool_calls": [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {
+                    "name": call.name,
+                    "arguments": call.arguments
+                    if isinstance(call.arguments, str)
+                    else json.dumps(call.arguments),
+                },
+            }
+            for call in asked.calls
+        ],
+    }
+
+
+def _size(value: Any) -> int:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return len(text.encode())
+
+
+def _among(name: str, tools: Mapping[str, Any]) -> str:
+    return f"{suggest(name, tools)}; it may call {', '.join(tools)}"
