@@ -54,6 +54,8 @@ def answer_key(plan: StepPlan, entry: ModelEntry, messages: list[dict[str, str]]
         "temperature": plan.agent.temperature,
         "schema": plan.step.output,
         "tools": [tool.schema() for tool in plan.tools],
+        # A step that now asks for confidence takes no answer kept without it.
+        "confidence": plan.confidence.model_dump(mode="json") if plan.confidence else None,
     }
     text = json.dumps(shaped, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()

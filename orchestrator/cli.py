@@ -436,6 +436,8 @@ def approve(
         if row is None:
             raise UserError(f"no run {run_id!r}")
         queued = enqueue or row["queue"] is not None
+        # Loaded before the decision: a workflow that no longer loads leaves the run waiting.
+        workflow = None if queued else client.retried(row["id"])[0]
         found, status = client.decide(
             row["id"],
             step,
@@ -450,7 +452,7 @@ def approve(
         if queued:
             typer.echo(f"approved: run {found} is queued for a worker")
             return
-        workflow, _ = client.retried(found)
+        assert workflow is not None
         console = _console()
         runner = Runner(
             settings=client.settings, store=client.store, on_step=_step_printer(console)

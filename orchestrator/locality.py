@@ -93,3 +93,17 @@ def _host_of(address: str, *, ollama: bool) -> str | None:
         # Ollama reads ":11434" as 127.0.0.1:11434; for anything else, no host is no answer.
         return "127.0.0.1" if ollama else None
     return parts.hostname
+
+
+def is_loopback_url(address: str) -> bool:
+    """``address`` names this machine: a loopback IP or ``localhost``."""
+    host = _host_of(address, ollama=False)
+    if host is None:
+        return False
+    host = normalise_host(host)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -684,7 +684,10 @@ def time_limit_s(settings: Settings, workflow: LoadedWorkflow) -> float:
         waves = -(-units // FAN_OUT_CONCURRENCY) if plan.for_each is not None else 1
         confidence = plan.confidence
         samples = confidence.samples if confidence and confidence.signal == "consistency" else 1
-        total += waves * attempts * samples * per_call
+        # A tool loop: each turn is a call, and may wait on every tool's timeout.
+        turns = plan.max_turns if plan.tools else 1
+        tools = sum(tool.timeout_s for tool in plan.tools)
+        total += waves * attempts * samples * turns * (per_call + tools)
     return total
 
 

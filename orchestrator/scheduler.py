@@ -470,7 +470,11 @@ class StepRunner:
                         plan, record, call, value, messages, context, attempts, item_index
                     )
                 if call.outcome == "ok":
-                    if cache is not None and self._answers is not None:
+                    if (
+                        cache is not None
+                        and self._answers is not None
+                        and (cache.sensitive or not self._personal([{"content": str(value)}]))
+                    ):
                         await self._answers.keep(
                             plan,
                             cache,

@@ -86,12 +86,24 @@ class Tier(_Strict):
 
     @model_validator(mode="after")
     def _mocks_are_simulated(self) -> Tier:
-        mocked = [entry.model for entry in self.models if entry.mock_response is not None]
-        if mocked and not self.simulated:
-            raise ValueError(
-                f"{mocked[0]} answers with mock_response, so the tier must say simulated: true"
-            )
+        for entry in self.models:
+            mocked = entry.mock_response is not None
+            if mocked and entry.provider in ("ollama", "llamacpp"):
+                raise ValueError(f"{entry.model}: mock_response is litellm's; this model is not")
+            if mocked and not self.simulated:
+                raise ValueError(
+                    f"{entry.model} answers with mock_response, so the tier must say simulated: true"
+                )
+            if self.simulated and not mocked and not _on_loopback(entry.api_base):
+                raise ValueError(
+                    f"{entry.model}: a simulated tier's models answer with mock_response or"
+                    " from a test server on loopback (api_base), so that nobody is billed"
+                )
         return self
+
+
+def _on_loopback(url: str | None) -> bool:
+    return url is not None and locality.is_loopback_url(url)
 
 
 class PriceOverride(_Strict):

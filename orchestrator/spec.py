@@ -37,6 +37,7 @@ from orchestrator.templates import Expression, Read, Template, TemplateProblem
 AUTO_TIER = "auto"
 MAX_WORKFLOW_STEPS = 1000  # steps in one file; for_each items are counted by max_steps
 NAME_LENGTH = 64
+MAX_STEP_ID_LENGTH = 100  # the ledger's column: a sub-workflow's steps are STEP.CHILD_STEP
 MAX_FILE_TOKENS = 40_000  # template and expression tokens of one workflow, all steps together
 
 
@@ -492,6 +493,7 @@ def _identity(doc: YamlDoc, plans: list[StepPlan], settings: Settings) -> str:
         "tools": {
             tool.name: [tool.source, tool.parameters] for plan in plans for tool in plan.tools
         },
+        "uses": {plan.id: plan.child.content_hash for plan in plans if plan.child is not None},
     }
     return hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -543,7 +545,10 @@ class WorkflowCache:
             if each is not None
         )
         files = [workflow.path, *(agents / f"{name}.yaml" for name in names)]
-        return tuple(_stamp(path) for path in files)
+        used = [
+            stamp for plan in workflow.steps if plan.child for stamp in self._stamps(plan.child)
+        ]
+        return (*(_stamp(path) for path in files), *used)
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -892,6 +897,13 @@ class _Checker:
                 continue
             inputs.append(
                 (name, self._child_input((*loc, "with", name), value, allowed, ancestors))
+            )
+        longest = max((len(plan.id) for plan in child.steps), default=0)
+        if len(step.id) + 1 + longest > MAX_STEP_ID_LENGTH:
+            self.report(
+                (*loc, "id"),
+                f"'{step.id}.' and the longest step id of workflow '{step.uses}' make a name"
+                f" over {MAX_STEP_ID_LENGTH} characters; shorten one of them",
             )
         missing = [
             name

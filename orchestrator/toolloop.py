@@ -50,10 +50,12 @@ async def converse(
     tools = {tool.name: tool for tool in plan.tools}
     history = list(messages)
     failures = 0
-    for _ in range(plan.max_turns):
+    for number in range(1, plan.max_turns + 1):
         call, value = await turn(history)
         if call.outcome != "tool_calls":
             return call, value
+        if number == plan.max_turns:
+            break  # its tools would run for an answer nobody asks for
         asked: ToolRequest = value
         history.append(_assistant_turn(asked))
         for requested in asked.calls:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.errors import redact
+
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024
 
@@ -176,8 +178,8 @@ async def run_tool(tool: Tool, arguments: dict[str, Any]) -> ToolResult:
                 value = await asyncio.to_thread(tool.function, **arguments)
     except TimeoutError:
         return _failed(tool, started, "timeout", f"no result within {tool.timeout_s:g}s")
-    except Exception as exc:
-        return _failed(tool, started, "error", f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # its message may quote a secret: masked before anyone sees it
+        return _failed(tool, started, "error", redact(f"{type(exc).__name__}: {exc}"))
     text = value if isinstance(value, str) else _json(value)
     data = text.encode()
     outcome = "ok"

@@ -231,3 +231,24 @@ def test_show_and_spend_json_tell_a_hit_apart(project: Project, ollama: OllamaSe
     found = json.loads(tierflow("spend", "--json", cwd=project.root).stdout)
     assert found["total"]["calls"] == 1
     assert Decimal(found["total"]["cost_usd"]) == 0
+
+
+def test_an_answer_holding_personal_data_is_not_kept(
+    project: Project, ollama: OllamaServer
+) -> None:
+    cached_step(project)
+    ollama.reply("write to ana@example.com", "write to ana@example.com")
+    project.run("kept")
+    project.run("kept")
+    assert asked(ollama) == 2
+
+
+def test_a_step_that_now_asks_for_confidence_takes_no_answer_kept_without_it(
+    project: Project, ollama: OllamaServer
+) -> None:
+    cached_step(project)
+    ollama.reply("plain")
+    project.run("kept")
+    cached_step(project, confidence={"signal": "logprob", "min": 0.1})
+    ollama.reply("scored")
+    assert project.run("kept").outputs == {"only": "scored"}

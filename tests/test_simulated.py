@@ -7,6 +7,7 @@ import json
 from decimal import Decimal
 from pathlib import Path
 
+import yaml
 from conftest import Project, tierflow
 
 from orchestrator.encoding import usd
@@ -146,3 +147,33 @@ def test_the_dashboard_says_what_is_simulated(
         page = client.get("/?token=t").text
     assert f'<p id="simulated" data-usd="{cost}">' in page
     assert f"{usd(cost)}*</td>" in page
+
+
+def test_a_simulated_tier_must_not_reach_a_provider(tmp_path: Path) -> None:
+    config = tmp_path / "tierflow.yaml"
+    config.write_text("tiers:\n  hosted:\n    simulated: true\n    models: [openai/gpt-4o-mini]\n")
+    proc = tierflow("validate", str(config), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "a simulated tier's models answer with mock_response" in proc.stderr + proc.stdout
+    config.write_text(
+        "tiers:\n"
+        "  light:\n"
+        "    simulated: true\n"
+        "    models: [{model: ollama/llama3.2:1b, mock_response: canned}]\n"
+    )
+    proc = tierflow("validate", str(config), cwd=tmp_path)
+    assert proc.returncode == 2 and "mock_response is litellm's" in proc.stderr + proc.stdout
+
+
+def test_a_streamed_mock_counts_its_tokens(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    project = simulated_project(tmp_path, ollama, frontier)
+    config = yaml.safe_load(project.config.read_text())
+    config["tiers"]["hosted"]["models"][0]["stream"] = True
+    project.write("tierflow.yaml", config)
+    ollama.reply("a headline far too long to pass the check")
+    result = project.run("short")
+    assert result.outputs["headline"] == MOCK
+    hosted = [c for c in project.calls(result.run_id) if c["simulated"]]
+    assert hosted[0]["usage_source"] == "counted"

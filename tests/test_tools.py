@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import Project, tierflow, tiers_for
 from sqlalchemy import select
 
@@ -251,6 +252,31 @@ def test_no_answer_within_max_turns_is_invalid_output(
     outcomes = [c["outcome"] for c in shop.calls(result.run_id)]
     assert outcomes == ["tool_calls", "tool_calls", "invalid_output", "ok"]
     assert "no answer within max_turns 3" in shop.calls(result.run_id)[2]["error"]
+    # The last turn's tools are not run: nobody would read their results.
+    assert len(ran_tools(shop, result.run_id)) == 2
+
+
+def test_a_secret_in_a_tools_error_is_masked(
+    shop: Project, ollama: OllamaServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHOP_API_KEY", "sk-shop-0123456789abcdef")
+    # A module of its own: this process imported shop already, and keeps that one.
+    (shop.root / "leaky_shop.py").write_text(
+        "import os\n\n\ndef leaky(order_id: str) -> str:\n"
+        '    """Fails quoting its key."""\n'
+        "    raise RuntimeError('401 for key=' + os.environ['SHOP_API_KEY'])\n"
+    )
+    config = yaml.safe_load(shop.config.read_text())
+    config["tools"]["leaky"] = "leaky_shop:leaky"
+    shop.write("tierflow.yaml", config)
+    shop.agent("clerk", prompt="{{ inputs.text }}", tools=["leaky"])
+    ollama.reply(Reply(text="", tool_calls=(("leaky", {"order_id": "A1"}),)), Reply(text="sorry"))
+    result = shop.run("desk", {"text": "?"})
+    assert result.status == "succeeded", result.error
+    told = chats(ollama)[1]["messages"][-1]["content"]
+    assert "sk-shop-0123456789abcdef" not in told and "401 for key=" in told
+    (ran,) = ran_tools(shop, result.run_id)
+    assert "sk-shop-0123456789abcdef" not in ran["error"]
 
 
 def test_personal_data_in_a_tool_result_never_reaches_a_hosted_tier(

@@ -214,3 +214,28 @@ def test_a_retry_reuses_the_finished_steps_of_a_sub_workflow(
     again = tierflow("retry", first, "--from", "title", cwd=project.root)
     assert again.returncode == 0, again.stderr
     assert written() == 2  # --from title runs its sub-workflow again
+
+
+def test_a_change_to_the_sub_workflow_changes_the_parents_identity(project: Project) -> None:
+    from orchestrator.settings import load_settings
+    from orchestrator.spec import load_workflow
+
+    child(project)
+    parent(project)
+    settings = load_settings(project.config)
+    before = load_workflow(project.root / "workflows" / "story.yaml", settings).content_hash
+    headline = project.root / "workflows" / "headline.yaml"
+    headline.write_text(headline.read_text().replace("headline of", "title of"))
+    after = load_workflow(project.root / "workflows" / "story.yaml", settings).content_hash
+    assert before != after  # a run resumed across the edit fails instead of mixing versions
+
+
+def test_a_step_name_too_long_for_the_ledger_is_refused(project: Project) -> None:
+    project.workflow(
+        {"name": "headline", "steps": [{"id": "w" * 50, "agent": "helper", "tier": "light"}]}
+    )
+    long_id = "t" * 60
+    path = project.workflow({"name": "story", "steps": [{"id": long_id, "uses": "headline"}]})
+    proc = tierflow("validate", str(path), cwd=project.root)
+    assert proc.returncode == 2
+    assert "over 100 characters" in proc.stdout + proc.stderr

@@ -243,7 +243,7 @@ class LiteLLMClient(ModelClient):
         reported = _reported(usage)
         litellms = (self._count_messages(options["messages"]), self._count_text(text))
         logprobs = tuple(tokens) or None
-        if reported is None or reported == litellms:
+        if reported is None or reported == litellms or self._mock_response is not None:
             prompt, completion = self._count(request, options["messages"], text)
             return ModelReply(text, prompt, completion, counted=True, logprobs=logprobs)
         return ModelReply(text, *reported, logprobs=logprobs)
