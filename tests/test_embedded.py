@@ -175,3 +175,50 @@ def _env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if k not in ("OLLAMA_HOST", "TIERFLOW_CONFIG")}
+
+
+def test_the_real_model_calls_tools_through_a_grammar(tmp_path: Path) -> None:
+    """SmolLM2 has no tool calling of its own: a JSON-schema grammar lets it say only
+    a call of a listed tool (with arguments of its schema) or an answer."""
+    import shutil
+
+    from conftest import REPO, Project
+    from sqlalchemy import select
+
+    from orchestrator.store.tables import tool_calls
+
+    project = Project(
+        tmp_path,
+        {
+            "tiers": {"light": {"local": True, "models": ["llamacpp/smollm2-135m"]}},
+            "tools": {"lookup_order": "examples.shop:lookup_order"},
+        },
+    )
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    shutil.copy(REPO / "agents" / "support.yaml", tmp_path / "agents" / "support.yaml")
+    project.workflow(
+        {
+            "name": "desk",
+            "steps": [
+                {
+                    "id": "ask",
+                    "agent": "support",
+                    "tier": "light",
+                    "prompt": "Where is order A1001?",
+                }
+            ],
+        }
+    )
+    result = project.run("desk")
+    turns = project.calls(result.run_id)
+    assert turns and all(t["outcome"] in ("tool_calls", "ok", "invalid_output") for t in turns)
+    # A turn that is not valid can only be the loop running out: every reply parsed.
+    assert all("max_turns" in t["error"] for t in turns if t["outcome"] == "invalid_output")
+    store = project.store()
+    try:
+        with store.engine.connect() as connection:
+            ran = connection.execute(select(tool_calls.c.name, tool_calls.c.outcome)).all()
+    finally:
+        store.engine.dispose()
+    assert len(ran) == sum(t["outcome"] == "tool_calls" for t in turns)
+    assert all(name == "lookup_order" and outcome in ("ok", "error") for name, outcome in ran)

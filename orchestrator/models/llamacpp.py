@@ -15,6 +15,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from orchestrator.models.base import (
     ModelReply,
     ModelRequest,
     TokenChoice,
+    ToolCall,
 )
 
 CONTEXT_TOKENS = 2048
@@ -132,19 +134,17 @@ _load_lock = threading.Lock()
 
 class LlamaCppClient(ModelClient):
     async def complete(self, request: ModelRequest) -> ModelReply:
-        if request.tools:
-            # Not sent anywhere: the step moves on to a model that calls tools.
-            raise ModelUnavailable(
-                f"embedded model '{request.model}' does not call tools; give the step a tier"
-                " whose models do (Ollama, or a provider through litellm)"
-            )
         finder = KNOWN_MODELS.get(request.model)
         if finder is None:
             raise ModelUnavailable(
                 f"unknown embedded model '{request.model}'; known: {', '.join(KNOWN_MODELS)}"
             )
         deadline = time.monotonic() + request.timeout_s
-        return await asyncio.to_thread(self._complete, finder(), request, deadline)
+        if not request.tools:
+            return await asyncio.to_thread(self._complete, finder(), request, deadline)
+        asked = with_tool_grammar(request)
+        reply = await asyncio.to_thread(self._complete, finder(), asked, deadline)
+        return tool_reply(reply, request)
 
     def _complete(self, path: Path, request: ModelRequest, deadline: float) -> ModelReply:
         with _load_lock:
@@ -191,6 +191,76 @@ class LlamaCppClient(ModelClient):
             completion_tokens=int(usage.get("completion_tokens", 0)),
             logprobs=_token_choices(choice.get("logprobs")),
         )
+
+
+def with_tool_grammar(request: ModelRequest) -> ModelRequest:
+    """``request`` for a model with no tool calling of its own: the tools are
+    described in the system message, and a JSON schema (made a grammar) lets it
+    answer only ``{"tool": NAME, "arguments": {...}}`` for one of them, or
+    ``{"answer": ...}``. The tool loop's turns are told back in plain messages."""
+    answer: dict[str, Any] = request.json_schema or {"type": "string"}
+    choices: list[dict[str, Any]] = [
+        {
+            "type": "object",
+            "properties": {
+                "tool": {"const": tool["function"]["name"]},
+                "arguments": tool["function"]["parameters"],
+            },
+            "required": ["tool", "arguments"],
+        }
+        for tool in request.tools
+    ]
+    choices.append({"type": "object", "properties": {"answer": answer}, "required": ["answer"]})
+    listed = "\n".join(
+        f"- {tool['function']['name']}: {tool['function']['description']}"
+        f" Arguments: {json.dumps(tool['function']['parameters'].get('properties', {}))}"
+        for tool in request.tools
+    )
+    note = (
+        "You may call a tool. Reply with JSON only: "
+        '{"tool": NAME, "arguments": {...}} to call one, or {"answer": ...} to answer.'
+        f" Tools:\n{listed}"
+    )
+    messages: list[dict[str, Any]] = []
+    for message in request.messages:
+        if message["role"] == "tool":
+            told = f"Result of {message.get('name')}: {message['content']}"
+            messages.append({"role": "user", "content": told})
+        elif message.get("tool_calls"):
+            for call in message["tool_calls"]:
+                arguments = call["function"]["arguments"]
+                said = {"tool": call["function"]["name"], "arguments": _loaded(arguments)}
+                messages.append({"role": "assistant", "content": json.dumps(said)})
+        else:
+            messages.append({"role": message["role"], "content": message["content"]})
+    if messages and messages[0]["role"] == "system":
+        messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}
+    else:
+        messages.insert(0, {"role": "system", "content": note})
+    return replace(request, messages=messages, json_schema={"anyOf": choices}, tools=())
+
+
+def tool_reply(reply: ModelReply, request: ModelRequest) -> ModelReply:
+    """A reply to ``with_tool_grammar``'s request as a tool call or an answer."""
+    try:
+        said = json.loads(reply.text)
+    except ValueError:
+        return reply  # cut short (max_tokens): not JSON, and the step says so
+    if isinstance(said, dict) and "tool" in said:
+        call = ToolCall("call_0", str(said["tool"]), said.get("arguments", {}))
+        return replace(reply, text="", tool_calls=(call,))
+    if isinstance(said, dict) and "answer" in said:
+        answer = said["answer"]
+        text = answer if isinstance(answer, str) else json.dumps(answer)
+        return replace(reply, text=text)
+    return reply
+
+
+def _loaded(arguments: Any) -> Any:
+    try:
+        return json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        return arguments
 
 
 def _token_choices(logprobs: dict[str, Any] | None) -> tuple[TokenChoice, ...] | None:
