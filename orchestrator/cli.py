@@ -161,7 +161,12 @@ def run(
         _print_json(_run_json(result))
     else:
         _print_run_summary(console, store, result.run_id)
-    if result.status not in ("succeeded", "waiting"):
+    _exit_unless_ok(result.status)
+
+
+def _exit_unless_ok(status: str) -> None:
+    """Exit 1 for a run that failed or was cancelled; one that waits for a person is fine."""
+    if status not in ("succeeded", "waiting"):
         raise typer.Exit(1)
 
 
@@ -367,8 +372,7 @@ def resume(
             f"run {row['id']} is being executed by {row['lease_owner']}; its lease is live"
         )
     _print_run_summary(console, store, result.run_id)
-    if result.status not in ("succeeded", "waiting"):
-        raise typer.Exit(1)
+    _exit_unless_ok(result.status)
 
 
 @app.command()
@@ -437,7 +441,7 @@ def approve(
             raise UserError(f"no run {run_id!r}")
         queued = enqueue or row["queue"] is not None
         # Loaded before the decision: a workflow that no longer loads leaves the run waiting.
-        workflow = None if queued else client.retried(row["id"])[0]
+        workflow = None if queued else client.workflow_of_run(row["id"])[0]
         found, status = client.decide(
             row["id"],
             step,
@@ -461,8 +465,7 @@ def approve(
         if result is None:
             raise UserError(f"run {found} is being executed elsewhere")
         _print_run_summary(console, client.store, found)
-    if result.status not in ("succeeded", "waiting"):
-        raise typer.Exit(1)
+    _exit_unless_ok(result.status)
 
 
 @app.command()
@@ -485,7 +488,7 @@ def retry(
         if enqueue:
             typer.echo(client.retry(run_id, from_step=from_step))
             return
-        workflow, found = client.retried(run_id)
+        workflow, found = client.workflow_of_run(run_id)
         settings, store = client.settings, client.store
         console = _console(stderr=as_json)
         from orchestrator.runner import Runner
@@ -498,8 +501,7 @@ def retry(
             _print_json(_run_json(result))
         else:
             _print_run_summary(console, store, result.run_id)
-    if result.status not in ("succeeded", "waiting"):
-        raise typer.Exit(1)
+    _exit_unless_ok(result.status)
 
 
 @app.command()

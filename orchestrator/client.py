@@ -220,7 +220,7 @@ class Client:
         from orchestrator.queue import enqueue_run, first_queue
         from orchestrator.runner import time_limit_s
 
-        workflow, found = self.retried(run_id)
+        workflow, found = self.workflow_of_run(run_id)
         settings = self.settings
         queue, limit = first_queue(settings, workflow), time_limit_s(settings, workflow)
         new_id = self._plain_runner().create_retry(
@@ -264,7 +264,7 @@ class Client:
             enqueue_run(self._celery(), found, queue=queue, time_limit_s=limit)
         return found, status
 
-    def retried(self, run_id: str) -> tuple[LoadedWorkflow, str]:
+    def workflow_of_run(self, run_id: str) -> tuple[LoadedWorkflow, str]:
         """The workflow of run ``run_id`` as its file is now, and the run's whole id."""
         found = self.store.find_run_id(run_id)
         row = None if found is None else self.store.run_row(found)

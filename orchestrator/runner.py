@@ -46,7 +46,7 @@ from orchestrator.scheduler import (
 from orchestrator.settings import Settings
 from orchestrator.spec import LoadedWorkflow, StepPlan, dependents, project_path
 from orchestrator.store import Checkpoint, Lease, Store
-from orchestrator.store.runs import ACTIVE, now
+from orchestrator.store.runs import UNENDED, now
 from orchestrator.storeio import off_loop, write
 from orchestrator.templates import Expression, Template, TemplateProblem
 
@@ -246,7 +246,7 @@ class Runner:
             raise UserError(f"no run {retried!r}")
         if row["workflow"] != workflow.name:
             raise UserError(f"run {retried} is of workflow {row['workflow']}, not {workflow.name}")
-        if row["status"] in (*ACTIVE, "waiting"):
+        if row["status"] in UNENDED:
             raise UserError(
                 f"run {retried} is {row['status']}: retry a run once it has ended"
                 " (tierflow cancel stops it)"

@@ -11,10 +11,8 @@ from sqlalchemy.exc import IntegrityError
 
 from orchestrator.errors import UserError
 from orchestrator.store.leases import Lease, fence
-from orchestrator.store.runs import claim_no_savings, now
+from orchestrator.store.runs import WAITING, claim_no_savings, now
 from orchestrator.store.tables import approvals, runs, step_runs
-
-WAITING = "waiting"
 
 
 class ApprovalStore:

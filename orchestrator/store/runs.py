@@ -27,6 +27,8 @@ from orchestrator.store.leases import Lease, fence
 from orchestrator.store.tables import model_calls, runs, step_runs, tool_calls
 
 ACTIVE = ("queued", "running")
+WAITING = "waiting"  # for a person's decision on an approval step: no lease held
+UNENDED = (*ACTIVE, WAITING)
 # Bound values, not an expanding IN: a statement built once holds them (store.prepared).
 _IS_ACTIVE = runs.c.status.in_([literal(status) for status in ACTIVE])
 # The end of a run, built once (see leases._FENCE): a run that already ended
@@ -215,7 +217,7 @@ class RunStore:
         with self.engine.begin() as connection:
             connection.execute(
                 update(runs)
-                .where(runs.c.id == run_id, runs.c.status.in_((*ACTIVE, "waiting")))
+                .where(runs.c.id == run_id, runs.c.status.in_(UNENDED))
                 .values(status="cancelled", finished_at=now(), waiting_until=None)
             )
             orphaned = connection.execute(
@@ -372,39 +374,20 @@ class RunStore:
             )
             if row is None:
                 return None
-            steps = (
-                connection.execute(
-                    select(step_runs)
-                    .where(step_runs.c.run_id == found_id)
-                    .order_by(step_runs.c.started_at, step_runs.c.id)
+            parts = {
+                name: [
+                    dict(found)
+                    for found in connection.execute(
+                        select(table).where(table.c.run_id == found_id).order_by(*order)
+                    ).mappings()
+                ]
+                for name, table, order in (
+                    ("steps", step_runs, (step_runs.c.started_at, step_runs.c.id)),
+                    ("calls", model_calls, (model_calls.c.id,)),
+                    ("tools", tool_calls, (tool_calls.c.id,)),
                 )
-                .mappings()
-                .all()
-            )
-            calls = (
-                connection.execute(
-                    select(model_calls)
-                    .where(model_calls.c.run_id == found_id)
-                    .order_by(model_calls.c.id)
-                )
-                .mappings()
-                .all()
-            )
-            tools = (
-                connection.execute(
-                    select(tool_calls)
-                    .where(tool_calls.c.run_id == found_id)
-                    .order_by(tool_calls.c.id)
-                )
-                .mappings()
-                .all()
-            )
-        return {
-            **row,
-            "steps": [dict(s) for s in steps],
-            "calls": [dict(c) for c in calls],
-            "tools": [dict(t) for t in tools],
-        }
+            }
+        return {**row, **parts}
 
     def runs(
         self, *, workflow: str | None = None, status: str | None = None, limit: int = 50
