@@ -377,26 +377,29 @@ def resume(
 
 @app.command()
 def tools(config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """The tools tierflow.yaml names: where each comes from, its limits and its JSON schema."""
+    """The tools tierflow.yaml names, and those its MCP servers list: where each comes
+    from, its limits and its JSON schema. Each MCP server is started to ask it."""
     settings = _settings(config)
-    found = [settings.tool(name) for name in settings.config.tools]  # SpecError: exit 2
+    found = [(name, settings.tool(name)) for name in settings.config.tools]  # SpecError: exit 2
+    for server in settings.config.mcp:
+        found.extend((f"{server}.{tool.name}", tool) for tool in settings.mcp_tools(server))
     listed = [
         {
-            "name": tool.name,
+            "name": name,
             "source": tool.source,
             "description": tool.description,
             "timeout_s": tool.timeout_s,
             "max_output_bytes": tool.max_output_bytes,
             "parameters": tool.parameters,
         }
-        for tool in found
+        for name, tool in found
     ]
     if as_json:
         _print_json(listed)
         return
     console = _console()
     if not listed:
-        console.print("no tools: name them in tierflow.yaml under tools:")
+        console.print("no tools: name them in tierflow.yaml under tools: or mcp:")
     for entry in listed:
         console.print(
             f"[bold]{entry['name']}[/]  {escape(entry['source'])}"

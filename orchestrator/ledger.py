@@ -67,12 +67,15 @@ class ToolRun:
     attempt: int  # the model turn that asked for it
     item_index: int | None
     name: str
-    outcome: str  # ok, truncated, error, timeout; refused: unknown tool or bad arguments
+    # ok, truncated, error, timeout; refused: unknown tool or bad arguments;
+    # running: written before the tool runs; interrupted: its process died then
+    outcome: str
     duration_ms: float
     arguments_bytes: int
     result_bytes: int
     error: str | None
     created_at: datetime
+    id: int | None = None  # its row, once written before the tool ran
 
 
 @dataclass

@@ -19,7 +19,7 @@ from orchestrator import budgets, calibration, router
 from orchestrator.calibration import Calibration
 from orchestrator.encoding import usd
 from orchestrator.hooks import CallRefused, Hooks
-from orchestrator.ledger import Call, StepRecord
+from orchestrator.ledger import Call, StepRecord, ToolRun
 from orchestrator.settings import Settings
 from orchestrator.spec import LoadedWorkflow, StepPlan
 from orchestrator.store import Lease, Store
@@ -92,6 +92,19 @@ class LedgerHooks(Hooks):
             f" {usd(spent)} spent, {usd(reserved)} reserved,"
             f" and this call may cost up to {usd(call.cost_usd)} on {call.model}"
         )
+
+    async def before_tool(self, plan: StepPlan, run: ToolRun) -> ToolRun:
+        """``run`` written as ``running`` before its tool runs, under the lease: a
+        worker that dies in the tool leaves the row, and one that lost the run
+        (``LeaseLost``) never runs the tool."""
+        lease = self._lease
+        found = await write(
+            self._store,
+            lambda: self._store.open_tool_call(
+                run_id=lease.run_id, step_id=plan.id, run=run, lease=lease
+            ),
+        )
+        return replace(run, id=found)
 
     async def after_step(self, plan: StepPlan, record: StepRecord) -> None:
         workflow, lease = self._workflow, self._lease

@@ -50,7 +50,7 @@ from orchestrator.errors import (
     redact,
 )
 from orchestrator.hooks import CallRefused, Hooks
-from orchestrator.ledger import Call, Pricer, StepRecord
+from orchestrator.ledger import Call, Pricer, StepRecord, ToolRun
 from orchestrator.models import Clients, ModelRequest
 from orchestrator.models.base import prompt_tokens_upper_bound
 from orchestrator.settings import ModelEntry, Settings, Tier
@@ -457,7 +457,13 @@ class StepRunner:
                         tags=tags,
                     )
                     call, value = await converse(
-                        plan, tier, messages, record, turn, personal=self._personal
+                        plan,
+                        tier,
+                        messages,
+                        record,
+                        turn,
+                        personal=self._personal,
+                        admit=functools.partial(self._admit_tool, plan),
                     )
                 else:
                     call, value = await ask()
@@ -722,6 +728,11 @@ class StepRunner:
                 return call, value
             await asyncio.sleep(wait)
             asked, waited = asked + 1, waited + wait
+
+    async def _admit_tool(self, plan: StepPlan, run: ToolRun) -> ToolRun:
+        for hook in self._hooks:
+            run = await hook.before_tool(plan, run)
+        return run
 
     async def _ended(self, plan: StepPlan, record: StepRecord, call: Call) -> None:
         record.calls.append(call)

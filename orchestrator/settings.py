@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -173,6 +173,17 @@ class ToolEntry(_Strict):
     max_output_bytes: int = Field(default=16 * 1024, ge=64, le=4 * 1024 * 1024)
 
 
+class McpServer(_Strict):
+    """An MCP server over stdio whose tools agents may call as ``SERVER.TOOL``: the
+    command that starts it (run in the project's folder), the environment variables
+    passed on to it by name (besides PATH, HOME and the like), and its calls' limits."""
+
+    command: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    env: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = []
+    timeout_s: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    max_output_bytes: int = Field(default=16 * 1024, ge=64, le=4 * 1024 * 1024)
+
+
 class Router(_Strict):
     """``tier: auto`` (see ``orchestrator.router``)."""
 
@@ -202,6 +213,8 @@ class Config(_Strict):
     router: Router = Router()
     # Tools agents may call: a name and "module:function", or a ToolEntry mapping.
     tools: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)], ToolEntry] = {}
+    # MCP servers over stdio: their tools are named SERVER.TOOL in an agent's tools.
+    mcp: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$", max_length=40)], McpServer] = {}
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -271,18 +284,63 @@ class Settings:
     tool_lines: dict[str, int] = field(default_factory=dict)  # where tierflow.yaml names each
 
     def tool(self, name: str) -> Any:
-        """The ``orchestrator.tools.Tool`` named ``name``, imported once per process;
-        ``SpecError`` naming tierflow.yaml's line if it cannot be offered."""
+        """The ``orchestrator.tools.Tool`` named ``name`` (``SERVER.TOOL`` for an MCP
+        server's), imported or listed once per process; ``SpecError`` naming
+        tierflow.yaml's line if it cannot be offered."""
         from orchestrator.tools import ToolProblem, cached_tool
 
-        entry = self.config.tools[name]
+        server, _, listed = name.partition(".")
+        if listed:
+            offered = {tool.name: tool for tool in self.mcp_tools(server)}
+            if listed not in offered:
+                from orchestrator.loading import suggest
+
+                self._tool_problem(
+                    f"mcp.{server}",
+                    f"server {server} has no tool {listed!r}{suggest(listed, offered)};"
+                    f" it lists {', '.join(offered) or 'none'}",
+                )
+            return offered[listed]
         try:
+            entry = self.config.tools[name]
             return cached_tool(
                 name, entry.call, str(self.root), entry.timeout_s, entry.max_output_bytes
             )
         except ToolProblem as exc:
-            where = f"{self.path}:{self.tool_lines.get(name, 1)}: tools.{name}"
-            raise SpecError(f"{where}: {exc}") from None
+            self._tool_problem(f"tools.{name}", str(exc))
+
+    def mcp_tools(self, server: str) -> list[Any]:
+        """Every tool MCP server ``server`` lists (it is started once per process);
+        ``SpecError`` naming tierflow.yaml's line if it cannot start."""
+        from orchestrator.mcptools import listed_tools
+        from orchestrator.tools import ToolProblem
+
+        try:
+            return listed_tools(self._mcp_server(server))
+        except ToolProblem as exc:
+            self._tool_problem(f"mcp.{server}", str(exc))
+
+    def _tool_problem(self, key: str, problem: str) -> NoReturn:
+        raise SpecError(f"{self.path}:{self.tool_lines.get(key, 1)}: {key}: {problem}")
+
+    def _mcp_server(self, name: str) -> Any:
+        from orchestrator.mcptools import Server
+
+        entry = self.config.mcp[name]
+        return Server(
+            name=name,
+            command=tuple(entry.command),
+            env=tuple(entry.env),
+            cwd=str(self.root),
+            timeout_s=entry.timeout_s,
+            max_output_bytes=entry.max_output_bytes,
+        )
+
+    def knows_tool(self, name: str) -> bool:
+        """Whether ``name`` is a tool of tierflow.yaml's ``tools:``, or ``SERVER.TOOL``
+        of a server its ``mcp:`` names (whether that server lists it is found on loading)."""
+        server, _, listed = name.partition(".")
+        return name in self.config.tools if not listed else server in self.config.mcp
 
     @property
     def tier_names(self) -> list[str]:
@@ -354,7 +412,10 @@ def load_settings(path: str | Path | None = None) -> Settings:
         raise SpecError(*problems)
     database = _from_environment("TIERFLOW_DATABASE_URL", check_database_url) or config.database
     return Settings(
-        tool_lines={name: doc.line_of(("tools", name)) for name in config.tools},
+        tool_lines={
+            **{f"tools.{name}": doc.line_of(("tools", name)) for name in config.tools},
+            **{f"mcp.{name}": doc.line_of(("mcp", name)) for name in config.mcp},
+        },
         config=config,
         root=root,
         path=found,

@@ -138,8 +138,8 @@ class Agent(_Strict):
     max_tokens: int = Field(default=512, ge=1, le=200_000)
     confidence: Confidence | None = None
     cache: Cache | Literal[False] | None = None
-    # Tools it may call (names from tierflow.yaml's tools:), and the model turns
-    # a step has to finish with an answer.
+    # Tools it may call (names from tierflow.yaml's tools:, or SERVER.TOOL of a
+    # server its mcp: names), and the model turns a step has to finish with an answer.
     tools: list[str] = []
     max_turns: int = Field(default=DEFAULT_MAX_TURNS, ge=1, le=MAX_TURNS)
 
@@ -844,22 +844,32 @@ class _Checker:
     def _tools(self, agent: Agent, loc: tuple[str | int, ...]) -> tuple[Any, ...] | None:
         """The tools ``agent`` lists, imported; None (with problems reported) if one
         is unknown or cannot be offered."""
-        found = []
-        known = list(self.settings.config.tools)
+        found: dict[str, Any] = {}
+        config = self.settings.config
+        known = [*config.tools, *(f"{server}.<tool>" for server in config.mcp)]
         for name in agent.tools:
-            if name not in self.settings.config.tools:
+            if not self.settings.knows_tool(name):
                 self.report(
                     (*loc, "agent"),
                     f"agent '{agent.name}' lists unknown tool '{name}'{suggest(name, known)};"
-                    f" tools are named in tierflow.yaml's tools: ({', '.join(known) or 'none'})",
+                    " tools are named in tierflow.yaml's tools: and mcp:"
+                    f" ({', '.join(known) or 'none'})",
                 )
                 return None
             try:
-                found.append(self.settings.tool(name))
+                tool = self.settings.tool(name)
             except SpecError as exc:
                 self.problems.extend(exc.problems)
                 return None
-        return tuple(found)
+            if tool.name in found:
+                self.report(
+                    (*loc, "agent"),
+                    f"agent '{agent.name}' lists two tools the model would know as"
+                    f" '{tool.name}' ({found[tool.name].source} and {tool.source})",
+                )
+                return None
+            found[tool.name] = tool
+        return tuple(found.values())
 
     def _uses(self, step: Step, loc: tuple[str | int, ...], ancestors: set[str]) -> StepPlan | None:
         """A uses: step's plan: the other workflow, loaded and checked (cycles refused),

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from orchestrator.errors import StepFailed, clip
+from orchestrator.errors import LeaseLost, StepFailed, clip, redact
 from orchestrator.ledger import Call, StepRecord, ToolRun
 from orchestrator.loading import suggest
 from orchestrator.models.base import ToolCall
@@ -37,6 +37,7 @@ async def converse(
     record: StepRecord,
     turn: Callable[[list[dict[str, Any]]], Awaitable[tuple[Call, Any]]],
     personal: Callable[[list[dict[str, Any]]], list[str]],
+    admit: Callable[[ToolRun], Awaitable[ToolRun]],
 ) -> tuple[Call, Any]:
     """A tool loop on one model: ask; run the tools it asks for and give it their
     results; ask again, up to the step's ``max_turns``. Every turn is a ledger
@@ -46,7 +47,9 @@ async def converse(
 
     ``turn`` asks the model once with the messages so far and records the turn;
     ``personal`` finds personal data in messages (a result holding any never
-    reaches a tier not marked local)."""
+    reaches a tier not marked local); ``admit`` writes a tool call ``running``
+    before its tool runs (the hooks' ``before_tool``): if it cannot, the tool
+    does not run."""
     tools = {tool.name: tool for tool in plan.tools}
     history = list(messages)
     failures = 0
@@ -69,19 +72,37 @@ async def converse(
                     arguments = parse_arguments(tool, requested.arguments)
                 except ValueError as exc:
                     problem = str(exc)
+            pending = ToolRun(
+                attempt=call.attempt,
+                item_index=call.item_index,
+                name=requested.name,
+                outcome="running" if problem is None else "refused",
+                duration_ms=0.0,
+                arguments_bytes=sent,
+                result_bytes=0,
+                error=problem,
+                created_at=datetime.now(UTC),
+            )
             if problem is not None or tool is None:
-                _ran(record, call, requested.name, "refused", 0.0, sent, 0, problem)
+                record.tools.append(pending)
                 return _redo(record, call, "invalid_output", f"tool call: {problem}")
+            try:
+                pending = await admit(pending)
+            except LeaseLost:
+                raise  # another executor holds the run: its tools do not run from here
+            except Exception as exc:  # the ledger is unreachable: no record, no tool
+                why = redact(f"it could not be recorded: {type(exc).__name__}: {exc}")
+                record.tools.append(replace(pending, outcome="refused", error=clip(why)))
+                return _redo(record, call, "error", f"tool {tool.name} did not run: {why}")
             result = await run_tool(tool, arguments)
-            _ran(
-                record,
-                call,
-                tool.name,
-                result.outcome,
-                result.duration_ms,
-                sent,
-                result.result_bytes,
-                result.error,
+            record.tools.append(
+                replace(
+                    pending,
+                    outcome=result.outcome,
+                    duration_ms=result.duration_ms,
+                    result_bytes=result.result_bytes,
+                    error=result.error,
+                )
             )
             if result.error is not None:
                 failures += 1
@@ -104,31 +125,6 @@ async def converse(
             )
     why = f"no answer within max_turns {plan.max_turns}: the model kept calling tools"
     return _redo(record, call, "invalid_output", why)
-
-
-def _ran(
-    record: StepRecord,
-    call: Call,
-    name: str,
-    outcome: str,
-    duration_ms: float,
-    arguments_bytes: int,
-    result_bytes: int,
-    error: str | None,
-) -> None:
-    record.tools.append(
-        ToolRun(
-            attempt=call.attempt,
-            item_index=call.item_index,
-            name=name,
-            outcome=outcome,
-            duration_ms=duration_ms,
-            arguments_bytes=arguments_bytes,
-            result_bytes=result_bytes,
-            error=error,
-            created_at=datetime.now(UTC),
-        )
-    )
 
 
 def _redo(record: StepRecord, call: Call, outcome: str, error: str) -> tuple[Call, Any]:

@@ -5,6 +5,7 @@ timeout_s: ..., max_output_bytes: ...}``) names a function, sync or async, in a
 module importable from the project's folder. Its JSON schema comes from its type
 hints and docstring, through pydantic; a parameter without a type hint is
 refused. Only tools named there can run, and only for agents that list them.
+Tools of MCP servers (``mcp:``) come from ``orchestrator.mcptools``.
 
 A call's arguments are validated against the schema before the tool runs. The
 tool runs in the worker that holds the step, with a timeout (``timeout_s``,
@@ -47,7 +48,8 @@ class Tool:
     description: str
     parameters: dict[str, Any]  # JSON Schema of its arguments
     function: Callable[..., Any]
-    arguments: Any  # the pydantic model that validates a call's arguments
+    # A call's arguments checked against the schema; ValueError saying why not.
+    check: Callable[[dict[str, Any]], dict[str, Any]]
     timeout_s: float = DEFAULT_TIMEOUT_S
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
 
@@ -98,13 +100,14 @@ def load_tool(name: str, source: str, root: Path, **limits: Any) -> Tool:
     function = getattr(module, attribute, None)
     if not callable(function):
         raise ToolProblem(f"{source}: {module_name} has no function {attribute}")
+    model = _arguments_model(name, source, function)
     return Tool(
         name=name,
         source=source,
         description=_description(function),
-        parameters=(model := _arguments_model(name, source, function)).model_json_schema(),
+        parameters=model.model_json_schema(),
         function=function,
-        arguments=model,
+        check=functools.partial(_checked, name, model),
         **limits,
     )
 
@@ -149,8 +152,6 @@ def _hints(function: Callable[..., Any]) -> dict[str, Any]:
 
 def parse_arguments(tool: Tool, raw: Any) -> dict[str, Any]:
     """A call's arguments, checked against the tool's schema; ``ValueError`` saying why not."""
-    from pydantic import ValidationError
-
     if isinstance(raw, str):
         try:
             raw = json.loads(raw) if raw.strip() else {}
@@ -158,13 +159,20 @@ def parse_arguments(tool: Tool, raw: Any) -> dict[str, Any]:
             raise ValueError(f"arguments of {tool.name} are not JSON: {raw[:80]!r}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"arguments of {tool.name} are not an object")
+    return tool.check(raw)
+
+
+def _checked(name: str, model: Any, raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` validated by a Python tool's arguments model."""
+    from pydantic import ValidationError
+
     try:
-        checked = tool.arguments.model_validate(raw)
+        checked = model.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "(arguments)"
-        raise ValueError(f"arguments of {tool.name}: {where}: {first['msg']}") from None
-    return {name: getattr(checked, name) for name in type(checked).model_fields}
+        raise ValueError(f"arguments of {name}: {where}: {first['msg']}") from None
+    return {field: getattr(checked, field) for field in type(checked).model_fields}
 
 
 async def run_tool(tool: Tool, arguments: dict[str, Any]) -> ToolResult:

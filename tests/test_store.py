@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from orchestrator.errors import LeaseLost, UserError
+from orchestrator.ledger import ToolRun
 from orchestrator.store import Lease, Store, open_engine
 from orchestrator.store.counters import Limit, scope_keys
 from orchestrator.store.database import alembic_config, current_revision, head_revision
@@ -167,6 +168,9 @@ def test_every_write_of_a_stale_lease_is_refused(store: Store) -> None:
             call=make_call(1, outcome="pending"),
             lease=lease,
         ),
+        "open_tool_call": lambda lease: store.open_tool_call(
+            run_id="r3", step_id="b", run=make_tool_run(), lease=lease
+        ),
         "prepare_resume": lambda lease: store.prepare_resume(lease),
         "hand_off": lambda lease: store.hand_off(lease, queue="cpu"),
         "finish_run": lambda lease: store.finish_run("r3", status="failed", lease=lease),
@@ -177,6 +181,7 @@ def test_every_write_of_a_stale_lease_is_refused(store: Store) -> None:
         found = store.run("r3")
         assert found is not None
         assert (found["status"], found["steps"], found["calls"]) == ("running", [], []), name
+        assert found["tools"] == [], name  # a tool refused its row never runs
     store.record_step(run_id="r3", workflow="wf", content_hash="h", record=step, lease=new)
     writes["open_call"](new)
     for name in ("record_step", "open_call"):  # their rows now exist: still LeaseLost, no conflict
@@ -187,6 +192,21 @@ def test_every_write_of_a_stale_lease_is_refused(store: Store) -> None:
         store.record_step(
             run_id="r3", workflow="wf", content_hash="h", record=make_step("c", []), lease=new
         )
+
+
+def make_tool_run() -> ToolRun:
+    """A tool call as the tool loop writes it before the tool runs."""
+    return ToolRun(
+        attempt=1,
+        item_index=None,
+        name="lookup_order",
+        outcome="running",
+        duration_ms=0.0,
+        arguments_bytes=17,
+        result_bytes=0,
+        error=None,
+        created_at=datetime.now(UTC),
+    )
 
 
 def test_a_cancel_during_the_last_step_is_never_overwritten_by_success(store: Store) -> None:

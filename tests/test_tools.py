@@ -4,12 +4,13 @@ servers that ask for tool calls, every turn and tool call in the ledger."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import Project, tierflow, tiers_for
+from conftest import Project, kill, start_run, tierflow, tiers_for, wait_for
 from sqlalchemy import select
 
 from orchestrator.store.tables import tool_calls
@@ -47,6 +48,14 @@ def contact(order_id: str) -> str:
 
 def untyped(order_id):
     return order_id
+
+
+def pause(seconds: float) -> str:
+    """Wait a while."""
+    import time
+
+    time.sleep(seconds)
+    return "waited"
 '''
 
 
@@ -60,7 +69,9 @@ def tool_project(root: Path, ollama: OllamaServer, frontier: OpenAIServer, **tie
                 "wait_forever": {"call": "shop:wait_forever", "timeout_s": 0.3},
                 "big": {"call": "shop:big", "max_output_bytes": 64},
                 "contact": "shop:contact",
+                "pause": {"call": "shop:pause", "timeout_s": 120},
             },
+            "lease_ttl_s": 1,
         },
     )
     (root / "shop.py").write_text(SHOP)
@@ -68,7 +79,7 @@ def tool_project(root: Path, ollama: OllamaServer, frontier: OpenAIServer, **tie
         "clerk",
         system="You help with orders.",
         prompt="{{ inputs.text }}",
-        tools=["lookup_order", "wait_forever", "big", "contact"],
+        tools=["lookup_order", "wait_forever", "big", "contact", "pause"],
         max_turns=3,
     )
     project.workflow(
@@ -230,6 +241,41 @@ def test_a_hanging_tool_is_cut_at_its_timeout_and_the_step_goes_on(
     (ran,) = ran_tools(shop, result.run_id)
     assert ran["outcome"] == "timeout" and ran["duration_ms"] < 5000
     assert chats(ollama)[1]["messages"][-1]["content"] == "error: no result within 0.3s"
+
+
+def test_a_tool_call_is_in_the_ledger_before_the_tool_runs_and_survives_a_killed_worker(
+    shop: Project, ollama: OllamaServer
+) -> None:
+    ollama.reply(
+        Reply(text="", tool_calls=(("pause", {"seconds": 60}),)),
+        Reply(text="", tool_calls=(("pause", {"seconds": 0}),)),
+        Reply(text="done"),
+    )
+    proc = start_run(shop, "desk")
+    try:
+        # The row is there while the tool runs, before any result.
+        wait_for(lambda: [t["outcome"] for t in ran_tools(shop, run_of(shop))] == ["running"])
+    finally:
+        kill(proc)  # SIGKILL, mid-tool
+    run_id = run_of(shop)
+    time.sleep(1.2)  # the dead process's lease goes stale
+    resumed = tierflow("resume", run_id, cwd=shop.root)
+    assert resumed.returncode == 0, resumed.stderr
+    first, second = ran_tools(shop, run_id)
+    # The cut-off call stays on record: the worker died in it, so it may have had its effect.
+    assert (first["name"], first["outcome"], first["attempt"]) == ("pause", "interrupted", 1)
+    assert "may have had its effect" in first["error"]
+    assert (second["outcome"], second["attempt"]) == ("ok", 2)
+
+
+def run_of(project: Project) -> str:
+    """The id of the project's newest run ("" before it has one)."""
+    store = project.store()
+    try:
+        runs = store.runs()
+    finally:
+        store.engine.dispose()
+    return str(runs[0]["id"]) if runs else ""
 
 
 def test_a_long_result_is_cut_and_the_model_is_told(shop: Project, ollama: OllamaServer) -> None:

@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 
 from orchestrator.errors import UserError
-from orchestrator.ledger import ACCEPTED, Call, StepRecord
+from orchestrator.ledger import ACCEPTED, Call, StepRecord, ToolRun
 from orchestrator.store import counters, prepared
 from orchestrator.store.counters import Limit
 from orchestrator.store.leases import Lease, fence, fence_written, lost_on_conflict
@@ -126,6 +126,14 @@ def abandon(connection: Any, why: str, *, run_id: str, step_id: str | None = Non
         if row["reserved_usd"] is not None:
             cost = row["cost_usd"]
             counters.move(connection, row, released=cost, spent=cost)
+    running = [tool_calls.c.run_id == run_id, tool_calls.c.outcome == "running"]
+    if step_id is not None:
+        running.append(tool_calls.c.step_id == step_id)
+    connection.execute(
+        update(tool_calls)
+        .where(*running)
+        .values(outcome="interrupted", error=f"{why}; the tool may have had its effect")
+    )
 
 
 class CallStore:
@@ -183,14 +191,15 @@ class CallStore:
                     prepared.execute(connection, _INSERT_CALL, columns)
                 elif call.reserved_usd is not None:
                     counters.move(connection, row, released=call.reserved_usd, spent=call.cost_usd)
-            if record.tools:
-                connection.execute(
-                    insert(tool_calls),
-                    [
-                        {"run_id": run_id, "step_id": record.step_id, **asdict(run)}
-                        for run in record.tools
-                    ],
-                )
+            for run in record.tools:
+                # A tool's row was written ``running`` before it ran (refused calls have none).
+                row = {"run_id": run_id, "step_id": record.step_id, **asdict(run)}
+                if run.id is None:
+                    connection.execute(insert(tool_calls), [row])
+                else:
+                    connection.execute(
+                        update(tool_calls).where(tool_calls.c.id == run.id).values(row)
+                    )
             if record.status != "succeeded":
                 # Calls cut off by a cancellation never settle; they may have been billed.
                 abandon(connection, "cancelled mid-call", run_id=run_id, step_id=record.step_id)
@@ -247,6 +256,18 @@ class CallStore:
             if not limits:
                 fence_written(connection, lease)  # LeaseLost: the row rolls back
         return None
+
+    def open_tool_call(
+        self, *, run_id: str, step_id: str, run: ToolRun, lease: Lease | None = None
+    ) -> int:
+        """``run``'s row, written ``running`` before its tool runs; its id. With
+        ``lease``, only while it is the run's: else ``LeaseLost``, and the tool must not run."""
+        row = {"run_id": run_id, "step_id": step_id, **asdict(run)}
+        del row["id"]
+        with lost_on_conflict(self.engine, lease), self.engine.begin() as connection:
+            found = connection.execute(insert(tool_calls).returning(tool_calls.c.id), row)
+            fence_written(connection, lease)  # LeaseLost: the row rolls back
+            return int(found.scalar_one())
 
     def route_history(
         self, *, workflow: str, step_id: str, route_key: str, limit: int
