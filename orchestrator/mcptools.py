@@ -8,7 +8,7 @@ server lists them.
 Each server is started once per process, the first time one of its tools is
 needed (loading a workflow that lists it, or ``tierflow tools``), in the
 project's folder, with only a safe environment (``PATH``, ``HOME``…) and the
-variables its ``env`` names. Its session lives on an event loop in a thread of
+variables its ``env`` names; its stderr goes to ``.tierflow/mcp-NAME.log`` there. Its session lives on an event loop in a thread of
 its own, so runs on any event loop, and the synchronous loading before them,
 share it. A server whose connection breaks is started again on the next call. At
 exit each is closed: its stdin closed, then, if it lingers, terminated. A forked
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -26,12 +27,14 @@ import os
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from orchestrator.tools import Tool, ToolProblem
 
 # A tool name that every chat API takes (OpenAI's rule, the strictest).
 MODEL_TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+START_S = 60.0  # how long a server has to start and list its tools
 _CLOSE_S = 5.0  # how long exit waits for the servers to close
 
 
@@ -47,7 +50,13 @@ class Server:
     max_output_bytes: int
 
     def describe(self) -> str:
-        return f"mcp {self.name}: {' '.join(self.command)}"
+        return f"mcp {self.name}: {self.shell()}"
+
+    def shell(self) -> str:
+        """Its command, as one would type it."""
+        import shlex
+
+        return shlex.join(self.command)
 
 
 class ToolFailed(Exception):
@@ -64,7 +73,7 @@ def _tool(server: Server, found: Any) -> Tool:
 
     if not re.fullmatch(MODEL_TOOL_NAME, found.name):
         raise ToolProblem(
-            f"{server.describe()}: tool {found.name!r} has a name chat APIs refuse"
+            f"tool {found.name!r} has a name chat APIs refuse"
             " (letters, digits, _ and - only, at most 64)"
         )
     schema = dict(found.input_schema)
@@ -75,6 +84,7 @@ def _tool(server: Server, found: Any) -> Tool:
         description=(found.description or "").strip(),
         parameters=schema,
         function=call,
+        ready=functools.partial(_ready, server),
         check=_schema_check(found.name, schema),
         timeout_s=server.timeout_s,
         max_output_bytes=server.max_output_bytes,
@@ -97,7 +107,17 @@ def _schema_check(name: str, schema: dict[str, Any]) -> Callable[[dict[str, Any]
     return check
 
 
-async def _call(server: Server, name: str, **arguments: Any) -> Any:
+async def _ready(server: Server) -> None:
+    """``server`` running (started again if it exited), within ``START_S``."""
+    started = _connections().start(server)
+    try:
+        async with asyncio.timeout(START_S):
+            await asyncio.wrap_future(started)
+    except TimeoutError:
+        raise ToolFailed(f"{server.describe()} did not start within {START_S:g}s") from None
+
+
+async def _call(server: Server, name: str, /, **arguments: Any) -> Any:
     """A server's tool as an async function of its arguments (what ``run_tool`` awaits)."""
     return await _connections().call(server, name, arguments)
 
@@ -121,17 +141,25 @@ class _Connection:
             env={name: os.environ[name] for name in self.server.env if name in os.environ},
             cwd=self.server.cwd,
         )
+        log = log_path(self.server)
+        log.parent.mkdir(exist_ok=True)
         try:
-            async with (
-                stdio_client(parameters) as (read, write),
-                ClientSession(read, write) as session,
-            ):
-                await session.initialize()
-                self.ready.set_result((session, await _list(session)))
-                await self.stop.wait()
+            with log.open("a") as errlog:
+                async with (
+                    stdio_client(parameters, errlog=errlog) as (read, write),
+                    ClientSession(read, write) as session,
+                ):
+                    await session.initialize()
+                    self.ready.set_result((session, await _list(session)))
+                    await self.stop.wait()
         except Exception as exc:  # it would not start, or its connection broke
             if not self.ready.done():
                 self.ready.set_exception(exc)
+
+
+def log_path(server: Server) -> Path:
+    """Where ``server``'s stderr goes: ``.tierflow/mcp-NAME.log`` in the project's folder."""
+    return Path(server.cwd) / ".tierflow" / f"mcp-{server.name}.log"
 
 
 async def _list(session: Any) -> list[Any]:
@@ -152,20 +180,34 @@ class _Connections:
         self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
         self.open: dict[Server, _Connection] = {}  # touched on ``loop`` only
-        threading.Thread(target=self.loop.run_forever, name="tierflow-mcp", daemon=True).start()
+        self.thread = threading.Thread(target=self._serve, name="tierflow-mcp", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
+
+    def start(self, server: Server) -> concurrent.futures.Future[tuple[Any, list[Any]]]:
+        """``server``'s session and tools, once it runs (started if it is not running)."""
+        return asyncio.run_coroutine_threadsafe(self._session(server), self.loop)
 
     def listing(self, server: Server) -> list[Any]:
         """The tools ``server`` lists, starting it if it is not running."""
-        started = asyncio.run_coroutine_threadsafe(self._session(server), self.loop)
+        started = self.start(server)
         try:
-            _, tools = started.result(timeout=server.timeout_s)
+            _, tools = started.result(timeout=START_S)
         except TimeoutError:
             started.cancel()
             raise ToolProblem(
-                f"{server.describe()} did not list its tools within {server.timeout_s:g}s"
+                f"`{server.shell()}` did not list its tools within {START_S:g}s"
+                f" (its stderr: {log_path(server)})"
             ) from None
         except Exception as exc:
-            raise ToolProblem(f"{server.describe()} did not start: {_why(exc)}") from None
+            raise ToolProblem(
+                f"`{server.shell()}` did not start: {_why(exc)} (its stderr: {log_path(server)})"
+            ) from None
         return list(tools)
 
     async def call(self, server: Server, name: str, arguments: dict[str, Any]) -> Any:
@@ -206,20 +248,22 @@ class _Connections:
             connection.stop.set()
 
     def close(self) -> None:
-        """Stop every server (at exit), waiting a little for each to go."""
+        """Stop every server (at exit), waiting a little for each to go, then the loop."""
 
         async def stop_all() -> None:
-            held = [c for c in self.open.values() if c.task is not None]
-            for connection in held:
+            held = [c.task for c in self.open.values() if c.task is not None]
+            for connection in self.open.values():
                 connection.stop.set()
-            await asyncio.wait([c.task for c in held if c.task], timeout=_CLOSE_S)
+            if held:
+                await asyncio.wait(held, timeout=_CLOSE_S)
             self.open.clear()
 
-        if os.getpid() != self.pid or not self.open:
-            return
+        if os.getpid() != self.pid:
+            return  # a forked child's copy: the parent closes its own
         with contextlib.suppress(Exception):  # exiting anyway: the servers see their stdin close
             asyncio.run_coroutine_threadsafe(stop_all(), self.loop).result(timeout=_CLOSE_S + 1)
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=_CLOSE_S)
 
 
 def _why(exc: BaseException) -> str:

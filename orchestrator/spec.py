@@ -849,9 +849,11 @@ class _Checker:
         known = [*config.tools, *(f"{server}.<tool>" for server in config.mcp)]
         for name in agent.tools:
             if not self.settings.knows_tool(name):
+                server, dot, _ = name.partition(".")
+                hint = suggest(server, config.mcp) if dot else suggest(name, known)
                 self.report(
                     (*loc, "agent"),
-                    f"agent '{agent.name}' lists unknown tool '{name}'{suggest(name, known)};"
+                    f"agent '{agent.name}' lists unknown tool '{name}'{hint};"
                     " tools are named in tierflow.yaml's tools: and mcp:"
                     f" ({', '.join(known) or 'none'})",
                 )

@@ -24,7 +24,7 @@ import inspect
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,8 @@ class Tool:
     check: Callable[[dict[str, Any]], dict[str, Any]]
     timeout_s: float = DEFAULT_TIMEOUT_S
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    # Awaited before each call, outside its timeout: an MCP server started again.
+    ready: Callable[[], Awaitable[None]] | None = None
 
     def schema(self) -> dict[str, Any]:
         """The tool as chat APIs take it (OpenAI's and Ollama's ``tools`` entries)."""
@@ -179,6 +181,9 @@ async def run_tool(tool: Tool, arguments: dict[str, Any]) -> ToolResult:
     """Run ``tool``, within its timeout; its own exception is a result the model sees."""
     started = time.perf_counter()
     try:
+        if tool.ready is not None:
+            await tool.ready()
+            started = time.perf_counter()
         async with asyncio.timeout(tool.timeout_s):
             if inspect.iscoroutinefunction(tool.function):
                 value = await tool.function(**arguments)
