@@ -33,6 +33,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -465,6 +466,12 @@ def serve(settings: Settings, *, token: str, host: str, port: int) -> None:
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     with listener:
+        bound_host, bound_port = listener.getsockname()[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        sys.stderr.write(
+            f"tierflow: dashboard and API at http://{shown}:{bound_port}/"
+            " (open /?token=TOKEN once in a browser; API clients send it as a bearer token)\n"
+        )
         server = uvicorn.Server(uvicorn.Config(create_app(settings, token=token)))
         # Config set up uvicorn's loggers; the access log must not keep a ?token=.
         logging.getLogger("uvicorn.access").addFilter(redact_tokens)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -42,6 +43,28 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        typer.echo(f"tierflow {version('tierflow')}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print tierflow's version."
+        ),
+    ] = False,
+) -> None:
+    """Run YAML workflows on tiered models: local first, frontier where it pays. Every call is costed in a SQL ledger."""
+
+
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 cache_app = typer.Typer(help="Answers kept for steps that say cache:.", no_args_is_help=True)
@@ -79,10 +102,23 @@ def escape(text: str) -> str:
     return markup_escape(text)
 
 
+_told_defaults = False
+
+
 def _settings(config: str | None) -> Settings:
+    """The project's settings; with no tierflow.yaml found, the built-in ones, said once."""
     from orchestrator.settings import load_settings
 
-    return load_settings(config)
+    global _told_defaults
+    settings = load_settings(config)
+    if settings.path is None and not _told_defaults:
+        _told_defaults = True
+        typer.echo(
+            f"no tierflow.yaml in {Path.cwd()} or a folder above it: using built-in defaults"
+            " (the embedded model on one tier); `tierflow init` makes a project",
+            err=True,
+        )
+    return settings
 
 
 def _store(settings: Settings) -> Store:
@@ -91,10 +127,46 @@ def _store(settings: Settings) -> Store:
     return open_store(settings)
 
 
+def _store_to_read(settings: Settings, nothing: Callable[[], None]) -> Store:
+    """The store, for a command that only reads: a SQLite database that does not
+    exist yet is not made; ``nothing`` says so, and the command ends (exit 0)."""
+    path = settings.sqlite_path
+    if path is not None and not path.exists():
+        nothing()
+        raise typer.Exit(0)
+    return _store(settings)
+
+
+def _nothing_ran(settings: Settings) -> None:
+    typer.echo(f"nothing has run here yet (no database at {settings.sqlite_path})", err=True)
+
+
 def _print_json(data: Any) -> None:
     from orchestrator.encoding import dumps
 
     sys.stdout.write(dumps(data, indent=2) + "\n")
+
+
+@app.command()
+def init(
+    folder: Annotated[
+        Path, typer.Argument(help="Where to make the project (default: here).")
+    ] = Path("."),
+) -> None:
+    """Make a project: a commented tierflow.yaml, a workflow, its agent and a .gitignore."""
+    from orchestrator.scaffold import init as make_project
+
+    written = make_project(folder)
+    for path in written:
+        typer.echo(f"wrote {path}")
+    where = "" if folder.resolve() == Path.cwd() else f"cd {folder} && "
+    typer.echo(f"next: {where}tierflow run hello")
+    if importlib.util.find_spec("llama_cpp") is None:
+        typer.echo(
+            "the light tier's embedded model needs llama-cpp-python:"
+            " pip install 'tierflow[embedded]' (or uncomment the Ollama model)",
+            err=True,
+        )
 
 
 @app.command()
@@ -721,7 +793,9 @@ def runs(
     """List recent runs, newest first."""
     from rich.table import Table
 
-    rows = _store(_settings(config)).runs(workflow=workflow, status=status, limit=limit)
+    settings = _settings(config)
+    store = _store_to_read(settings, lambda: _print_json([]) if as_json else _nothing_ran(settings))
+    rows = store.runs(workflow=workflow, status=status, limit=limit)
     if as_json:
         _print_json(rows)
         return
@@ -749,9 +823,10 @@ def show(
 ) -> None:
     """A run's status, then each step's attempts: tiers, escalations, tokens, cost, latency."""
 
-    found = _store(_settings(config)).run(run_id)
+    settings = _settings(config)
+    found = _store_to_read(settings, lambda: _no_run(run_id)).run(run_id)
     if found is None:
-        raise UserError(f"no run {run_id!r}")
+        _no_run(run_id)
     if as_json:
         _print_json(found)
         return
@@ -805,6 +880,10 @@ def show(
                     )
 
 
+def _no_run(run_id: str) -> NoReturn:
+    raise UserError(f"no run {run_id!r}")
+
+
 def _confidence(call: dict[str, Any]) -> str:
     score = call["confidence"]
     if score is None:
@@ -854,7 +933,7 @@ def spend(
     from orchestrator import budgets
 
     settings = _settings(config)
-    store = _store(settings)
+    store = _store_to_read(settings, lambda: _nothing_ran(settings))
     found = reports.report(
         store.engine,
         by=by,

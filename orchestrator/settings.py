@@ -267,6 +267,7 @@ def check_broker_url(url: str) -> str:
     return url
 
 
+CONFIG_NAME = "tierflow.yaml"
 DEFAULT_CONFIG = {
     "tiers": {"light": {"models": ["llamacpp/smollm2-135m"], "local": True}},
 }
@@ -343,6 +344,15 @@ class Settings:
         return name in self.config.tools if not listed else server in self.config.mcp
 
     @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file the database URL names; None for another database or memory."""
+        prefix = "sqlite:///"
+        url = self.database_url
+        if not url.startswith(prefix) or ":memory:" in url:
+            return None
+        return Path(url[len(prefix) :].split("?", 1)[0])
+
+    @property
     def tier_names(self) -> list[str]:
         return list(self.config.tiers)
 
@@ -389,12 +399,19 @@ class Settings:
 
 
 def find_config_path(explicit: str | Path | None = None) -> Path | None:
+    """The configuration to use: ``explicit``, else ``$TIERFLOW_CONFIG``, else the
+    first tierflow.yaml in the current folder or a parent of it (as git finds its
+    repository); None when there is none (the built-in defaults apply)."""
     if explicit:
         return Path(explicit)
     if os.environ.get("TIERFLOW_CONFIG"):
         return Path(os.environ["TIERFLOW_CONFIG"])
-    default = Path("tierflow.yaml")
-    return default if default.exists() else None
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        found = folder / CONFIG_NAME
+        if found.is_file():
+            return found if folder != here else Path(CONFIG_NAME)
+    return None
 
 
 def load_settings(path: str | Path | None = None) -> Settings:

@@ -138,6 +138,7 @@ def server(project: Project, ollama: OllamaServer, frontier: OpenAIServer) -> It
         yield f"http://127.0.0.1:{served.port}"
     assert TOKEN not in served.log  # the access log shows token=***
     assert "token=***" in served.log
+    assert f"dashboard and API at http://127.0.0.1:{served.port}/" in served.log
 
 
 def chromium(tmp_path: Path, *args: str) -> str:

@@ -64,12 +64,16 @@ def open_engine(url: str, *, migrate: bool = False) -> Engine:
 
 @contextlib.contextmanager
 def _migration_lock(engine: Engine) -> Iterator[None]:
-    """Serialise migrations between processes on one machine (a lock file beside SQLite)."""
+    """Serialise migrations between processes on one machine: a lock file in the
+    ``.tierflow/`` folder beside the SQLite file, one per database file."""
     database = engine.url.database
     if engine.url.get_backend_name() != "sqlite" or not database or database == ":memory:":
         yield  # PostgreSQL: Alembic's DDL runs in one transaction there
         return
-    with open(f"{database}.migrate-lock", "w") as handle:
+    path = Path(database)
+    folder = path.parent / ".tierflow"
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"{path.name}.migrate-lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
