@@ -503,7 +503,7 @@ class StepRunner:
                 used += 1
                 if call.outcome not in escalation.on:
                     raise StepFailed(f"{call.outcome} and escalation.on excludes it: {call.error}")
-                if call.outcome in ("invalid_output", "low_confidence"):
+                if call.outcome in ("invalid_output", "low_confidence", "truncated"):
                     break  # a weak answer: the next model of the same tier is no stronger
             escalation_reason = failures[-1] if failures else None
         if unsure is not None:
@@ -850,6 +850,13 @@ class StepRunner:
             source = "counted" if reply.counted else "reported"
             if reply.tool_calls and plan.tools:
                 value, outcome = ToolRequest(reply.text, reply.tool_calls), "tool_calls"
+            elif reply.truncated:
+                outcome = "truncated"
+                error = (
+                    f"the answer was cut at max_tokens {plan.max_tokens} (finish reason length):"
+                    " raise max_tokens on the step or its agent, or list truncated in"
+                    " escalation.on to climb instead"
+                )
             else:
                 value = verify(plan, reply.text, context)
                 outcome = "ok"

@@ -23,7 +23,8 @@ from orchestrator import locality, pricing
 from orchestrator.errors import SpecError, UserError
 from orchestrator.loading import YamlDoc, read_yaml, suggest, validate
 
-Outcome = Literal["error", "timeout", "invalid_output", "low_confidence"]
+# What a failed attempt may be; escalation.on lists those that climb the ladder.
+Outcome = Literal["error", "timeout", "invalid_output", "low_confidence", "truncated"]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
 
 # Bounds a configuration must keep, so that what validates also runs. Money is

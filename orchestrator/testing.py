@@ -63,6 +63,12 @@ class Reply:
     # own shape (OpenAI sends arguments as a JSON string, Ollama as an object). A
     # string is sent as the arguments text, as a model that writes broken JSON does.
     tool_calls: tuple[tuple[str, Any], ...] = ()
+    # The model stopped at max_tokens: finish reason "length" (Ollama's done_reason).
+    truncated: bool = False
+
+    @property
+    def finish_reason(self) -> str:
+        return "tool_calls" if self.tool_calls else "length" if self.truncated else "stop"
 
     def usage(self, body: dict[str, Any]) -> tuple[int, int]:
         """Prompt and completion tokens to report for this reply to ``body``."""
@@ -358,7 +364,7 @@ class OllamaServer(LoopbackServer):
             "created_at": "2026-11-22T00:00:00Z",
             "message": message,
             "done": True,
-            "done_reason": "stop",
+            "done_reason": "length" if reply.truncated else "stop",
             "total_duration": 1000,
             "prompt_eval_count": prompt,
             "eval_count": completion,
@@ -420,7 +426,7 @@ class OpenAIServer(LoopbackServer):
                 {
                     "index": 0,
                     "message": _openai_message(reply, len(self.requests)),
-                    "finish_reason": "tool_calls" if reply.tool_calls else "stop",
+                    "finish_reason": reply.finish_reason,
                     "logprobs": _openai_logprobs(body, reply, _words(reply.text)),
                 }
             ],
@@ -454,7 +460,9 @@ class OpenAIServer(LoopbackServer):
             }
             for index, word in enumerate(_words(reply.text))
         ]
-        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        events.append(
+            {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]}
+        )
         if reply.with_usage and (body.get("stream_options") or {}).get("include_usage"):
             events.append({**base, "choices": [], "usage": usage})
         lines = [b"data: " + json.dumps(event).encode() + b"\n\n" for event in events]

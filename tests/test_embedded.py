@@ -171,6 +171,32 @@ def test_embedded_model_times_out(tmp_path: Path) -> None:
     assert call["outcome"] == "timeout"
 
 
+def test_the_real_model_cut_at_max_tokens_is_truncated(tmp_path: Path) -> None:
+    from conftest import Project
+
+    light = {"local": True, "models": ["llamacpp/smollm2-135m"]}
+    project = Project(tmp_path, {"tiers": {"light": light}})
+    project.workflow(
+        {
+            "name": "long",
+            "steps": [
+                {
+                    "id": "story",
+                    "agent": "helper",
+                    "tier": "light",
+                    "max_tokens": 4,
+                    "prompt": "Write a long story about the sea.",
+                }
+            ],
+        }
+    )
+    result = project.run("long")
+    assert result.status == "failed"
+    [call] = project.calls(result.run_id)
+    assert (call["outcome"], call["completion_tokens"]) == ("truncated", 4)
+    assert "max_tokens 4" in call["error"]
+
+
 def _env() -> dict[str, str]:
     import os
 

@@ -64,6 +64,7 @@ class ModelReply:
     # The answer's tokens, when logprobs were asked for and the backend gave them.
     logprobs: tuple[TokenChoice, ...] | None = None
     tool_calls: tuple[ToolCall, ...] = ()  # the tools the model asks to run, instead of answering
+    truncated: bool = False  # it stopped at max_tokens (finish reason "length"), mid-answer
 
 
 # Ways to ask for structured output, strongest first: the schema itself, any

@@ -201,12 +201,19 @@ class LiteLLMClient(ModelClient):
         text = response.choices[0].message.content or ""
         logprobs = _choices(response.choices[0])
         calls = _tool_calls(response.choices[0].message)
+        cut = response.choices[0].finish_reason == "length"
         if usage is None:
             prompt, completion = self._count(request, options["messages"], text)
             return ModelReply(
-                text, prompt, completion, counted=True, logprobs=logprobs, tool_calls=calls
+                text,
+                prompt,
+                completion,
+                counted=True,
+                logprobs=logprobs,
+                tool_calls=calls,
+                truncated=cut,
             )
-        return ModelReply(text, *usage, logprobs=logprobs, tool_calls=calls)
+        return ModelReply(text, *usage, logprobs=logprobs, tool_calls=calls, truncated=cut)
 
     async def _stream(self, request: ModelRequest, options: dict[str, Any]) -> ModelReply:
         """Assemble a streamed answer, with the usage at its end.
@@ -220,6 +227,7 @@ class LiteLLMClient(ModelClient):
         parts: list[str] = []
         tokens: list[TokenChoice] = []
         usage = None
+        cut = False
         chunks = await self._litellm.acompletion(
             **options, stream=True, stream_options={"include_usage": True}
         )
@@ -229,6 +237,7 @@ class LiteLLMClient(ModelClient):
                     parts.append(chunk.choices[0].delta.content)
                 if chunk.choices:
                     tokens.extend(_choices(chunk.choices[0]) or ())
+                    cut = cut or chunk.choices[0].finish_reason == "length"
                 usage = getattr(chunk, "usage", None) or usage
         except Exception as exc:
             if not parts:
@@ -245,8 +254,10 @@ class LiteLLMClient(ModelClient):
         logprobs = tuple(tokens) or None
         if reported is None or reported == litellms or self._mock_response is not None:
             prompt, completion = self._count(request, options["messages"], text)
-            return ModelReply(text, prompt, completion, counted=True, logprobs=logprobs)
-        return ModelReply(text, *reported, logprobs=logprobs)
+            return ModelReply(
+                text, prompt, completion, counted=True, logprobs=logprobs, truncated=cut
+            )
+        return ModelReply(text, *reported, logprobs=logprobs, truncated=cut)
 
     def _count(
         self, request: ModelRequest, messages: list[dict[str, str]], text: str

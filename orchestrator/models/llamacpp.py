@@ -190,6 +190,7 @@ class LlamaCppClient(ModelClient):
             prompt_tokens=int(usage.get("prompt_tokens", 0)),
             completion_tokens=int(usage.get("completion_tokens", 0)),
             logprobs=_token_choices(choice.get("logprobs")),
+            truncated=choice.get("finish_reason") == "length",
         )
 
 

@@ -97,6 +97,7 @@ class OllamaClient(ModelClient):
             response.prompt_eval_count,
             response.eval_count,
             token_choices(response.logprobs),
+            cut=response.done_reason == "length",
         )
         calls = tuple(
             ToolCall(f"call_{index}", call.function.name, dict(call.function.arguments or {}))
@@ -123,6 +124,7 @@ class OllamaClient(ModelClient):
                         chunk.prompt_eval_count,
                         chunk.eval_count,
                         tuple(tokens) if tokens else None,
+                        cut=chunk.done_reason == "length",
                     )
             why = "it ended before its last chunk"
         except Exception as exc:
@@ -192,12 +194,14 @@ def _reply(
     prompt: int | None,
     completion: int | None,
     logprobs: tuple[TokenChoice, ...] | None,
+    *,
+    cut: bool,
 ) -> ModelReply:
     """The reply, with Ollama's counts. Ollama leaves a count out (the prompt's, when
     its cache held the prompt), so a missing one is estimated at its upper bound:
-    a byte-level token holds at least one byte."""
+    a byte-level token holds at least one byte. ``cut``: it stopped at ``num_predict``."""
     if prompt and completion is not None:
-        return ModelReply(text, prompt, completion, logprobs=logprobs)
+        return ModelReply(text, prompt, completion, logprobs=logprobs, truncated=cut)
     if not prompt:
         sent = [m["content"] for m in chat["messages"]]
         if isinstance(chat["format"], dict):
@@ -205,7 +209,7 @@ def _reply(
         prompt = sum(len(part.encode()) + 16 for part in sent)
     if completion is None:
         completion = len(text.encode())
-    return ModelReply(text, prompt, completion, counted=True, logprobs=logprobs)
+    return ModelReply(text, prompt, completion, counted=True, logprobs=logprobs, truncated=cut)
 
 
 def _ollama_message(message: dict[str, Any]) -> dict[str, Any]:
