@@ -15,6 +15,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
+from orchestrator.encoding import money
 from orchestrator.settings import Settings
 from orchestrator.spec import LoadedWorkflow
 from orchestrator.store.counters import Limit, scope_keys
@@ -87,10 +88,10 @@ class BudgetStatus:
     def as_dict(self) -> dict[str, str]:
         return {
             "budget": self.limit.label,
-            "limit_usd": str(self.limit.usd),
-            "spent_usd": str(self.spent_usd),
-            "reserved_usd": str(self.reserved_usd),
-            "left_usd": str(self.left_usd),
+            "limit_usd": money(self.limit.usd),
+            "spent_usd": money(self.spent_usd),
+            "reserved_usd": money(self.reserved_usd),
+            "left_usd": money(self.left_usd),
         }
 
 

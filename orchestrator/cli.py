@@ -390,24 +390,19 @@ def feedback(
     if good is None:
         raise UserError("say --good or --bad")
     store = _store(_settings(config))
-    found = store.find_run_id(run_id)
-    if found is None:
-        raise UserError(f"no run {run_id!r}")
+    found = store.named_run_id(run_id)
     store.add_feedback(found, step, good=good, note=note)
     typer.echo(f"{'good' if good else 'bad'}: {found} {step}")
 
 
 @app.command()
 def cancel(
-    run_id: Annotated[str, typer.Argument(help="The run to stop.")],
+    run_id: Annotated[str, typer.Argument(help="The run to stop (or a unique prefix of its id).")],
     config: ConfigOption = None,
 ) -> None:
     """Cancel a queued or running run; a running one stops within a second."""
     store = _store(_settings(config))
-    found = store.find_run_id(run_id)
-    if found is None:
-        raise UserError(f"no run {run_id!r}")
-    run_id = found
+    run_id = store.named_run_id(run_id)
     status = store.cancel_run(run_id)
     if status != "cancelled":
         raise UserError(f"run {run_id} already {status}")
@@ -426,10 +421,7 @@ def resume(
 
     settings = _settings(config)
     store = _store(settings)
-    found = store.find_run_id(run_id)
-    row = None if found is None else store.run_row(found)
-    if row is None:
-        raise UserError(f"no run {run_id!r}")
+    row = store.named_run(run_id)
     if row["status"] not in ("queued", "running"):
         raise UserError(f"run {row['id']} already {row['status']}: nothing to resume")
     loaded = load_workflow(settings.root / row["workflow_path"], settings)
@@ -510,10 +502,7 @@ def approve(
     from orchestrator.runner import Runner
 
     with Client(config=config) as client:
-        found = client.store.find_run_id(run_id)
-        row = None if found is None else client.store.run_row(found)
-        if row is None:
-            raise UserError(f"no run {run_id!r}")
+        row = client.store.named_run(run_id)
         queued = enqueue or row["queue"] is not None
         # Loaded before the decision: a workflow that no longer loads leaves the run waiting.
         workflow = None if queued else client.workflow_of_run(row["id"])[0]
@@ -656,7 +645,13 @@ def _gather_inputs(
             try:
                 values[key] = json.loads(text)
             except ValueError:
-                raise UserError(f"-i {key}: {text!r} is not a valid {kind}") from None
+                example = {"array": '["a", "b"]', "object": '{"k": 1}', "boolean": "true"}.get(
+                    kind, "3"
+                )
+                raise UserError(
+                    f"-i {key}: {text!r} is not a valid {kind}; {kind} inputs take JSON,"
+                    f" e.g. -i '{key}={example}'"
+                ) from None
     return values
 
 
@@ -744,13 +739,9 @@ def _print_run_summary(console: Console, store: Store, run_id: str) -> None:
     table = Table(title=f"spend for run {run_id[:12]}", title_justify="left")
     for column in ("step", "tier", "model", "tokens in", "tokens out", "cost", "all-frontier"):
         table.add_column(column, justify="left" if column in ("step", "tier", "model") else "right")
-    total_cost = total_reference = simulated = Decimal(0)
     for call in found["calls"]:
         if call["outcome"] == "unavailable":
             continue
-        total_cost += call["cost_usd"]
-        total_reference += call["reference_cost_usd"] or 0
-        simulated += call["cost_usd"] if call["simulated"] else 0
         table.add_row(
             call["step_id"],
             _tier(call["tier_used"], call["simulated"]),
@@ -760,6 +751,7 @@ def _print_run_summary(console: Console, store: Store, run_id: str) -> None:
             usd(call["cost_usd"]),
             usd(call["reference_cost_usd"]),
         )
+    total_cost, total_reference, simulated = _totals(found)
     table.add_section()
     table.add_row("total", "", "", "", "", usd(total_cost), usd(total_reference))
     if simulated:
@@ -775,8 +767,31 @@ def _print_run_summary(console: Console, store: Store, run_id: str) -> None:
                     markup=False,
                 )
         return
-    console.print(
-        f"{found['status']} · run id {run_id} · saved {usd(total_reference - total_cost)} against all-frontier"
+    console.print(f"{found['status']} · run id {run_id} · {_outcome_of_spend(found)}")
+
+
+def _totals(found: dict[str, Any]) -> tuple[Decimal, Decimal, Decimal]:
+    """A recorded run's cost, its all-frontier counterfactual and the simulated part of its cost."""
+    cost = reference = simulated = Decimal(0)
+    for call in found["calls"]:
+        cost += call["cost_usd"]
+        reference += call["reference_cost_usd"] or 0
+        simulated += call["cost_usd"] if call["simulated"] else 0
+    return cost, reference, simulated
+
+
+def _outcome_of_spend(found: dict[str, Any]) -> str:
+    """What a run cost, and what it saved against all-frontier: only a run that
+    succeeded saved anything (a failed one bought no answer to compare)."""
+    from orchestrator.store.runs import UNENDED
+
+    cost, reference, _ = _totals(found)
+    if found["status"] in UNENDED:
+        return f"spent {usd(cost)} so far"
+    if found["status"] != "succeeded":
+        return f"spent {usd(cost)}, and saved nothing: the run {found['status']}"
+    return (
+        f"spent {usd(cost)} · saved {usd(reference - cost)} against all-frontier ({usd(reference)})"
     )
 
 
@@ -818,66 +833,146 @@ def runs(
 @app.command()
 def show(
     run_id: Annotated[str, typer.Argument(help="A run id, or a unique prefix of one.")],
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow", "-f", help="Print each step as it ends, until the run ends or waits."
+        ),
+    ] = False,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """A run's status, then each step's attempts: tiers, escalations, tokens, cost, latency."""
-
+    """A run's status, cost, savings, duration, inputs and outputs, then each step's
+    attempts: tiers, escalations, tokens, cost, latency."""
     settings = _settings(config)
-    found = _store_to_read(settings, lambda: _no_run(run_id)).run(run_id)
+    store = _store_to_read(settings, lambda: _no_run(run_id))
+    found = store.run(run_id)
     if found is None:
         _no_run(run_id)
     if as_json:
         _print_json(found)
         return
     console = _console()
+    if follow:
+        _follow(console, store, found, settings)
+        return
+    _print_run_title(console, found)
+    _print_run_header(console, found, settings)
+    for step in found["steps"]:
+        _print_step(console, step, found)
+
+
+def _follow(console: Console, store: Store, found: dict[str, Any], settings: Settings) -> None:
+    """Print the run's steps as they end, read from the database (so a queued run
+    on another machine shows too), then its header; exit as ``tierflow run`` would."""
+    import time
+
+    from orchestrator.store.runs import UNENDED, WAITING
+
+    console.print(f"following {found['workflow']}  run {found['id']}", markup=False)
+    shown: set[tuple[str, str]] = set()
+    while True:
+        for step in found["steps"]:
+            if (step["step_id"], step["status"]) not in shown:
+                shown.add((step["step_id"], step["status"]))
+                _print_step(console, step, found)
+        if found["status"] not in UNENDED or found["status"] == WAITING:
+            break
+        time.sleep(FOLLOW_EVERY_S)
+        found = store.run(found["id"]) or found
+    _print_run_title(console, found)
+    _print_run_header(console, found, settings)
+    _exit_unless_ok(found["status"])
+
+
+FOLLOW_EVERY_S = 0.5  # how often show --follow reads the run again
+
+
+def _print_run_title(console: Console, found: dict[str, Any]) -> None:
     made_by = " (a tierflow eval run)" if found["eval"] else ""
     if found["retry_of"]:
         made_by += f" (a retry of run {found['retry_of']})"
     console.print(f"[bold]{found['status']}[/]  {found['workflow']}{made_by}  run {found['id']}")
     if found["error"]:
         console.print(f"[red]{escape(found['error'])}[/]")
-    for step in found["steps"]:
-        said = [f"asked {step['tier_asked']}"] if step["tier_asked"] else []
-        if step["reused_from"]:
-            said.append(f"reused from run {step['reused_from']}")
-        told = f"  ({', '.join(said)})" if said else ""
-        console.print(f"[bold]{step['step_id']}[/]  {step['status']}{told}")
-        if step["error"]:
-            console.print(f"  [red]{escape(step['error'])}[/]")
-        for call in (c for c in found["calls"] if c["step_id"] == step["step_id"]):
-            item = "" if call["item_index"] is None else f" item {call['item_index']}"
+
+
+def _print_step(console: Console, step: dict[str, Any], found: dict[str, Any]) -> None:
+    """A step's line, then each of its attempts with its reasons and tool calls."""
+    said = [f"asked {step['tier_asked']}"] if step["tier_asked"] else []
+    if step["reused_from"]:
+        said.append(f"reused from run {step['reused_from']}")
+    told = f"  ({', '.join(said)})" if said else ""
+    console.print(f"[bold]{step['step_id']}[/]  {step['status']}{told}")
+    if step["error"]:
+        console.print(f"  [red]{escape(step['error'])}[/]")
+    for call in (c for c in found["calls"] if c["step_id"] == step["step_id"]):
+        _print_call(console, call, found["tools"])
+
+
+def _print_call(console: Console, call: dict[str, Any], tools: list[dict[str, Any]]) -> None:
+    item = "" if call["item_index"] is None else f" item {call['item_index']}"
+    console.print(
+        f"  #{call['attempt']}{item}  {_tier(call['tier_used'], call['simulated'])}"
+        f" · {call['model']}  {call['outcome']}"
+        f"  {call['prompt_tokens']}+{call['completion_tokens']} tok  {usd(call['cost_usd'])}"
+        f"  {call['latency_ms']:.0f} ms",
+        markup=False,
+    )
+    if call["error"]:
+        console.print(f"      {call['error']}", markup=False)
+    if call.get("signal"):
+        console.print(f"      {_confidence(call)}", markup=False)
+    if call.get("judged") is not None:
+        console.print(f"      judge of #{call['judged']}", markup=False)
+    if call.get("routed") in ("auto", "explore"):
+        expected = call["expected_pass"]
+        told = "" if expected is None else f", expected pass rate {expected:.2f}"
+        console.print(f"      routed: {call['routed']}{told}", markup=False)
+    elif call.get("routed") == "downgrade":
+        console.print("      routed: downgrade (a budget held it below its tier)", markup=False)
+    if call["escalation_reason"]:
+        console.print(f"      escalated: {call['escalation_reason']}", markup=False)
+    for tool in tools:
+        if (tool["step_id"], tool["attempt"]) == (call["step_id"], call["attempt"]):
             console.print(
-                f"  #{call['attempt']}{item}  {_tier(call['tier_used'], call['simulated'])}"
-                f" · {call['model']}  {call['outcome']}"
-                f"  {call['prompt_tokens']}+{call['completion_tokens']} tok  {usd(call['cost_usd'])}"
-                f"  {call['latency_ms']:.0f} ms",
+                f"      tool {tool['name']}  {tool['outcome']}  {tool['duration_ms']:.0f} ms"
+                f"  arguments {tool['arguments_bytes']} B, result {tool['result_bytes']} B"
+                + (f": {tool['error']}" if tool["error"] else ""),
                 markup=False,
             )
-            if call["error"]:
-                console.print(f"      {call['error']}", markup=False)
-            if call.get("signal"):
-                console.print(f"      {_confidence(call)}", markup=False)
-            if call.get("judged") is not None:
-                console.print(f"      judge of #{call['judged']}", markup=False)
-            if call.get("routed") in ("auto", "explore"):
-                expected = call["expected_pass"]
-                told = "" if expected is None else f", expected pass rate {expected:.2f}"
-                console.print(f"      routed: {call['routed']}{told}", markup=False)
-            elif call.get("routed") == "downgrade":
-                console.print(
-                    "      routed: downgrade (a budget held it below its tier)", markup=False
-                )
-            if call["escalation_reason"]:
-                console.print(f"      escalated: {call['escalation_reason']}", markup=False)
-            for tool in found["tools"]:
-                if (tool["step_id"], tool["attempt"]) == (call["step_id"], call["attempt"]):
-                    console.print(
-                        f"      tool {tool['name']}  {tool['outcome']}  {tool['duration_ms']:.0f} ms"
-                        f"  arguments {tool['arguments_bytes']} B, result {tool['result_bytes']} B"
-                        + (f": {tool['error']}" if tool["error"] else ""),
-                        markup=False,
-                    )
+
+
+QUEUED_TOO_LONG_LEASES = 3  # lease periods a queued run waits before show asks about workers
+
+
+def _print_run_header(console: Console, found: dict[str, Any], settings: Settings) -> None:
+    """When and how long, what it spent and saved, its inputs and outputs; for a
+    run queued for longer than a few lease periods, that no worker has taken it."""
+    from datetime import UTC, datetime
+
+    from orchestrator.store.database import safe_url
+
+    if found["status"] == "queued":
+        since = found["enqueued_at"] or found["created_at"]
+        waited = (datetime.now(UTC) - since.replace(tzinfo=since.tzinfo or UTC)).total_seconds()
+        if waited > QUEUED_TOO_LONG_LEASES * settings.config.lease_ttl_s:
+            broker = settings.broker_url
+            where = safe_url(broker) if broker else "the embedded broker in .tierflow/broker"
+            console.print(
+                f"queued for {waited:.0f}s and no worker has taken it: is a `tierflow worker`"
+                f" consuming queue {found['queue'] or settings.config.queue} on {where}?",
+                markup=False,
+            )
+    started, ended = found["created_at"], found["finished_at"]
+    took = "" if ended is None else f", took {(ended - started).total_seconds():.1f}s"
+    console.print(f"started {started:%Y-%m-%d %H:%M:%S}{took}", markup=False)
+    _, _, simulated = _totals(found)
+    note = f" ({usd(simulated)} of it simulated)" if simulated else ""
+    console.print(_outcome_of_spend(found) + note, markup=False)
+    for label, value in (("inputs", found["inputs"]), ("outputs", found["outputs"])):
+        if value:
+            console.print(f"{label}  {json.dumps(value, ensure_ascii=False)[:2000]}", markup=False)
 
 
 def _no_run(run_id: str) -> NoReturn:

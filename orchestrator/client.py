@@ -252,9 +252,7 @@ class Client:
         or the step was decided already."""
         from orchestrator.queue import enqueue_run
 
-        found = self.store.find_run_id(run_id)
-        if found is None:
-            raise UserError(f"no run {run_id!r}")
+        found = self.store.named_run_id(run_id)
         status = self.store.decide(found, step_id, approved=approved, note=note, by=by)
         if status == "queued" and enqueue:
             row = self.store.run_row(found)
@@ -266,10 +264,7 @@ class Client:
 
     def workflow_of_run(self, run_id: str) -> tuple[LoadedWorkflow, str]:
         """The workflow of run ``run_id`` as its file is now, and the run's whole id."""
-        found = self.store.find_run_id(run_id)
-        row = None if found is None else self.store.run_row(found)
-        if row is None:
-            raise UserError(f"no run {run_id!r}")
+        row = self.store.named_run(run_id)
         return self.load(self.settings.root / row["workflow_path"]), row["id"]
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
@@ -298,10 +293,9 @@ class Client:
     def cancel(self, run_id: str) -> str:
         """Cancel a queued or running run; its status afterwards. A running run's
         executor stops its work within a second. ``UserError`` for an unknown run."""
-        found = self.store.find_run_id(run_id)
-        status = None if found is None else self.store.cancel_run(found)
+        status = self.store.cancel_run(self.store.named_run_id(run_id))
         if status is None:
-            raise UserError(f"no run {run_id!r}")
+            raise UserError(f"no run {run_id!r}")  # deleted in between
         return status
 
     def spend(

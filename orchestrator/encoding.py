@@ -1,8 +1,8 @@
 """How records are written out: JSON for machines, money for people.
 
 The command line, the HTTP API and the dashboard share these, so they agree.
-In JSON, money stays exact: a ``Decimal`` becomes its decimal string, and
-dates and times become ISO 8601.
+In JSON and CSV, money stays exact: a ``Decimal`` becomes its plain decimal
+string (``0``, ``0.000021``; never ``0E-9``), and dates and times become ISO 8601.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 def json_default(value: Any) -> Any:
     """``json.dumps`` ``default=`` for the values our records hold."""
     if isinstance(value, Decimal):
-        return str(value)
+        return money(value)
     if hasattr(value, "isoformat"):
         return value.isoformat()
     raise TypeError(type(value).__name__)

@@ -57,6 +57,7 @@ from sqlalchemy import (
 )
 
 from orchestrator.budgets import BudgetStatus
+from orchestrator.encoding import money
 from orchestrator.errors import UserError
 from orchestrator.loading import suggest
 from orchestrator.store.tables import Money, model_calls, runs
@@ -115,12 +116,12 @@ class SpendRow:
             "escalation_rate": round(self.escalation_rate, 6),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
-            "cost_usd": str(self.cost_usd),
-            "provider_cost_usd": str(self.provider_cost_usd),
-            "local_cost_usd": str(self.local_cost_usd),
-            "simulated_cost_usd": str(self.simulated_cost_usd),
-            "reference_cost_usd": str(self.reference_cost_usd),
-            "savings_usd": str(self.savings_usd),
+            "cost_usd": money(self.cost_usd),
+            "provider_cost_usd": money(self.provider_cost_usd),
+            "local_cost_usd": money(self.local_cost_usd),
+            "simulated_cost_usd": money(self.simulated_cost_usd),
+            "reference_cost_usd": money(self.reference_cost_usd),
+            "savings_usd": money(self.savings_usd),
         }
 
     def as_dict(self, fields: tuple[str, ...]) -> dict[str, Any]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import socket
 import subprocess
 import sys
+import threading
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,9 @@ def test_run_show_runs_and_spend(
         tierflow("spend", "--by", "model", "--format", "json", cwd=project.root).stdout
     )
     models = {g["model"]: g for g in spent["groups"]}
+    # Money is a plain decimal, never an exponent: $0 reads 0, not 0E-12.
+    amounts = [v for g in [*spent["groups"], spent["total"]] for k, v in g.items() if "usd" in k]
+    assert "0" in amounts and all(re.fullmatch(r"-?\d+(\.\d+)?", v) for v in amounts)
     assert models["openai/gpt-4o-mini"]["calls"] == 2
     assert Decimal(spent["total"]["cost_usd"]) == sum(
         Decimal(g["cost_usd"]) for g in spent["groups"]
@@ -93,6 +98,7 @@ def test_run_show_runs_and_spend(
         )
     )
     assert len(rows) == 1 and Decimal(rows[0]["cost_usd"]) == Decimal(spent["total"]["cost_usd"])
+    assert all(re.fullmatch(r"-?\d+(\.\d+)?", rows[0][k]) for k in rows[0] if "usd" in k)
 
 
 def test_failed_run_exits_1_and_keeps_its_ledger(
@@ -130,7 +136,10 @@ def test_bad_input_exits_2_with_one_message(project: Project, ollama: OllamaServ
     typed_project(project)
     cases = [
         (["run", "pair"], "input 'text': required"),
-        (["run", "pair", "-i", "text=a", "-i", "count=many"], "not a valid integer"),
+        (
+            ["run", "pair", "-i", "text=a", "-i", "count=many"],
+            "not a valid integer; integer inputs take JSON, e.g. -i 'count=3'",
+        ),
         (["run", "pair", "-i", "nonsense"], "expected key=value"),
         (["run", "piar", "-i", "text=a"], "did you mean 'pair'?"),
         (["show", "feedbeef"], "no run 'feedbeef'"),
@@ -198,7 +207,7 @@ def test_cancel_command(project: Project, ollama: OllamaServer) -> None:
     ollama.reply("a")
     proc = tierflow("run", "pair", "-i", "text=x", "--json", cwd=project.root)
     finished = json.loads(proc.stdout)["run_id"]
-    done = tierflow("cancel", finished, cwd=project.root)
+    done = tierflow("cancel", finished[:8], cwd=project.root)  # a prefix will do
     assert done.returncode == 2 and f"run {finished} already" in done.stderr
     missing = tierflow("cancel", "nope", cwd=project.root)
     assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
@@ -231,3 +240,76 @@ def test_an_unreachable_model_is_said_once_per_run(tmp_path: Path, ollama: Ollam
     # The ledger still records every skip.
     outcomes = [c["outcome"] for c in cli_show(project)["calls"]]
     assert outcomes.count("unavailable") == 3
+
+
+def test_show_follow_prints_steps_as_they_end_then_the_run(
+    project: Project, ollama: OllamaServer
+) -> None:
+    from conftest import kill, start_run, wait_for, write_two_steps
+
+    write_two_steps(project)
+    release = threading.Event()
+
+    def answer(body: dict[str, Any]) -> Reply:
+        prompt = body["messages"][-1]["content"]
+        if prompt == "second":
+            release.wait(timeout=60)  # the second step ends only when the test says so
+        return Reply(text=f"{prompt} done")
+
+    ollama.responder = answer
+    running = start_run(project, "two")
+    follower = None
+    try:
+        wait_for(lambda: any(s == ("first", 1, "settled") for s in project.ledger_states()))
+        store = project.store()
+        [run] = store.runs()
+        store.engine.dispose()
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "show", run["id"][:8], "--follow"],
+            cwd=project.root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert follower.stdout is not None
+        lines = iter(follower.stdout.readline, "")
+        assert next(lines).startswith(f"following two  run {run['id']}")
+        assert next(lines).startswith("first  succeeded")  # while second still runs
+        assert follower.poll() is None
+        release.set()
+        rest, said = follower.communicate(timeout=60)
+        assert follower.returncode == 0, said
+    finally:
+        release.set()
+        kill(running)
+        if follower is not None and follower.poll() is None:
+            follower.kill()
+            follower.communicate()
+    assert "second  succeeded" in rest
+    assert f"succeeded  two  run {run['id']}" in rest
+    assert "spent $0 · saved" in rest and '"second": "second done"' in rest
+
+
+def test_show_says_when_a_queued_run_waits_with_no_worker(project: Project) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from orchestrator.store.tables import runs
+
+    typed_project(project)
+    queued = tierflow("enqueue", "pair", "-i", "text=x", cwd=project.root)
+    assert queued.returncode == 0, queued.stderr
+    run_id = queued.stdout.split()[-1]
+    fresh = tierflow("show", run_id, cwd=project.root)
+    assert fresh.returncode == 0 and "no worker has taken it" not in fresh.stdout
+    store = project.store()
+    try:  # it has waited 4 lease periods (60 s each, the default)
+        with store.engine.begin() as connection:
+            long_ago = datetime.now(UTC) - timedelta(seconds=240)
+            connection.execute(update(runs).where(runs.c.id == run_id).values(enqueued_at=long_ago))
+    finally:
+        store.engine.dispose()
+    stale = tierflow("show", run_id, cwd=project.root)
+    assert re.search(r"queued for 2[45]\ds and no worker has taken it", stale.stdout)
+    assert "consuming queue tierflow on the embedded broker" in stale.stdout

@@ -223,3 +223,26 @@ def test_sqlite_reports_read_indexes_never_the_whole_table(
     assert reads and all("INDEX" in step for step in reads), plan
     if since is None:
         assert any("COVERING INDEX ix_model_calls_spend" in step for step in reads), plan
+
+
+def test_money_is_a_plain_decimal_in_json_and_csv() -> None:
+    """Decimal arithmetic keeps exponents (0 × 1.5E-7 is 0E-8): what a user reads never does."""
+    from orchestrator.encoding import dumps
+
+    zero = Decimal(0) * Decimal("1.5E-7")
+    assert str(zero) == "0E-8"
+    row = reports.SpendRow(
+        key=("hello",),
+        calls=1,
+        escalated_calls=0,
+        prompt_tokens=3,
+        completion_tokens=0,
+        cost_usd=zero,
+        reference_cost_usd=Decimal("2.50E-5"),
+    )
+    figures = row.figures()
+    assert (figures["cost_usd"], figures["reference_cost_usd"]) == ("0", "0.000025")
+    assert json.loads(dumps({"cost_usd": zero, "tiny": Decimal("1E-12")})) == {
+        "cost_usd": "0",
+        "tiny": "0.000000000001",
+    }

@@ -20,6 +20,7 @@ from sqlalchemy import (
     update,
 )
 
+from orchestrator.errors import UserError
 from orchestrator.store import prepared
 from orchestrator.store.calls import abandon
 from orchestrator.store.clock import db_now_s
@@ -360,6 +361,27 @@ class RunStore:
                 select(runs.c.id).where(runs.c.id.startswith(run_id, autoescape=True)).limit(2)
             ).all()
         return matches[0][0] if len(matches) == 1 else None
+
+    def named_run_id(self, run_id: str) -> str:
+        """``find_run_id``, or a ``UserError`` saying why no run matches."""
+        found = self.find_run_id(run_id)
+        if found is not None:
+            return found
+        if len(run_id) >= 4:
+            with self.engine.connect() as connection:
+                several = connection.execute(
+                    select(runs.c.id).where(runs.c.id.startswith(run_id, autoescape=True)).limit(2)
+                ).all()
+            if len(several) > 1:
+                raise UserError(f"run id prefix {run_id!r} names several runs: give more of it")
+        raise UserError(f"no run {run_id!r}")
+
+    def named_run(self, run_id: str) -> dict[str, Any]:
+        """The run's row (``run_row``), named whole or by a unique prefix; else ``UserError``."""
+        row = self.run_row(self.named_run_id(run_id))
+        if row is None:
+            raise UserError(f"no run {run_id!r}")  # deleted in between
+        return row
 
     def run(self, run_id: str) -> dict[str, Any] | None:
         """The run with its steps and calls, or None. A unique id prefix is accepted."""
