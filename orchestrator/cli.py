@@ -172,20 +172,69 @@ def init(
 @app.command()
 def validate(
     paths: Annotated[
-        list[Path],
-        typer.Argument(help="Workflow, agent or tierflow.yaml files, or folders of them."),
-    ],
+        list[Path] | None,
+        typer.Argument(
+            help="Workflow, agent or tierflow.yaml files, or folders of them (searched"
+            " recursively). Default: the whole project."
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Check files; print FILE:LINE: field: message for each problem. Exit 0 valid, 2 invalid."""
+    """Check files; print FILE:LINE: field: message for each problem. Exit 0 valid, 2 invalid.
+
+    Checking the whole project also says which tiers cannot serve (see tierflow
+    doctor), as warnings: files can be valid where no key is set."""
     from orchestrator.validation import validate_paths
 
-    problems = validate_paths(paths, config=config)
+    problems = validate_paths(paths or [], config=config)
     if problems:
         for problem in problems:
             typer.echo(problem, err=True)
         raise typer.Exit(2)
+    if not paths:
+        from orchestrator.doctor import readiness, tiers_that_cannot_serve
+
+        for tier, reasons in tiers_that_cannot_serve(readiness(_settings(config))).items():
+            typer.echo(f"warning: tier {tier} cannot serve: {'; '.join(reasons)}", err=True)
     typer.echo("ok")
+
+
+@app.command()
+def doctor(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Can each tier serve? Each model: where it runs, reachable, key, price.
+    Exit 0 when every tier can serve (one of its models), 1 when one cannot."""
+    from dataclasses import asdict
+
+    from orchestrator.doctor import readiness, tiers_that_cannot_serve
+
+    found = readiness(_settings(config))
+    unserved = tiers_that_cannot_serve(found)
+    if as_json:
+        _print_json({"models": [asdict(row) for row in found], "cannot_serve": unserved})
+    else:
+        from rich.table import Table
+
+        table = Table()
+        for column in ("tier", "model", "where", "reachable", "key", "price", "problem"):
+            table.add_column(column)
+        for row in found:
+            table.add_row(
+                row.tier,
+                row.model,
+                escape(row.where),
+                row.reachable,
+                row.key,
+                row.price,
+                escape(row.problem or ""),
+            )
+        console = _console()
+        console.print(table)
+        for tier in unserved:
+            console.print(f"tier {tier} cannot serve: none of its models is ready", markup=False)
+        if not unserved:
+            console.print("every tier can serve", markup=False)
+    if unserved:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -10,41 +10,71 @@ from orchestrator.loading import read_yaml
 from orchestrator.settings import Config, Settings, load_settings
 from orchestrator.spec import Agent, Workflow, load_agent, load_workflow
 
+# Folders a recursive validate never enters: tools' and Python's, not the project's.
+SKIPPED_FOLDERS = {"node_modules", "venv", "site-packages", "__pycache__"}
+
 
 def validate_paths(paths: list[Path], *, config: str | None) -> list[str]:
-    """Every problem in ``paths`` (files or folders of .yaml), as ``FILE:LINE: field: message``."""
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files.extend(sorted([*path.glob("*.yaml"), *path.glob("*.yml")]))
-        else:
-            files.append(path)
-    problems: list[str] = []
+    """Every problem in ``paths`` (files, or folders searched recursively), as
+    ``FILE:LINE: field: message``. With no paths, the whole project: its
+    tierflow.yaml and every agent and workflow under its folders."""
     settings: Settings | None = None
-    for path in files:
+    if not paths:
+        try:
+            settings = load_settings(config)
+        except (SpecError, UserError) as exc:
+            return _problems(exc)
+        root, conf = settings.root, settings.config
+        paths = [*([settings.path] if settings.path else []), root / conf.agents_dir]
+        paths.append(root / conf.workflows_dir)
+    files: list[tuple[Path, bool]] = []  # and whether it was named, not found in a folder
+    for path in paths:
+        files.extend(
+            [(found, False) for found in _yaml_files(path)] if path.is_dir() else [(path, True)]
+        )
+    problems: list[str] = []
+    for path, named in files:
         try:
             kind = _kind(path)
+            if kind == "other" and named:
+                kind = "agent"  # named, it must be one of ours: its problems are said
             if kind == "config":
                 load_settings(path)
             elif kind == "agent":
                 load_agent(path)
-            else:
+            elif kind == "workflow":
                 settings = settings or load_settings(config)
                 load_workflow(path, settings)
-        except SpecError as exc:
-            problems.extend(exc.problems)
-        except UserError as exc:
-            problems.append(str(exc))
+        except (SpecError, UserError) as exc:
+            problems.extend(_problems(exc))
     return problems
 
 
+def _problems(exc: UserError) -> list[str]:
+    return list(exc.problems) if isinstance(exc, SpecError) else [str(exc)]
+
+
+def _yaml_files(folder: Path) -> list[Path]:
+    """The .yaml and .yml files under ``folder``, hidden and tool folders left out."""
+    found = []
+    for path in sorted([*folder.rglob("*.yaml"), *folder.rglob("*.yml")]):
+        inside = path.relative_to(folder).parts[:-1]
+        if not any(part.startswith(".") or part in SKIPPED_FOLDERS for part in inside):
+            found.append(path)
+    return found
+
+
 def _kind(path: Path) -> str:
+    """config, workflow or agent, by the keys the file holds; "other" for a YAML
+    file of something else (found while searching a folder), which is left alone."""
     data = read_yaml(path).data
     if "tiers" in data:
         return "config"
     if "steps" in data:
         return "workflow"
-    return "agent"
+    if path.parent.name == "agents" or {"system", "prompt"} & set(data):
+        return "agent"
+    return "other" if "name" not in data else "agent"
 
 
 def json_schemas() -> dict[str, Any]:
