@@ -262,11 +262,23 @@ def run(
     inputs_file: InputsFileOption = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Render each step's prompt and print its worst-case cost, and the"
+            " budgets that would apply; call no model, record nothing.",
+        ),
+    ] = False,
 ) -> None:
     """Run a workflow here and now, then print its outputs and what it spent."""
     from orchestrator.runner import Runner
 
     settings, loaded, values = _load_with_inputs(config, workflow, inputs, inputs_file)
+    if dry_run:
+        _dry_run(settings, loaded, values, as_json)
+        return
+    _warn_unserved(settings, loaded)
     store = _store(settings)
     console = _console(stderr=as_json)
     runner = Runner(
@@ -283,6 +295,79 @@ def run(
     else:
         _print_run_summary(console, store, result.run_id)
     _exit_unless_ok(result.status)
+
+
+def _warn_unserved(settings: Settings, loaded: LoadedWorkflow) -> None:
+    """Before a run: each tier its steps may climb to that cannot serve, and why
+    (a missing key is found now, not after the local attempts)."""
+    from orchestrator.doctor import readiness, tiers_that_cannot_serve
+    from orchestrator.scheduler import ladder
+
+    reached = {name for plan in _all_plans(loaded) for name, _ in ladder(settings, plan)}
+    found = [row for row in readiness(settings) if row.tier in reached]
+    for tier, reasons in tiers_that_cannot_serve(found).items():
+        typer.echo(
+            f"tier {tier} will be skipped: {'; '.join(reasons)} (tierflow doctor says more)",
+            err=True,
+        )
+
+
+def _all_plans(loaded: LoadedWorkflow) -> list[Any]:
+    """Its steps' plans, a sub-workflow's steps included; approvals have no ladder."""
+    plans = []
+    for plan in loaded.steps:
+        if plan.child is not None:
+            plans.extend(_all_plans(plan.child))
+        elif plan.step.approval is None:
+            plans.append(plan)
+    return plans
+
+
+def _dry_run(
+    settings: Settings, loaded: LoadedWorkflow, values: dict[str, Any], as_json: bool
+) -> None:
+    from dataclasses import asdict
+    from datetime import UTC, datetime
+
+    from orchestrator import budgets, dryrun
+
+    steps = dryrun.estimate(settings, loaded, loaded.resolve_inputs(values))
+    total = sum((step.worst_usd for step in steps), Decimal(0))
+    limits = budgets.limits(settings, loaded, None, datetime.now(UTC).date())
+    applying = [(limit.label, limit.usd) for limit in limits]
+    per_run = loaded.spec.budget.per_run_usd
+    if per_run is not None:
+        applying.insert(0, (f"per-run budget of workflow '{loaded.name}'", per_run))
+    per_item = any(step.per_item for step in steps)
+    if as_json:
+        _print_json(
+            {
+                "workflow": loaded.name,
+                "steps": [asdict(step) for step in steps],
+                "worst_usd": total,
+                "per_item": per_item,
+                "budgets": [{"budget": label, "limit_usd": usd_} for label, usd_ in applying],
+            }
+        )
+        return
+    console = _console()
+    for step in steps:
+        reach = " → ".join(step.tiers) or "no model"
+        each = " per item" if step.per_item else ""
+        console.print(
+            f"[bold]{step.step_id}[/]  {reach}  up to {step.calls} calls, {usd(step.worst_usd)}{each}"
+        )
+        if step.note:
+            console.print(f"  {escape(step.note)}")
+        if step.prompt:
+            for line in step.prompt.splitlines():
+                console.print(f"  | {line}", markup=False)
+    items = " (for_each steps counted for one item)" if per_item else ""
+    console.print(f"worst case for the run: {usd(total)}{items}; no model was called")
+    for label, limit in applying:
+        console.print(f"budget: {label}: {usd(limit)}", markup=False)
+    if not applying:
+        console.print("no budget applies (budget: in the workflow or tierflow.yaml sets one)")
 
 
 def _exit_unless_ok(status: str) -> None:
