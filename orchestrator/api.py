@@ -3,7 +3,8 @@
     POST /runs            queue a run: {"workflow": NAME, "inputs": {...}} → 201 {"run_id": ...}
     GET  /runs            recent runs (?workflow=&status=&limit=), as ``tierflow runs --json``
     GET  /runs/{run_id}   one run with its steps and ledger rows, as ``tierflow show --json``
-    GET  /spend           ?by=&since=&until=&top=&include_eval=, as ``tierflow spend --json``
+    GET  /spend           ?by=&since=&until=&top=&include_eval=&workflow=&step=&model=&tag=,
+                          as ``tierflow spend --json``
     GET  /openapi.json    the OpenAPI description of the routes above
     GET  /                the dashboard (HTML)
 
@@ -118,6 +119,10 @@ class RunRequest(BaseModel):
         default_factory=dict,
         description=f"At most {MAX_INPUTS_BYTES // 1024} KiB as JSON, nested at most"
         f" {MAX_INPUTS_DEPTH} deep.",
+    )
+    tags: dict[str, str] = Field(
+        default_factory=dict,
+        description='The run\'s tags, {"team": "growth"}: spend groups and filters by them.',
     )
 
     @model_validator(mode="before")
@@ -243,7 +248,8 @@ def create_run(body: RunRequest, request: Request) -> dict[str, str]:
         )
     service = service_of(request)
     loaded = load_workflow(_workflow_file(service, body.workflow), service.settings)
-    return {"run_id": service.client.enqueue_loaded(loaded, body.inputs), "status": "queued"}
+    run_id = service.client.enqueue_loaded(loaded, body.inputs, tags=body.tags)
+    return {"run_id": run_id, "status": "queued"}
 
 
 def _workflow_file(service: Service, name: str) -> Path:
@@ -360,15 +366,27 @@ def get_spend(
     request: Request,
     by: Annotated[
         str | None,
-        Query(description="workflow, version, step, tier, model or day; or several, comma-joined"),
+        Query(
+            description="workflow, version, step, tier, model, day or tag:KEY; or several,"
+            " comma-joined"
+        ),
     ] = None,
     since: Annotated[str | None, Query(description="YYYY-MM-DD, or 30d")] = None,
     until: Annotated[str | None, Query(description="YYYY-MM-DD, inclusive")] = None,
     top: Annotated[int | None, Query(ge=1)] = None,
     include_eval: Annotated[bool, Query(description="count tierflow eval runs too")] = False,
+    workflow: Annotated[str | None, Query(description="only this workflow's calls")] = None,
+    step: Annotated[str | None, Query(description="only this step's calls")] = None,
+    model: Annotated[str | None, Query(description="only this model's calls")] = None,
+    tag: Annotated[
+        list[str] | None, Query(description="key=value: only runs with this tag; repeatable")
+    ] = None,
 ) -> JSONText:
     """Spend grouped as ``tierflow spend --json`` prints it."""
     service = service_of(request)
+    pairs = [text.partition("=") for text in tag or []]
+    if any(not sep or not key for key, sep, _ in pairs):
+        raise HTTPException(status_code=400, detail="tag: expected key=value, like team=growth")
     found = reports.report(
         service.store.engine,
         by=by,
@@ -377,6 +395,7 @@ def get_spend(
         top=top,
         budgets=budgets.status(service.settings, service.store),
         include_eval=include_eval,
+        only=reports.Only(workflow, step, model, tuple((k, v) for k, _, v in pairs)),
     )
     return JSONText(dumps(found.as_dict()))
 

@@ -83,6 +83,10 @@ WorkflowArgument = Annotated[
 InputOption = Annotated[
     list[str] | None, typer.Option("--input", "-i", help="key=value; repeatable.")
 ]
+TagOption = Annotated[
+    list[str] | None,
+    typer.Option("--tag", "-t", help="key=value, a tag of the run (team=growth); repeatable."),
+]
 InputsFileOption = Annotated[Path | None, typer.Option("--inputs", help="A JSON file of inputs.")]
 T = TypeVar("T")
 
@@ -260,6 +264,7 @@ def run(
     workflow: WorkflowArgument,
     inputs: InputOption = None,
     inputs_file: InputsFileOption = None,
+    tags: TagOption = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
     dry_run: Annotated[
@@ -289,7 +294,7 @@ def run(
         if not as_json
         else contextlib.nullcontext()
     ):
-        result = asyncio.run(runner.run(loaded, values))
+        result = asyncio.run(runner.run(loaded, values, tags=_tags(tags)))
     if as_json:
         _print_json(_run_json(result))
     else:
@@ -392,6 +397,7 @@ def enqueue(
     workflow: WorkflowArgument,
     inputs: InputOption = None,
     inputs_file: InputsFileOption = None,
+    tags: TagOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Queue a run for a worker; prints the run id as the last line."""
@@ -399,7 +405,18 @@ def enqueue(
 
     settings, loaded, values = _load_with_inputs(config, workflow, inputs, inputs_file)
     with Client(settings=settings) as client:
-        typer.echo(client.enqueue_loaded(loaded, values))
+        typer.echo(client.enqueue_loaded(loaded, values, tags=_tags(tags)))
+
+
+def _tags(pairs: list[str] | None) -> dict[str, str]:
+    """``-t key=value`` options as a mapping (checked when the run is made)."""
+    found = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"-t {pair!r}: expected key=value, like team=growth")
+        found[key] = value
+    return found
 
 
 @app.command("eval")
@@ -1104,6 +1121,9 @@ def _print_run_header(console: Console, found: dict[str, Any], settings: Setting
     _, _, simulated = _totals(found)
     note = f" ({usd(simulated)} of it simulated)" if simulated else ""
     console.print(_outcome_of_spend(found) + note, markup=False)
+    if found.get("tags"):
+        told = " ".join(f"{key}={value}" for key, value in found["tags"].items())
+        console.print(f"tags  {told}", markup=False)
     for label, value in (("inputs", found["inputs"]), ("outputs", found["outputs"])):
         if value:
             console.print(f"{label}  {json.dumps(value, ensure_ascii=False)[:2000]}", markup=False)
@@ -1131,8 +1151,8 @@ def spend(
     by: Annotated[
         str | None,
         typer.Option(
-            help="workflow, version, step, tier, model or day; several joined by commas"
-            " (day,workflow). Default: workflow, or step with --top."
+            help="workflow, version, step, tier, model, day or tag:KEY; several joined by"
+            " commas (day,workflow). Default: workflow, or step with --top."
         ),
     ] = None,
     since: Annotated[
@@ -1146,6 +1166,13 @@ def spend(
     include_eval: Annotated[
         bool, typer.Option("--include-eval", help="Count the runs of tierflow eval too.")
     ] = False,
+    workflow: Annotated[str | None, typer.Option(help="Only this workflow's calls.")] = None,
+    step: Annotated[str | None, typer.Option(help="Only this step's calls.")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model's calls.")] = None,
+    tags: Annotated[
+        list[str] | None,
+        typer.Option("--tag", "-t", help="key=value: only runs with this tag; repeatable."),
+    ] = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -1171,6 +1198,7 @@ def spend(
         top=top,
         budgets=budgets.status(settings, store),
         include_eval=include_eval,
+        only=reports.Only(workflow, step, model, tuple(_tags(tags).items())),
     )
     if output_format == "json":
         _print_json(found.as_dict())

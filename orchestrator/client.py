@@ -86,11 +86,13 @@ class Client:
         inputs: Mapping[str, Any] | None = None,
         *,
         on_step: Callable[[StepRecord], None] | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> RunResult:
         """Record and run ``workflow`` here to its end. Bad inputs raise ``UserError``
-        before anything is written; a run that fails returns ``status == "failed"``."""
+        before anything is written; a run that fails returns ``status == "failed"``.
+        ``tags`` ({"team": "growth"}) are the run's, for spend to group and filter by."""
         loaded = self.load(workflow)
-        return await self._runner().run(loaded, inputs or {}, on_step=on_step)
+        return await self._runner().run(loaded, inputs or {}, on_step=on_step, tags=tags)
 
     def run(
         self,
@@ -98,6 +100,7 @@ class Client:
         inputs: Mapping[str, Any] | None = None,
         *,
         on_step: Callable[[StepRecord], None] | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> RunResult:
         """``arun`` for code that is not inside an event loop."""
         try:
@@ -108,7 +111,9 @@ class Client:
             raise UserError(
                 "Client.run() was called inside a running event loop: use 'await client.arun(...)'"
             )
-        return self._own_loop().run_until_complete(self.arun(workflow, inputs, on_step=on_step))
+        return self._own_loop().run_until_complete(
+            self.arun(workflow, inputs, on_step=on_step, tags=tags)
+        )
 
     def _own_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -184,12 +189,18 @@ class Client:
             )
         return result.status
 
-    def enqueue(self, workflow: str | Path, inputs: Mapping[str, Any] | None = None) -> str:
+    def enqueue(
+        self,
+        workflow: str | Path,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
         """Record a queued run and publish it for a worker; returns its run id.
 
         A broker that refuses the message fails the run and raises ``RunError``.
         """
-        return self.enqueue_loaded(self.load(workflow), inputs or {})
+        return self.enqueue_loaded(self.load(workflow), inputs or {}, tags=tags)
 
     def _plain_runner(self) -> Runner:
         """A runner for store work outside any loop (create, fail): no model clients used."""
@@ -197,14 +208,22 @@ class Client:
 
         return Runner(settings=self.settings, store=self.store)
 
-    def enqueue_loaded(self, workflow: LoadedWorkflow, inputs: Mapping[str, Any]) -> str:
+    def enqueue_loaded(
+        self,
+        workflow: LoadedWorkflow,
+        inputs: Mapping[str, Any],
+        *,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
         """``enqueue`` for a workflow already loaded."""
         from orchestrator.queue import enqueue_run, first_queue
         from orchestrator.runner import time_limit_s
 
         settings = self.settings
         queue, limit = first_queue(settings, workflow), time_limit_s(settings, workflow)
-        run_id = self._plain_runner().create(workflow, inputs, queue=queue, time_limit_s=limit)
+        run_id = self._plain_runner().create(
+            workflow, inputs, queue=queue, time_limit_s=limit, tags=tags
+        )
         try:
             enqueue_run(self._celery(), run_id, queue=queue, time_limit_s=limit)
         except RunError as exc:

@@ -175,14 +175,32 @@ def parse_when(text: str | None, *, end: bool = False) -> date | None:
         ) from None
 
 
+@dataclass(frozen=True)
+class Only:
+    """Which ledger rows a report counts: of one workflow, step, model, and of runs
+    carrying every one of ``tags``; None (or empty): all."""
+
+    workflow: str | None = None
+    step: str | None = None
+    model: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+
+
 def group_fields(by: str) -> tuple[str, ...]:
-    """The key fields of ``by``: a grouping name, or several joined by commas (``day,workflow``)."""
+    """The key fields of ``by``: a grouping name, or several joined by commas
+    (``day,workflow``); ``tag:KEY`` groups by the value of the runs' tag KEY."""
     fields: list[str] = []
     for name in (part.strip() for part in by.split(",")):
+        if name.startswith("tag:"):
+            if not re.fullmatch(r"[a-z][a-z0-9_.-]{0,39}", name[4:]):
+                raise UserError(f"--by {name!r}: name a tag, like tag:team")
+            if name not in fields:
+                fields.append(name)
+            continue
         if name not in GROUPS:
             raise UserError(
-                f"--by {name!r}: choose one of {', '.join(GROUPS)}, or several joined by"
-                f" commas (day,workflow){suggest(name, list(GROUPS))}"
+                f"--by {name!r}: choose one of {', '.join(GROUPS)} or tag:KEY, or several"
+                f" joined by commas (day,workflow){suggest(name, list(GROUPS))}"
             )
         fields.extend(field for field in GROUPS[name] if field not in fields)
     return tuple(fields)
@@ -195,13 +213,14 @@ def spend(
     since: date | None = None,
     until: date | None = None,
     include_eval: bool = False,
+    only: Only = Only(),
 ) -> list[SpendRow]:
     """Every group of ``by`` in the period, ordered by its key; the calls of
-    ``tierflow eval`` runs only with ``include_eval``."""
+    ``tierflow eval`` runs only with ``include_eval``; only the rows ``only`` keeps."""
     fields = group_fields(by)
     with engine.connect() as connection:
         query = spend_query(
-            fields, since, until, dialect=engine.dialect.name, include_eval=include_eval
+            fields, since, until, dialect=engine.dialect.name, include_eval=include_eval, only=only
         )
         rows = connection.execute(query).all()
     return [_row(row, len(fields)) for row in rows]
@@ -216,6 +235,7 @@ def report(
     top: int | None = None,
     budgets: list[BudgetStatus] | None = None,
     include_eval: bool = False,
+    only: Only = Only(),
 ) -> SpendReport:
     """``spend`` with its total; ``top`` keeps the N dearest groups, dearest first.
 
@@ -224,7 +244,7 @@ def report(
     if top is not None and top < 1:
         raise UserError(f"--top {top}: expected a number of groups, 1 or more")
     by = by or ("step" if top is not None else "workflow")
-    groups = spend(engine, by=by, since=since, until=until, include_eval=include_eval)
+    groups = spend(engine, by=by, since=since, until=until, include_eval=include_eval, only=only)
     overall = total(groups)
     if top is not None:
         groups = sorted(groups, key=lambda row: row.cost_usd, reverse=True)[:top]
@@ -281,6 +301,7 @@ def spend_query(
     *,
     dialect: str,
     include_eval: bool = False,
+    only: Only = Only(),
 ) -> Select[Any]:
     """One statement: partial sums in an inner query, summed again per group.
 
@@ -297,19 +318,26 @@ def spend_query(
     content hash, and the content includes the version, so each (workflow,
     hash) maps to one version (ix_runs_versions); an unknown hash gives null.
     Both indexes hold the eval mark, so leaving eval calls out reads them alone too.
+
+    A tag is its run's: grouped by one, the partial sums are per run, joined to
+    the runs' tags (no index holds them: slower on a long ledger).
     """
     needed = _needed(fields)
-    inner = (
-        PARTIAL_KEYS[: 1 + max(map(PARTIAL_KEYS.index, needed))] if dialect == "sqlite" else needed
-    )
+    by_index = dialect == "sqlite" and "run_id" not in needed
+    inner = PARTIAL_KEYS[: 1 + max(map(PARTIAL_KEYS.index, needed))] if by_index else needed
     partials = union_all(
-        _within(_sums(inner), since, until, include_eval),
-        _within(_escalations(inner), since, until, include_eval),
+        _within(_sums(inner), since, until, include_eval, only),
+        _within(_escalations(inner), since, until, include_eval, only),
     ).subquery("partials")
     columns: dict[str, ColumnElement[Any]] = {name: partials.c[name] for name in inner}
     source: FromClause = partials
     if "workflow_version" in fields:
         source, columns["workflow_version"] = _with_versions(partials)
+    if "run_id" in needed:
+        source = source.join(runs, runs.c.id == partials.c.run_id)
+        for name in fields:
+            if name.startswith("tag:"):
+                columns[name] = runs.c.tags[name[4:]].as_string()
     keys = [columns[name] for name in fields]
     return (
         select(
@@ -354,6 +382,8 @@ def _needed(fields: tuple[str, ...]) -> tuple[str, ...]:
     """The ledger columns that key ``fields``: a version is found from the content hash."""
     names: list[str] = []
     for asked in fields:
+        if asked.startswith("tag:"):
+            asked = "run_id"
         for name in ("workflow", "workflow_hash") if asked == "workflow_version" else (asked,):
             if name not in names:
                 names.append(name)
@@ -404,8 +434,20 @@ def _escalations(keys: tuple[str, ...]) -> Select[Any]:
 
 
 def _within(
-    query: Select[Any], since: date | None, until: date | None, include_eval: bool
+    query: Select[Any], since: date | None, until: date | None, include_eval: bool, only: Only
 ) -> Select[Any]:
+    for column, value in (
+        ("workflow", only.workflow),
+        ("step_id", only.step),
+        ("model", only.model),
+    ):
+        if value is not None:
+            query = query.where(model_calls.c[column] == value)
+    if only.tags:
+        tagged = select(runs.c.id).where(
+            *(runs.c.tags[key].as_string() == value for key, value in only.tags)
+        )
+        query = query.where(model_calls.c.run_id.in_(tagged))
     if not include_eval:
         query = query.where(model_calls.c.eval.is_(None))
     if since is not None:

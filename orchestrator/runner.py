@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import re
 import socket
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -175,10 +176,11 @@ class Runner:
         *,
         queue: str | None = None,
         time_limit_s: float | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> str:
         """Record a new queued run, about to be published on ``queue``.
 
-        Bad inputs raise ``UserError`` before anything is written.
+        Bad inputs or tags raise ``UserError`` before anything is written.
         """
         run_id, _ = self._create(
             workflow,
@@ -186,6 +188,7 @@ class Runner:
             status="queued",
             queue=queue,
             time_limit_s=time_limit_s,
+            tags=checked_tags(tags),
         )
         return run_id
 
@@ -199,7 +202,7 @@ class Runner:
         time_limit_s: float | None = None,
     ) -> str:
         """Record a queued retry of run ``retried`` (see ``retry``), about to be published."""
-        values, reuse = self._retry_plan(workflow, retried, from_step)
+        values, reuse, tags = self._retry_plan(workflow, retried, from_step)
         run_id, _ = self._create(
             workflow,
             values,
@@ -208,6 +211,7 @@ class Runner:
             time_limit_s=time_limit_s,
             retry_of=retried,
             reuse=reuse,
+            tags=tags,
         )
         return run_id
 
@@ -223,11 +227,17 @@ class Runner:
         takes every step that finished there (succeeded or skipped) as it was and
         runs the rest here. ``from_step`` runs that step and all that depend on it
         again too. ``UserError`` if the run is still active or the step unknown."""
-        values, reuse = await off_loop(lambda: self._retry_plan(workflow, retried, from_step))
+        values, reuse, tags = await off_loop(lambda: self._retry_plan(workflow, retried, from_step))
         _, lease = await write(
             self._store,
             lambda: self._create(
-                workflow, values, status="running", leased=True, retry_of=retried, reuse=reuse
+                workflow,
+                values,
+                status="running",
+                leased=True,
+                retry_of=retried,
+                reuse=reuse,
+                tags=tags,
             ),
         )
         assert lease is not None
@@ -238,9 +248,9 @@ class Runner:
 
     def _retry_plan(
         self, workflow: LoadedWorkflow, retried: str, from_step: str | None
-    ) -> tuple[dict[str, Any], list[str]]:
-        """The retried run's inputs, checked against the workflow as it is now, and
-        the steps the retry takes as they were."""
+    ) -> tuple[dict[str, Any], list[str], dict[str, str] | None]:
+        """The retried run's inputs, checked against the workflow as it is now, the
+        steps the retry takes as they were, and its tags (the retry keeps them)."""
         row = self._store.run_row(retried)
         if row is None:
             raise UserError(f"no run {retried!r}")
@@ -265,7 +275,7 @@ class Runner:
             for step in self._store.finished_steps(retried)
             if step in known and step.split(".", 1)[0] not in again
         ]
-        return workflow.resolve_inputs(row["inputs"]), reuse
+        return workflow.resolve_inputs(row["inputs"]), reuse, row["tags"]
 
     def _create(
         self,
@@ -278,6 +288,7 @@ class Runner:
         time_limit_s: float | None = None,
         retry_of: str | None = None,
         reuse: Sequence[str] = (),
+        tags: dict[str, str] | None = None,
     ) -> tuple[str, Lease | None]:
         run_id = uuid.uuid4().hex
         version = workflow.spec.version
@@ -296,6 +307,7 @@ class Runner:
             eval=self._eval,
             retry_of=retry_of,
             reuse=reuse,
+            tags=tags,
         )
         return run_id, lease
 
@@ -305,14 +317,18 @@ class Runner:
         inputs: Mapping[str, Any],
         *,
         on_step: Callable[[StepRecord], None] | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> RunResult:
-        """Record and run ``workflow`` here, to the end. Bad inputs raise ``UserError`` first.
+        """Record and run ``workflow`` here, to the end. Bad inputs or tags raise
+        ``UserError`` first.
 
         ``on_step`` (else the runner's own) is told of each step as it ends.
         """
         values = workflow.resolve_inputs(inputs)
+        chosen = checked_tags(tags)
         _, lease = await write(
-            self._store, lambda: self._create(workflow, values, status="running", leased=True)
+            self._store,
+            lambda: self._create(workflow, values, status="running", leased=True, tags=chosen),
         )
         assert lease is not None
         return await self._leased(
@@ -661,6 +677,31 @@ def _given(value: Any, context: dict[str, Any]) -> Any:
 # and the waits of retries on the same model (429, 5xx), per attempt.
 PER_CALL_SLACK_S = 15.0
 RUN_SLACK_S = 30.0
+
+
+TAG_KEY = re.compile(r"^[a-z][a-z0-9_.-]{0,39}$")
+MAX_TAGS = 20
+MAX_TAG_VALUE = 100
+
+
+def checked_tags(tags: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """A run's tags as given, checked: at most 20, keys like ``team`` (lower case,
+    up to 40 characters), values strings of up to 100; ``UserError`` saying which is wrong."""
+    if not tags:
+        return None
+    if len(tags) > MAX_TAGS:
+        raise UserError(f"{len(tags)} tags: a run takes at most {MAX_TAGS}")
+    for key, value in tags.items():
+        if not isinstance(key, str) or not TAG_KEY.fullmatch(key):
+            raise UserError(
+                f"tag {key!r}: a tag's name is lower case letters, digits, '_', '.' or '-',"
+                " starting with a letter, at most 40 characters"
+            )
+        if not isinstance(value, str) or len(value) > MAX_TAG_VALUE:
+            raise UserError(
+                f"tag {key}: its value must be text of at most {MAX_TAG_VALUE} characters"
+            )
+    return dict(tags)
 
 
 def time_limit_s(settings: Settings, workflow: LoadedWorkflow) -> float:

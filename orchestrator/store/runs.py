@@ -130,6 +130,7 @@ class RunStore:
         eval: bool = False,
         retry_of: str | None = None,
         reuse: Sequence[str] = (),
+        tags: dict[str, str] | None = None,
     ) -> Lease | None:
         """Record a new run; with ``lease_owner`` the creator holds its lease from
         the start, and gets it back. ``queue`` is where its message is about to go.
@@ -159,6 +160,7 @@ class RunStore:
                     "time_limit_s": time_limit_s,
                     "eval": True if eval else None,
                     "retry_of": retry_of,
+                    "tags": tags or None,
                 },
             )
             if retry_of is not None and reuse:

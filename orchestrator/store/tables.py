@@ -90,6 +90,7 @@ runs = Table(
     Column("eval", Boolean),  # made by tierflow eval (True), else NULL
     # A retry: the run whose finished steps it reused (tierflow retry).
     Column("retry_of", String(32)),
+    Column("tags", JSON),  # {"team": "growth"}: spend groups and filters by them; NULL: none
     # A waiting run (an approval step) fails if nobody decides by then; NULL: no limit.
     Column("waiting_until", DateTime(timezone=True)),
     Index(None, "workflow", "created_at"),
