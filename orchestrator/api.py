@@ -5,6 +5,7 @@
     GET  /runs/{run_id}   one run with its steps and ledger rows, as ``tierflow show --json``
     GET  /spend           ?by=&since=&until=&top=&include_eval=&workflow=&step=&model=&tag=,
                           as ``tierflow spend --json``
+    GET  /metrics         the ledger as Prometheus counters (``orchestrator.metrics``)
     GET  /openapi.json    the OpenAPI description of the routes above
     GET  /                the dashboard (HTML)
 
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from jinja2 import Environment
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -359,6 +360,17 @@ def post_feedback(
         raise HTTPException(status_code=404, detail=f"no run {run_id!r}")
     store.add_feedback(found, step_id, good=body.good, note=body.note)  # UserError: 400
     return {"run_id": found, "step_id": step_id, "good": body.good}
+
+
+@api.get("/metrics", response_class=PlainTextResponse)
+def get_metrics(request: Request) -> PlainTextResponse:
+    """The ledger as Prometheus counters by workflow, tier and model (``orchestrator.metrics``)."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    from orchestrator.metrics import exposition
+
+    body = exposition(service_of(request).store.engine)
+    return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @api.get("/spend", response_class=JSONText)

@@ -532,3 +532,30 @@ def test_feedback_is_recorded_over_http(served: Project, client: TestClient) -> 
     assert unknown.status_code == 404
     unauthorised = client.post(f"/runs/{run_id}/steps/draft/feedback", json={"good": True})
     assert unauthorised.status_code == 401
+
+
+def test_metrics_are_the_ledger_as_prometheus_counters(served: Project, client: TestClient) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert client.get("/metrics").status_code == 401  # behind the token, as every route
+    answer = client.get("/metrics", headers=AUTH)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain; version=")
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    groups = client.get("/spend", params={"by": "workflow,tier,model"}, headers=AUTH).json()
+    assert groups["groups"]
+    for group in groups["groups"]:
+        labels = (("model", group["model"]), ("tier", group["tier_used"] or ""))
+        labels = (*labels, ("workflow", group["workflow"]))
+        assert samples[("tierflow_calls_total", labels)] == group["calls"]
+        assert samples[("tierflow_escalated_calls_total", labels)] == group["escalated_calls"]
+        assert samples[("tierflow_call_latency_seconds_count", labels)] == group["calls"]
+        prompt = tuple(sorted((*labels, ("direction", "prompt"))))
+        assert samples[("tierflow_tokens_total", prompt)] == group["prompt_tokens"]
+        cost = samples[("tierflow_cost_usd_total", labels)]
+        assert cost == pytest.approx(float(group["cost_usd"]), rel=1e-12)
+        reference = samples[("tierflow_reference_cost_usd_total", labels)]
+        assert reference == pytest.approx(float(group["reference_cost_usd"]), rel=1e-12)
