@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from orchestrator import tracing
 from orchestrator.cache import Answers
 from orchestrator.errors import LeaseLost, RunCancelled, RunError, StepFailed, UserError
 from orchestrator.graph import OUTPUTS, compile_graph
@@ -428,27 +429,38 @@ class Runner:
             on_stop=lambda: loop.call_soon_threadsafe(work[0].cancel),
         )
         watch = _Watch()
-        task = asyncio.ensure_future(
-            self._execute(
-                workflow, lease, values, checkpoint, keeper, watch, on_step or self._on_step, eval
+        with tracing.run_span(workflow.name, lease.run_id) as span:
+            # Made inside the run's span, so the task's steps and calls are its children.
+            task = asyncio.ensure_future(
+                self._execute(
+                    workflow,
+                    lease,
+                    values,
+                    checkpoint,
+                    keeper,
+                    watch,
+                    on_step or self._on_step,
+                    eval,
+                )
             )
-        )
-        work.append(task)
-        keeper.start()
-        if time_limit_s is not None:
-            limit = time_limit_s
-            alarm = loop.call_later(limit, watch.time_out, task, limit)
-            task.add_done_callback(lambda _: alarm.cancel())
-        try:
-            return await task
-        except asyncio.CancelledError:
-            if keeper.lost is not None:
-                raise LeaseLost(f"run {lease.run_id}: {keeper.lost}") from None
-            raise
-        finally:
-            keeper.stop()
-            if self._owns_clients:
-                await self._clients.aclose()
+            work.append(task)
+            keeper.start()
+            if time_limit_s is not None:
+                limit = time_limit_s
+                alarm = loop.call_later(limit, watch.time_out, task, limit)
+                task.add_done_callback(lambda _: alarm.cancel())
+            try:
+                result = await task
+                span.set_attribute("tierflow.status", result.status)
+                return result
+            except asyncio.CancelledError:
+                if keeper.lost is not None:
+                    raise LeaseLost(f"run {lease.run_id}: {keeper.lost}") from None
+                raise
+            finally:
+                keeper.stop()
+                if self._owns_clients:
+                    await self._clients.aclose()
 
     async def _execute(
         self,
@@ -477,7 +489,7 @@ class Runner:
             clients=self._clients,
             pricer=self._pricer,
             max_calls=workflow.spec.max_steps or self._settings.config.max_steps,
-            hooks=(ledger, *self._hooks),
+            hooks=(ledger, tracing.SpanHooks(), *self._hooks),
             checkpoint=checkpoint,
             tiers=self._tiers,
             router=ledger.route,
