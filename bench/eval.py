@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import router
-from orchestrator.runner import open_store
 from orchestrator.settings import load_settings
 from orchestrator.spec import find_workflow, load_workflow
+from orchestrator.store import open_store
 from orchestrator.testing import GoldAnswers, OpenAIServer
 
 EVALS = Path(__file__).resolve().parent.parent / "evals"

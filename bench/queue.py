@@ -142,8 +142,8 @@ def tierflow_round(config: Path, runs: int) -> float:
     from sqlalchemy import func, select
 
     import orchestrator
-    from orchestrator.runner import open_store
     from orchestrator.settings import load_settings
+    from orchestrator.store import open_store
     from orchestrator.store.tables import runs as runs_table
 
     clock = time.perf_counter()

@@ -126,7 +126,7 @@ def _settings(config: str | None) -> Settings:
 
 
 def _store(settings: Settings) -> Store:
-    from orchestrator.runner import open_store
+    from orchestrator.store import open_store
 
     return open_store(settings)
 

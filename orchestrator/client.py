@@ -69,7 +69,7 @@ class Client:
     @property
     def store(self) -> Store:
         if self._store is None:
-            from orchestrator.runner import open_store
+            from orchestrator.store import open_store
 
             self._store = open_store(self.settings)
         return self._store

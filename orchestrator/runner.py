@@ -742,11 +742,3 @@ def time_limit_s(settings: Settings, workflow: LoadedWorkflow) -> float:
         tools = sum(tool.timeout_s for tool in plan.tools)
         total += waves * attempts * samples * turns * (per_call + tools)
     return total
-
-
-def open_store(settings: Settings) -> Store:
-    """The store for ``settings``; a SQLite database is migrated on first use."""
-    from orchestrator.store import open_engine
-
-    url = settings.database_url
-    return Store(open_engine(url, migrate=url.startswith("sqlite")))

@@ -24,10 +24,10 @@ import yaml
 from sqlalchemy import select
 
 from orchestrator.ledger import Call, StepRecord
-from orchestrator.runner import Runner, RunResult, open_store
+from orchestrator.runner import Runner, RunResult
 from orchestrator.settings import load_settings
 from orchestrator.spec import LoadedWorkflow, find_workflow, load_workflow
-from orchestrator.store import Store
+from orchestrator.store import Store, open_store
 from orchestrator.store.tables import budget_usage, model_calls
 from orchestrator.testing import OllamaServer, OpenAIServer
 
