@@ -7,7 +7,8 @@
                           as ``tierflow spend --json``
     GET  /metrics         the ledger as Prometheus counters (``orchestrator.metrics``)
     GET  /openapi.json    the OpenAPI description of the routes above
-    GET  /                the dashboard (HTML)
+    GET  /                the dashboard (HTML); ?days= or ?since=&until=
+    GET  /run/{run_id}    one run's page (HTML): every attempt
 
 Every route needs the token (``TIERFLOW_API_TOKEN``). API clients send
 ``Authorization: Bearer TOKEN``. A browser opens ``/?token=TOKEN`` once: the
@@ -40,7 +41,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
     from orchestrator.client import Client
 
 COOKIE = "tierflow_dashboard"
+MAX_DAYS_SHOWN = 366  # the dashboard's longest date range
 COOKIE_MAX_AGE_S = 8 * 3600  # a working day; then the browser opens /?token= again
 MAX_INPUTS_BYTES = 256 * 1024
 MAX_INPUTS_DEPTH = 32
@@ -428,6 +430,8 @@ def dashboard(
     request: Request,
     token: str | None = None,
     days: Annotated[int, Query(ge=1, le=366)] = 30,
+    since: Annotated[date | None, Query(description="first day shown, YYYY-MM-DD")] = None,
+    until: Annotated[date | None, Query(description="last day shown, YYYY-MM-DD")] = None,
 ) -> Response:
     service = service_of(request)
     if token is not None:
@@ -447,9 +451,37 @@ def dashboard(
         return _login_page(status_code=401)
     from orchestrator.web.dashboard import render
 
+    last = until or datetime.now(UTC).date()
+    first = since or last - timedelta(days=days - 1)
+    if first > last or (last - first).days >= MAX_DAYS_SHOWN:
+        raise HTTPException(
+            status_code=400,
+            detail=f"since {first} to until {last}: a range of 1 to {MAX_DAYS_SHOWN} days",
+        )
     ladder = list(service.settings.config.tiers)
     in_force = budgets.status(service.settings, service.store)
-    page = render(service.templates, service.store, ladder=ladder, days=days, budgets=in_force)
+    page = render(
+        service.templates,
+        service.store,
+        ladder=ladder,
+        since=first,
+        until=last,
+        budgets=in_force,
+    )
+    return HTMLResponse(page)
+
+
+@pages.get("/run/{run_id}", response_class=HTMLResponse, include_in_schema=False)
+def run_page(request: Request, run_id: str) -> Response:
+    """One run's page: every attempt with its tier, reason, tokens, cost and latency."""
+    service = service_of(request)
+    if not service.cookie_opens(request.cookies.get(COOKIE, "")):
+        return _login_page(status_code=401)
+    from orchestrator.web.dashboard import render_run
+
+    page = render_run(service.templates, service.store, run_id)
+    if page is None:
+        raise HTTPException(status_code=404, detail=f"no run {run_id!r}")
     return HTMLResponse(page)
 
 

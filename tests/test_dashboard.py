@@ -72,6 +72,12 @@ class Elements(HTMLParser):
         return next(attrs for _, attrs, _ in self.found if attrs.get("id") == element_id)
 
 
+def _in(page: Elements, table: str, row: dict[str, str]) -> bool:
+    """Whether ``row`` (a tr's attributes) belongs to the table with id ``table``."""
+    key = {"steps": "data-step", "models": "data-model"}[table]
+    return key in row and "data-runs" not in row
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -216,9 +222,57 @@ def test_dashboard_in_chromium(tmp_path: Path, server: str, project: Project) ->
         "escalation-rate",
     ]
 
+    # Where the money goes: each table dearest first, with the report's figures.
+    for table, by in (("steps", "step"), ("models", "model")):
+        rows = [attrs for tag, attrs, _ in page.found if tag == "tr" and "data-usd" in attrs]
+        shown = [Decimal(attrs["data-usd"]) for attrs in rows if _in(page, table, attrs)]
+        expected_rows = reports.spend(project.store().engine, by=by, since=since)
+        assert shown == sorted((row.cost_usd for row in expected_rows), reverse=True), table
+    workflows = [
+        attrs["data-workflow"]
+        for tag, attrs, _ in page.found
+        if tag == "tr" and "data-workflow" in attrs
+    ]
+    costs = {row.key[0]: row.cost_usd for row in reports.spend(project.store().engine, since=since)}
+    assert workflows == sorted(costs, key=lambda name: -costs[name])
+    # The tier bars are as long as each tier's share of the money.
+    widths = {bar["data-tier"]: float(bar["width"]) for bar in tiers}
+    dearest = max(by_tier.values(), key=lambda row: row.cost_usd)
+    assert max(widths, key=lambda tier: widths[tier]) == dearest.key[0]
+    # Which steps escalate, and why: the real run's step climbed past invalid output.
+    [loud] = [
+        attrs
+        for tag, attrs, _ in page.found
+        if tag == "tr" and attrs.get("data-step") == "shout/loud" and "data-runs" in attrs
+    ]
+    assert (loud["data-runs"], loud["data-escalated"]) == ("1", "1")
+    assert "invalid_output ×1" in page.texts["escalations"]
+    # The savings figure links to its definition on the page.
+    assert any(
+        tag == "a" and attrs.get("href") == "#savings-definition" for tag, attrs, _ in page.found
+    )
+    assert "reference model with the tokens of the answer" in page.texts["savings-definition"]
+
+    # A date range chosen on the page: a day with no spend shows none.
+    empty = Elements()
+    empty.feed(chromium(tmp_path, "--dump-dom", f"{server}/?since=2001-01-01&until=2001-01-02"))
+    assert Decimal(empty.attrs("total-cost")["data-usd"]) == 0
+
+    # The run page, linked from the runs table: every attempt, its tier and why.
+    link = f"/run/{real_run['id']}"
+    assert any(tag == "a" and attrs.get("href") == link for tag, attrs, _ in page.found)
+    run_page = Elements()
+    run_page.feed(chromium(tmp_path, "--dump-dom", f"{server}{link}"))
+    attempts = [
+        attrs for tag, attrs, _ in run_page.found if tag == "tr" and attrs.get("class") == "attempt"
+    ]
+    assert [a["data-outcome"] for a in attempts] == ["invalid_output", "ok"]
+    assert sum(Decimal(a["data-usd"]) for a in attempts) == spent
+    assert "openai/gpt-4o-mini" in run_page.texts["attempts"]
+
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "dashboard.png"
     shot.unlink(missing_ok=True)
-    chromium(tmp_path, "--window-size=1200,1600", f"--screenshot={shot}", url)
+    chromium(tmp_path, "--window-size=1400,3000", f"--screenshot={shot}", url)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
     print(f"dashboard screenshot: {shot}")

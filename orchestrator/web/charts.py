@@ -105,19 +105,22 @@ def spend_over_time(rows: Iterable[SpendRow], days: list[date]) -> Chart:
 
 
 def tier_mix(rows: Iterable[SpendRow], ladder: list[str]) -> Chart:
-    """One bar per tier, cheapest first, as long as its share of the calls."""
+    """One bar per tier, cheapest first, as long as its share of the money (of the
+    calls, when nothing was spent), labelled with both."""
     rows = sorted(rows, key=lambda row: _ladder_place(ladder, str(row.key[0])))
     calls = sum(row.calls for row in rows)
+    cost = sum((row.cost_usd for row in rows), Decimal(0))
     bars, labels = [], []
     for index, row in enumerate(rows):
         tier = str(row.key[0])
         share = row.calls / calls if calls else 0.0
+        size = float(row.cost_usd / cost) if cost else share
         y = TOP + index * ROW_HEIGHT
         bars.append(
             Bar(
                 x=LEFT,
                 y=y,
-                width=max(share * (WIDTH - LEFT - 220), 1),
+                width=max(size * (WIDTH - LEFT - 260), 1),
                 height=ROW_HEIGHT - 6,
                 color=PALETTE[index % len(PALETTE)],
                 title=f"{tier}: {row.calls} calls, {usd(row.cost_usd)}",
@@ -125,7 +128,10 @@ def tier_mix(rows: Iterable[SpendRow], ladder: list[str]) -> Chart:
             )
         )
         labels.append(Label(LEFT - 6, y + 15, tier, "end"))
-        labels.append(Label(WIDTH, y + 15, f"{share:.0%} of calls · {usd(row.cost_usd)}", "end"))
+        money = f"{size:.0%} of cost · " if cost else ""
+        labels.append(
+            Label(WIDTH, y + 15, f"{money}{usd(row.cost_usd)} · {share:.0%} of calls", "end")
+        )
     return Chart(WIDTH, TOP + len(rows) * ROW_HEIGHT + 4, bars, labels)
 
 
