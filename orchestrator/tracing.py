@@ -3,9 +3,10 @@
 tierflow only uses the API (``opentelemetry-api``, which the MCP SDK already
 brings): spans go wherever the process's tracer provider sends them. With no
 SDK configured they cost next to nothing. To export them, install the extra
-(``pip install 'tierflow[otel]'``: the SDK) and configure a provider, in your
-own code or with ``opentelemetry-instrument tierflow worker`` and the usual
-``OTEL_*`` variables.
+(``pip install 'tierflow[otel]'``: the SDK) and an exporter (for OTLP,
+``opentelemetry-exporter-otlp``), and configure a provider in your own code;
+or install ``opentelemetry-distro`` too and run ``opentelemetry-instrument
+tierflow worker`` with the usual ``OTEL_*`` variables.
 
     tierflow.run WORKFLOW     the run, as one executor holds it (a run resumed
                               elsewhere is another span with the same run id)

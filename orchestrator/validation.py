@@ -25,8 +25,8 @@ def validate_paths(paths: list[Path], *, config: str | None) -> list[str]:
         except (SpecError, UserError) as exc:
             return _problems(exc)
         root, conf = settings.root, settings.config
-        paths = [*([settings.path] if settings.path else []), root / conf.agents_dir]
-        paths.append(root / conf.workflows_dir)
+        folders = [root / conf.agents_dir, root / conf.workflows_dir]
+        paths = [*([settings.path] if settings.path else []), *filter(Path.is_dir, folders)]
     files: list[tuple[Path, bool]] = []  # and whether it was named, not found in a folder
     for path in paths:
         files.extend(

@@ -66,7 +66,7 @@ def test_commands_find_the_project_from_a_subfolder(tmp_path: Path) -> None:
 
 
 def test_an_empty_folder_is_left_as_it_was(tmp_path: Path) -> None:
-    for command in (["runs"], ["spend"], ["show", "abc"], ["run", "quickstart"]):
+    for command in (["runs"], ["spend"], ["show", "abc"], ["run", "quickstart"], ["validate"]):
         proc = tierflow(*command, cwd=tmp_path, env=clean_env())
         assert proc.returncode in (0, 2), proc.stderr
         said = proc.stderr.splitlines()
