@@ -73,7 +73,10 @@ app.add_typer(cache_app, name="cache")
 ConfigOption = Annotated[
     str | None,
     typer.Option(
-        "--config", "-c", help="tierflow.yaml to use (else $TIERFLOW_CONFIG, else ./tierflow.yaml)."
+        "--config",
+        "-c",
+        help="tierflow.yaml to use (else $TIERFLOW_CONFIG, else the first tierflow.yaml"
+        " here or in a folder above).",
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
@@ -190,7 +193,7 @@ def validate(
     doctor), as warnings: files can be valid where no key is set."""
     from orchestrator.validation import validate_paths
 
-    problems = validate_paths(paths or [], config=config)
+    problems, checked = validate_paths(paths or [], config=config)
     if problems:
         for problem in problems:
             typer.echo(problem, err=True)
@@ -200,7 +203,7 @@ def validate(
 
         for tier, reasons in tiers_that_cannot_serve(readiness(_settings(config))).items():
             typer.echo(f"warning: tier {tier} cannot serve: {'; '.join(reasons)}", err=True)
-    typer.echo("ok")
+    typer.echo(f"ok: {checked} file{'' if checked == 1 else 's'} checked")
 
 
 @app.command()
@@ -359,14 +362,15 @@ def _dry_run(
     for step in steps:
         reach = " → ".join(step.tiers) or "no model"
         each = " per item" if step.per_item else ""
+        calls = f"{step.calls} call{'' if step.calls == 1 else 's'}"
         console.print(
-            f"[bold]{step.step_id}[/]  {reach}  up to {step.calls} calls, {usd(step.worst_usd)}{each}"
+            f"[bold]{step.step_id}[/]  {reach}  up to {calls}, {usd(step.worst_usd)}{each}"
         )
         if step.note:
             console.print(f"  {escape(step.note)}")
         if step.prompt:
             for line in step.prompt.splitlines():
-                console.print(f"  | {line}", markup=False)
+                console.print(f"  | {line}", markup=False, soft_wrap=True)
     items = " (for_each steps counted for one item)" if per_item else ""
     console.print(f"worst case for the run: {usd(total)}{items}; no model was called")
     for label, limit in applying:
@@ -950,7 +954,8 @@ def _outcome_of_spend(found: dict[str, Any]) -> str:
 def runs(
     workflow: Annotated[str | None, typer.Option(help="Only this workflow.")] = None,
     status: Annotated[
-        str | None, typer.Option(help="queued, running, succeeded, failed or cancelled.")
+        str | None,
+        typer.Option(help="queued, running, waiting, succeeded, failed or cancelled."),
     ] = None,
     limit: Annotated[int, typer.Option(help="Most recent N runs.")] = 50,
     config: ConfigOption = None,

@@ -14,16 +14,17 @@ from orchestrator.spec import Agent, Workflow, load_agent, load_workflow
 SKIPPED_FOLDERS = {"node_modules", "venv", "site-packages", "__pycache__"}
 
 
-def validate_paths(paths: list[Path], *, config: str | None) -> list[str]:
+def validate_paths(paths: list[Path], *, config: str | None) -> tuple[list[str], int]:
     """Every problem in ``paths`` (files, or folders searched recursively), as
     ``FILE:LINE: field: message``. With no paths, the whole project: its
-    tierflow.yaml and every agent and workflow under its folders."""
+    tierflow.yaml and every agent and workflow under its folders. Also how many
+    files were checked."""
     settings: Settings | None = None
     if not paths:
         try:
             settings = load_settings(config)
         except (SpecError, UserError) as exc:
-            return _problems(exc)
+            return _problems(exc), 1
         root, conf = settings.root, settings.config
         folders = [root / conf.agents_dir, root / conf.workflows_dir]
         paths = [*([settings.path] if settings.path else []), *filter(Path.is_dir, folders)]
@@ -33,11 +34,13 @@ def validate_paths(paths: list[Path], *, config: str | None) -> list[str]:
             [(found, False) for found in _yaml_files(path)] if path.is_dir() else [(path, True)]
         )
     problems: list[str] = []
+    checked = 0
     for path, named in files:
         try:
             kind = _kind(path)
             if kind == "other" and named:
                 kind = "agent"  # named, it must be one of ours: its problems are said
+            checked += kind != "other"
             if kind == "config":
                 load_settings(path)
             elif kind == "agent":
@@ -47,7 +50,7 @@ def validate_paths(paths: list[Path], *, config: str | None) -> list[str]:
                 load_workflow(path, settings)
         except (SpecError, UserError) as exc:
             problems.extend(_problems(exc))
-    return problems
+    return problems, checked
 
 
 def _problems(exc: UserError) -> list[str]:

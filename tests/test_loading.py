@@ -128,7 +128,7 @@ def test_hostile_file_is_refused_with_file_line_and_message(tmp_path: Path, name
     make, line, text = CASES[name]
     path = tmp_path / f"{name}.yaml"
     path.write_bytes(make())
-    problems = validate_paths([path], config=CONFIG)
+    problems, _ = validate_paths([path], config=CONFIG)
     assert problems, f"{name} was accepted"
     assert any(p.startswith(f"{path}:{line}: ") and text in p for p in problems), problems
 
@@ -136,7 +136,7 @@ def test_hostile_file_is_refused_with_file_line_and_message(tmp_path: Path, name
 def test_a_long_chain_within_the_limits_is_checked_and_accepted(tmp_path: Path) -> None:
     path = tmp_path / "chain.yaml"
     path.write_bytes(_chain(1000, 1000))
-    assert validate_paths([path], config=CONFIG) == []
+    assert validate_paths([path], config=CONFIG) == ([], 1)
 
 
 def test_keys_that_differ_as_yaml_values_are_not_duplicates(tmp_path: Path) -> None:
@@ -151,6 +151,6 @@ def test_each_problem_is_one_line_whatever_the_file_holds(tmp_path: Path) -> Non
     path.write_text(
         'tiers: {light: {models: [llamacpp/smollm2-135m]}}\nreference_model: "openai/gpt-4.1\\n- x"\n'
     )
-    [problem] = validate_paths([path], config=str(path))
+    [problem], _ = validate_paths([path], config=str(path))
     assert problem.startswith(f"{path}:2: reference_model: no known price for openai/gpt-4.1 - x")
     assert len(problem.splitlines()) == 1, problem

@@ -29,7 +29,7 @@ def expectation(path: Path) -> tuple[int, str]:
 @pytest.mark.parametrize("path", BAD_FILES, ids=[p.stem for p in BAD_FILES])
 def test_bad_file_names_file_line_and_field(path: Path) -> None:
     line, text = expectation(path)
-    problems = validate_paths([path], config=str(BAD / "tierflow.yaml"))
+    problems, _ = validate_paths([path], config=str(BAD / "tierflow.yaml"))
     assert problems, f"{path.name} was accepted"
     assert any(p.startswith(f"{path}:{line}: ") and text in p for p in problems), problems
 
@@ -58,14 +58,14 @@ def test_validate_command_exits_2_with_one_line_per_problem_and_no_traceback() -
 def test_oversized_file_is_refused(tmp_path: Path) -> None:
     big = tmp_path / "big.yaml"
     big.write_text("name: big\ndescription: " + "x" * (1024 * 1024) + "\nsteps: []\n")
-    [problem] = validate_paths([big], config=str(BAD / "tierflow.yaml"))
+    [problem], _ = validate_paths([big], config=str(BAD / "tierflow.yaml"))
     assert problem.startswith(f"{big}:1: ") and "1 MiB" in problem
 
 
 def test_yaml_tags_that_build_objects_are_refused(tmp_path: Path) -> None:
     evil = tmp_path / "evil.yaml"
     evil.write_text("name: !!python/object/apply:os.system ['echo pwned']\nsteps: []\n")
-    [problem] = validate_paths([evil], config=str(BAD / "tierflow.yaml"))
+    [problem], _ = validate_paths([evil], config=str(BAD / "tierflow.yaml"))
     assert problem.startswith(f"{evil}:1: ") and "invalid YAML" in problem
 
 
@@ -80,7 +80,8 @@ def test_escalation_on_key_is_not_read_as_a_boolean(tmp_path: Path) -> None:
 
 def test_shipped_workflows_agents_and_config_validate() -> None:
     shipped = [REPO / "workflows", REPO / "agents", REPO / "tierflow.yaml"]
-    assert validate_paths(shipped, config=str(REPO / "tierflow.yaml")) == []
+    files = [*shipped[0].glob("*.yaml"), *shipped[1].glob("*.yaml"), shipped[2]]
+    assert validate_paths(shipped, config=str(REPO / "tierflow.yaml")) == ([], len(files))
     assert len(list((REPO / "workflows").glob("*.yaml"))) >= 3
 
 
