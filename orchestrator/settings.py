@@ -46,18 +46,62 @@ class _Strict(BaseModel):
 class ModelEntry(_Strict):
     """One model of a tier: where it lives and how to reach it. Keys come from the environment."""
 
-    model: str = Field(pattern=r"^[a-z0-9_-]+/.+$")
-    api_base: str | None = None
-    api_key_env: str | None = None
-    timeout_s: float = Field(default=60.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
-    stream: bool = False  # ask for streamed answers; usage is recorded the same way
-    # How the model takes a step's output schema: the schema itself, any JSON
-    # object, or nothing. A server that refuses one form gets the next.
-    structured: Literal["json_schema", "json_object", "none"] = "json_schema"
-    # litellm's own stand-in for a provider: every request gets this text back and
-    # nothing leaves the machine. Only on a tier marked simulated: true (a demo or a
-    # test), so that a real tier can never answer with canned text.
-    mock_response: str | None = Field(default=None, min_length=1, max_length=10_000)
+    model: str = Field(
+        pattern=r"^[a-z0-9_-]+/.+$",
+        description=(
+            "PROVIDER/NAME: llamacpp/smollm2-135m runs in process, ollama/NAME on an Ollama"
+            " server, any other name through litellm (openai/gpt-4.1)."
+        ),
+    )
+    api_base: str | None = Field(
+        default=None,
+        description=(
+            "URL the model is served at. For ollama/, the server (default $OLLAMA_HOST, else"
+            " 127.0.0.1:11434); for litellm models, an OpenAI-compatible or provider endpoint."
+        ),
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        description=(
+            "Name of the environment variable that holds the litellm model's API key; unset,"
+            " litellm reads the provider's usual variable (OPENAI_API_KEY, ...)."
+        ),
+    )
+    timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        allow_inf_nan=False,
+        description=(
+            "Seconds a call may take before it counts as a timeout; a step's timeout_s replaces it."
+        ),
+    )
+    stream: bool = Field(
+        default=False,
+        description=(
+            "Ask for streamed answers (litellm and Ollama models; not the turns of a tool"
+            " loop). Usage is recorded the same way."
+        ),
+    )
+    structured: Literal["json_schema", "json_object", "none"] = Field(
+        default="json_schema",
+        description=(
+            "How a step's output schema is asked for: the schema itself, any JSON object, or"
+            " nothing; a server that refuses one form is asked in the next. The answer is"
+            " checked against the schema either way."
+        ),
+    )
+    # Only on a tier marked simulated: true (a demo or a test), so that a real tier
+    # can never answer with canned text.
+    mock_response: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=10_000,
+        description=(
+            "litellm's stand-in for a provider: every request gets this text back and nothing"
+            " leaves the machine. Only on a tier marked simulated: true."
+        ),
+    )
 
     @property
     def provider(self) -> str:
@@ -68,15 +112,37 @@ QUEUE_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
 
 class Tier(_Strict):
-    models: list[ModelEntry] = Field(min_length=1)
-    local: bool = False
-    # Workers started with `--tiers NAME` consume this tier's queue; without
-    # one, the tier's steps go to the configuration's default queue.
-    queue: str | None = Field(default=None, pattern=QUEUE_PATTERN)
-    # Served by a stand-in for a real model (a test server, or mock_response):
-    # its calls are marked in the ledger, and every table that shows their
-    # figures says "simulated".
-    simulated: bool = False
+    """One rung of the ladder: its models, tried in order. Tiers are listed cheapest first."""
+
+    models: list[ModelEntry] = Field(
+        min_length=1,
+        description=(
+            "Models tried in order on error or timeout; a plain string is {model: STRING}."
+            " At least one."
+        ),
+    )
+    local: bool = Field(
+        default=False,
+        description=(
+            "The tier runs on this machine or network (checked at load). Sensitive and"
+            " confidential steps, and prompts holding personal data, use only local tiers."
+        ),
+    )
+    queue: str | None = Field(
+        default=None,
+        pattern=QUEUE_PATTERN,
+        description=(
+            "Celery queue of this tier's steps, consumed by workers started with --tiers NAME;"
+            " none: the configuration's default queue."
+        ),
+    )
+    simulated: bool = Field(
+        default=False,
+        description=(
+            "Served by a stand-in for a real model (a test server on loopback, or"
+            " mock_response). Its calls are marked simulated in the ledger and in every table."
+        ),
+    )
 
     @field_validator("models", mode="before")
     @classmethod
@@ -110,37 +176,103 @@ def _on_loopback(url: str | None) -> bool:
 class PriceOverride(_Strict):
     """USD per 1M tokens, and for a local model the machine's USD per hour if it has one."""
 
-    input: Decimal = Field(default=Decimal(0), ge=0, le=MAX_PRICE_USD, allow_inf_nan=False)
-    output: Decimal = Field(default=Decimal(0), ge=0, le=MAX_PRICE_USD, allow_inf_nan=False)
-    per_hour: Decimal = Field(default=Decimal(0), ge=0, le=MAX_PRICE_USD, allow_inf_nan=False)
+    input: Decimal = Field(
+        default=Decimal(0),
+        ge=0,
+        le=MAX_PRICE_USD,
+        allow_inf_nan=False,
+        description="USD per 1M prompt tokens.",
+    )
+    output: Decimal = Field(
+        default=Decimal(0),
+        ge=0,
+        le=MAX_PRICE_USD,
+        allow_inf_nan=False,
+        description="USD per 1M completion tokens.",
+    )
+    per_hour: Decimal = Field(
+        default=Decimal(0),
+        ge=0,
+        le=MAX_PRICE_USD,
+        allow_inf_nan=False,
+        description=(
+            "USD per hour of the machine that runs the model: each call also costs its"
+            " seconds of it."
+        ),
+    )
 
 
 class Budget(_Strict):
     """Spend limits in USD: per UTC day and per calendar month (UTC)."""
 
+    # A workflow's budget inherits these, so they say what they limit in either file.
     daily_usd: Decimal | None = Field(
-        default=None, ge=MIN_BUDGET_USD, le=MAX_BUDGET_USD, allow_inf_nan=False
+        default=None,
+        ge=MIN_BUDGET_USD,
+        le=MAX_BUDGET_USD,
+        allow_inf_nan=False,
+        description=(
+            "Most USD spent per UTC day: by every workflow together in tierflow.yaml, by this"
+            " workflow in a workflow file. A call that would pass it is refused; none: no limit."
+        ),
     )
     monthly_usd: Decimal | None = Field(
-        default=None, ge=MIN_BUDGET_USD, le=MAX_BUDGET_USD, allow_inf_nan=False
+        default=None,
+        ge=MIN_BUDGET_USD,
+        le=MAX_BUDGET_USD,
+        allow_inf_nan=False,
+        description=(
+            "Most USD spent per calendar month (UTC): by every workflow together in"
+            " tierflow.yaml, by this workflow in a workflow file. A call that would pass it is"
+            " refused; none: no limit."
+        ),
     )
 
 
 class Escalation(_Strict):
-    on: list[Outcome] = ["error", "timeout", "invalid_output", "low_confidence"]
-    max_attempts: int = Field(default=3, ge=1, le=20)
+    """Which failed attempts move a step on to the next model or tier, and how many it gets."""
+
+    on: list[Outcome] = Field(
+        default=["error", "timeout", "invalid_output", "low_confidence"],
+        description=(
+            "Outcomes that move a step on: error and timeout to the next model, the others"
+            " straight to the next tier. Another failure fails the step, but an unlisted"
+            " low_confidence answer is taken."
+        ),
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=20,
+        description=(
+            "Most models asked per step (per item of a for_each step), across the ladder;"
+            " a model skipped as unavailable uses none."
+        ),
+    )
 
 
 class Privacy(_Strict):
     """Personal data found in a rendered prompt pins the call to local tiers
     (see ``orchestrator.privacy``); ``detect: []`` and no patterns turns it off."""
 
-    detect: list[Literal["email", "phone", "card", "iban"]] = ["email", "phone", "card", "iban"]
-    # More kinds: a name and a regular expression (Python's ``re``) that finds one.
-    patterns: dict[Annotated[str, Field(pattern=NAME_PATTERN)], str] = {}
-    # Phone numbers written without a +country prefix are read as this region's
-    # (ISO 3166 code); None finds only numbers written internationally.
-    region: str | None = Field(default="US", pattern=r"^[A-Z]{2}$")
+    detect: list[Literal["email", "phone", "card", "iban"]] = Field(
+        default=["email", "phone", "card", "iban"],
+        description="Kinds of personal data looked for in each rendered prompt; [] looks for none.",
+    )
+    patterns: dict[Annotated[str, Field(pattern=NAME_PATTERN)], str] = Field(
+        default={},
+        description=(
+            "More kinds: a name and a regular expression (Python's re syntax) that finds one."
+        ),
+    )
+    region: str | None = Field(
+        default="US",
+        pattern=r"^[A-Z]{2}$",
+        description=(
+            "ISO 3166 country whose national format phone numbers without a +country prefix"
+            " are read in; null finds only numbers written internationally."
+        ),
+    )
 
     @field_validator("patterns")
     @classmethod
@@ -169,9 +301,26 @@ class ToolEntry(_Strict):
     """A tool: a Python function (``module:function``, importable from the project's
     folder), how long a call may run and how much of its result the model sees."""
 
-    call: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-    timeout_s: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
-    max_output_bytes: int = Field(default=16 * 1024, ge=64, le=4 * 1024 * 1024)
+    call: str = Field(
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description=(
+            "module:function of a sync or async function importable from the project's folder;"
+            " its parameters' type hints and docstring make the tool's schema."
+        ),
+    )
+    timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        allow_inf_nan=False,
+        description="Seconds a call of the tool may run before it counts as failed.",
+    )
+    max_output_bytes: int = Field(
+        default=16 * 1024,
+        ge=64,
+        le=4 * 1024 * 1024,
+        description="Bytes of the result the model sees; a longer result is cut, with a note.",
+    )
 
 
 class McpServer(_Strict):
@@ -179,43 +328,165 @@ class McpServer(_Strict):
     command that starts it (run in the project's folder), the environment variables
     passed on to it by name (besides PATH, HOME and the like), and its calls' limits."""
 
-    command: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
-    env: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = []
-    timeout_s: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
-    max_output_bytes: int = Field(default=16 * 1024, ge=64, le=4 * 1024 * 1024)
+    command: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1,
+        description="The command and arguments that start the server, run in the project's folder.",
+    )
+    env: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        default=[],
+        description=(
+            "Names of environment variables passed on to the server; besides them it gets"
+            " only a safe environment (PATH, HOME and the like)."
+        ),
+    )
+    timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        allow_inf_nan=False,
+        description=(
+            "Seconds a tool call may take before it counts as failed; the server's start"
+            " does not count."
+        ),
+    )
+    max_output_bytes: int = Field(
+        default=16 * 1024,
+        ge=64,
+        le=4 * 1024 * 1024,
+        description="Bytes of a result the model sees; a longer result is cut, with a note.",
+    )
 
 
 class Router(_Strict):
     """``tier: auto`` (see ``orchestrator.router``)."""
 
-    explore: float = Field(default=0.05, ge=0, le=1, allow_inf_nan=False)
-    # What a second of a local model's time counts as, for a tier priced at $0.
-    latency_usd_per_s: float = Field(default=0.0001, ge=0, le=1, allow_inf_nan=False)
+    explore: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description=(
+            "Share of tier: auto starts sent to a random tier below the chosen one, so a"
+            " tier that got better is found again."
+        ),
+    )
+    # Without it a $0 local model would look free however slow it is.
+    latency_usd_per_s: float = Field(
+        default=0.0001,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="USD a second of a call's latency counts as, for a tier priced at $0.",
+    )
 
 
 class Config(_Strict):
-    database: str = "sqlite:///tierflow.db"
-    broker: str | None = None
-    tiers: dict[str, Tier] = Field(min_length=1)
-    reference_model: str | None = None
-    prices: dict[str, PriceOverride] = {}
-    budget: Budget = Budget()  # across every workflow
-    escalation: Escalation = Escalation()
-    max_steps: int = Field(default=200, ge=1, le=MAX_CALLS)  # model-calling units in one run
-    # A run's executor renews its lease every third of this; a lease older
-    # than this means the executor died, and a sweeper hands the run on.
-    lease_ttl_s: float = Field(default=60.0, ge=1, le=MAX_TIMEOUT_S, allow_inf_nan=False)
-    queue: str = Field(default="tierflow", pattern=QUEUE_PATTERN)  # Celery's default queue
-    agents_dir: str = "agents"
-    workflows_dir: str = "workflows"
-    # Besides loopback and private addresses, the hosts a local tier may name.
-    local_hosts: list[Annotated[str, AfterValidator(locality.check_local_host_entry)]] = []
-    privacy: Privacy = Privacy()
-    router: Router = Router()
-    # Tools agents may call: a name and "module:function", or a ToolEntry mapping.
-    tools: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)], ToolEntry] = {}
-    # MCP servers over stdio: their tools are named SERVER.TOOL in an agent's tools.
-    mcp: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$", max_length=40)], McpServer] = {}
+    """tierflow.yaml: the tier ladder and its models, prices, budgets, escalation,
+    privacy, tools, the database and the queue."""
+
+    database: str = Field(
+        default="sqlite:///tierflow.db",
+        description=(
+            "sqlite:///FILE (relative to this file's folder) or postgresql+psycopg://HOST/DB;"
+            " $TIERFLOW_DATABASE_URL overrides it."
+        ),
+    )
+    broker: str | None = Field(
+        default=None,
+        description=(
+            "Celery broker URL (redis://, amqp://, ...); $TIERFLOW_BROKER_URL overrides it."
+            " None: the embedded broker in the project's .tierflow folder."
+        ),
+    )
+    tiers: dict[str, Tier] = Field(
+        min_length=1,
+        description=(
+            "The tier ladder by name, cheapest first in file order; a step climbs it upwards."
+            " 'auto' is reserved."
+        ),
+    )
+    reference_model: str | None = Field(
+        default=None,
+        description=(
+            "The frontier model of the all-frontier counterfactual that savings are measured"
+            " against; it must have a price. None: no savings are figured."
+        ),
+    )
+    prices: dict[str, PriceOverride] = Field(
+        default={},
+        description=(
+            "Prices by model name (PROVIDER/NAME), used before litellm's table; ollama/ and"
+            " llamacpp/ models are otherwise free."
+        ),
+    )
+    budget: Budget = Field(default=Budget(), description="Spend limits on every workflow together.")
+    escalation: Escalation = Field(
+        default=Escalation(),
+        description="Which failures move a step up the ladder, and how many models it may ask.",
+    )
+    max_steps: int = Field(
+        default=200,
+        ge=1,
+        le=MAX_CALLS,
+        description=(
+            "Most model-calling units in one run: each step that calls a model, and each"
+            " for_each item. A workflow's max_steps replaces it."
+        ),
+    )
+    lease_ttl_s: float = Field(
+        default=60.0,
+        ge=1,
+        le=MAX_TIMEOUT_S,
+        allow_inf_nan=False,
+        description=(
+            "Seconds a run's lease lasts. Its executor renews it every third of this; an"
+            " older lease means the executor died, and a sweeper hands the run on."
+        ),
+    )
+    queue: str = Field(
+        default="tierflow",
+        pattern=QUEUE_PATTERN,
+        description="Celery's default queue, for the steps of tiers that name no queue.",
+    )
+    agents_dir: str = Field(
+        default="agents",
+        description="Folder of agent files (NAME.yaml), relative to this file's folder.",
+    )
+    workflows_dir: str = Field(
+        default="workflows",
+        description="Folder of workflow files (NAME.yaml), relative to this file's folder.",
+    )
+    local_hosts: list[Annotated[str, AfterValidator(locality.check_local_host_entry)]] = Field(
+        default=[],
+        description=(
+            "Host names or IP addresses a local tier may name, besides loopback and private"
+            " addresses. No scheme, port or path."
+        ),
+    )
+    privacy: Privacy = Field(
+        default=Privacy(),
+        description="Personal data that keeps a prompt on local tiers.",
+    )
+    router: Router = Field(
+        default=Router(), description="How tier: auto chooses where a step starts."
+    )
+    tools: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)], ToolEntry] = (
+        Field(
+            default={},
+            description=(
+                'Python functions agents may call, by name: "module:function" or a mapping'
+                " with call, timeout_s and max_output_bytes."
+            ),
+        )
+    )
+    mcp: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$", max_length=40)], McpServer] = (
+        Field(
+            default={},
+            description=(
+                "MCP servers over stdio, by name; an agent lists a server's tools as SERVER.TOOL."
+            ),
+        )
+    )
 
     @field_validator("tools", mode="before")
     @classmethod

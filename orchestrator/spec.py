@@ -46,13 +46,39 @@ class _Strict(BaseModel):
 
 
 class InputSpec(_Strict):
-    type: Literal["string", "integer", "number", "boolean", "array", "object"] = "string"
-    description: str | None = None
-    default: Any = None
-    enum: list[Any] | None = None
-    items: dict[str, Any] | None = None
-    # Every step that reads it, directly or through other steps' outputs, stays local.
-    confidential: bool = False
+    """One input of a workflow: the type its value must have, and a default that makes
+    it optional (without one, every run must give it)."""
+
+    type: Literal["string", "integer", "number", "boolean", "array", "object"] = Field(
+        default="string", description="The JSON type a value must have."
+    )
+    description: str | None = Field(
+        default=None, description="Free text for people reading the file."
+    )
+    # Whether it was written, not its value, makes the input optional (see required).
+    default: Any = Field(
+        default=None,
+        description=(
+            "The value when a run gives none; it must fit type, enum and items. Without a"
+            " default, the input is required."
+        ),
+    )
+    enum: list[Any] | None = Field(
+        default=None, description="The allowed values; none: any value of the type."
+    )
+    items: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "JSON Schema (2020-12) of each item of an array input; a $ref may point only inside it."
+        ),
+    )
+    confidential: bool = Field(
+        default=False,
+        description=(
+            "Every step that reads it, directly or through other steps' outputs, runs only"
+            " on tiers marked local: true."
+        ),
+    )
 
     @field_validator("items")
     @classmethod
@@ -77,14 +103,46 @@ class Confidence(_Strict):
     ``low_confidence`` and the step escalates (when ``escalation.on`` holds it).
     If no tier above answers with more confidence, the step takes its last answer."""
 
-    signal: Literal["logprob", "consistency", "judge"]
-    min: float = Field(ge=0, le=1, allow_inf_nan=False)
-    # consistency: answers asked for at CONSISTENCY_TEMPERATURE; the score is the
-    # share that agree with the most common one.
-    samples: int = Field(default=3, ge=2, le=10)
-    # judge: the agent that grades the answer from 0 to 1, and the tier it runs on.
-    agent: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=NAME_LENGTH)
-    tier: str | None = None
+    signal: Literal["logprob", "consistency", "judge"] = Field(
+        description=(
+            "How an answer is scored: logprob from its tokens' log-probabilities, consistency"
+            " from agreement among samples, judge by another agent's grade."
+        )
+    )
+    min: float = Field(
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description=(
+            "Lowest score (0 to 1) an answer may have to be accepted; compared with the"
+            " calibrated score once the step has enough labelled answers on the model."
+        ),
+    )
+    samples: int = Field(
+        default=3,
+        ge=2,
+        le=10,
+        description=(
+            "consistency only: answers asked for in all, at temperature 0.7; the score is the"
+            " share that agree with the most common one."
+        ),
+    )
+    agent: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        max_length=NAME_LENGTH,
+        description=(
+            "judge only, and required there: the agent (agents_dir/NAME.yaml) that grades"
+            " each answer from 0 to 1."
+        ),
+    )
+    tier: str | None = Field(
+        default=None,
+        description=(
+            "judge only, and required there: the tier the judge runs on, its models tried in"
+            " order without escalating."
+        ),
+    )
 
     @model_validator(mode="after")
     def _judge_named(self) -> Confidence:
@@ -104,10 +162,19 @@ MAX_CACHE_TTL_S = 10 * 365 * 86_400  # ten years; no ttl_s keeps an answer until
 class Cache(_Strict):
     """Keep accepted answers and give them again for the same request (``orchestrator.cache``)."""
 
-    ttl_s: int | None = Field(default=None, ge=1, le=MAX_CACHE_TTL_S)  # None: until cleared
-    # Cache a sensitive or tainted step, or a prompt holding personal data, too:
-    # its answers are then stored in the database.
-    sensitive: bool = False
+    ttl_s: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_CACHE_TTL_S,
+        description="Seconds an answer is kept; none: until tierflow cache clear.",
+    )
+    sensitive: bool = Field(
+        default=False,
+        description=(
+            "Cache a sensitive or tainted step, or a prompt holding personal data, too: its"
+            " answers are then stored in the database."
+        ),
+    )
 
 
 def _cache_setting(value: object) -> object:
@@ -129,19 +196,75 @@ JUDGE_PROMPT = (
 
 
 class Agent(_Strict):
-    name: str = Field(pattern=NAME_PATTERN, max_length=NAME_LENGTH)
-    description: str = ""
-    tier: str | None = None
-    system: str | None = None
-    prompt: str | None = None
-    temperature: float = Field(default=0.0, ge=0, le=2)
-    max_tokens: int = Field(default=512, ge=1, le=200_000)
-    confidence: Confidence | None = None
-    cache: Cache | Literal[False] | None = None
-    # Tools it may call (names from tierflow.yaml's tools:, or SERVER.TOOL of a
-    # server its mcp: names), and the model turns a step has to finish with an answer.
-    tools: list[str] = []
-    max_turns: int = Field(default=DEFAULT_MAX_TURNS, ge=1, le=MAX_TURNS)
+    """An agent file (agents_dir/NAME.yaml): what the steps that name it share, a system
+    prompt, a default prompt, sampling, tools, and defaults for confidence and caching."""
+
+    name: str = Field(
+        pattern=NAME_PATTERN,
+        max_length=NAME_LENGTH,
+        description="Must equal the file name without .yaml.",
+    )
+    description: str = Field(default="", description="Free text for people reading the file.")
+    tier: str | None = Field(
+        default=None,
+        description=(
+            "The tier its steps start on when a step gives none: a tier name, or auto (the"
+            " router chooses). None: auto."
+        ),
+    )
+    system: str | None = Field(
+        default=None, description="Template of the system message of every step that uses it."
+    )
+    prompt: str | None = Field(
+        default=None,
+        description=(
+            "Template of the default user message; a step's prompt replaces it, and must be"
+            " given when the agent has none."
+        ),
+    )
+    temperature: float = Field(
+        default=0.0,
+        ge=0,
+        le=2,
+        description=(
+            "Sampling temperature; the samples of a consistency signal are drawn at 0.7 instead."
+        ),
+    )
+    max_tokens: int = Field(
+        default=512,
+        ge=1,
+        le=200_000,
+        description="Most tokens the model may write per call; a step's max_tokens replaces it.",
+    )
+    confidence: Confidence | None = Field(
+        default=None,
+        description=(
+            "How sure an answer must be; a step's confidence replaces it. None: any valid"
+            " answer is taken."
+        ),
+    )
+    cache: Cache | Literal[False] | None = Field(
+        default=None,
+        description=(
+            "Keep accepted answers and give them again (true is {}); a step's cache replaces"
+            " it. None or false: not cached."
+        ),
+    )
+    tools: list[str] = Field(
+        default=[],
+        description=(
+            "Tools the model may call: names from tierflow.yaml's tools:, or SERVER.TOOL of"
+            " a server its mcp: names."
+        ),
+    )
+    max_turns: int = Field(
+        default=DEFAULT_MAX_TURNS,
+        ge=1,
+        le=MAX_TURNS,
+        description=(
+            "Model turns a step's tool loop has to reach an answer; a step's max_turns replaces it."
+        ),
+    )
 
     _cache_setting = field_validator("cache", mode="before")(_cache_setting)
 
@@ -153,9 +276,21 @@ class Approval(_Strict):
     """A person decides before the run goes on: ``tierflow approve`` or the API.
     The run waits (status ``waiting``) holding no worker and no lease."""
 
-    message: str = Field(min_length=1, max_length=10_000)  # a template, as a prompt is
-    # Past this, waiting since the step was reached, the run fails. None: no limit.
-    timeout_s: float | None = Field(default=None, gt=0, le=MAX_APPROVAL_WAIT_S, allow_inf_nan=False)
+    message: str = Field(
+        min_length=1,
+        max_length=10_000,
+        description="Template shown to the person; it reads inputs, steps and run.",
+    )
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_APPROVAL_WAIT_S,
+        allow_inf_nan=False,
+        description=(
+            "Seconds the run may wait, counted from when the step was reached, before it"
+            " fails; none: no limit."
+        ),
+    )
 
 
 # What an approval step may not say: it calls no model.
@@ -179,27 +314,120 @@ CHILD_RUNNER = Agent(name="workflow", description="Runs another workflow's steps
 
 
 class Step(_Strict):
-    id: str = Field(pattern=NAME_PATTERN, max_length=NAME_LENGTH)
-    # agents/NAME.yaml; a step has an agent, an approval or a sub-workflow (uses).
-    agent: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=NAME_LENGTH)
-    approval: Approval | None = None
-    # Another workflow of the project, run as part of this one: its inputs from
-    # ``with`` (templates; a lone ``{{ expression }}`` keeps its value's type).
-    uses: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=NAME_LENGTH)
-    with_: dict[str, Any] = Field(default={}, alias="with")
-    tier: str | None = None
-    prompt: str | None = None
-    output: dict[str, Any] | None = None
-    checks: list[str] = []
-    needs: list[str] = []
-    when: str | None = None
-    for_each: str | None = None
-    sensitive: bool = False
-    max_tokens: int | None = Field(default=None, ge=1, le=200_000)
-    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
-    confidence: Confidence | None = None  # the agent's, unless the step gives its own
-    cache: Cache | Literal[False] | None = None  # the agent's, unless the step gives its own
-    max_turns: int | None = Field(default=None, ge=1, le=MAX_TURNS)  # the agent's, unless given
+    """One step of a workflow. It calls a model (agent), waits for a person's decision
+    (approval) or runs another workflow (uses): exactly one of the three."""
+
+    id: str = Field(
+        pattern=NAME_PATTERN,
+        max_length=NAME_LENGTH,
+        description="Unique in the workflow; later steps read its output as steps.ID.output.",
+    )
+    agent: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        max_length=NAME_LENGTH,
+        description="The agent (agents_dir/NAME.yaml) whose prompts and settings the step uses.",
+    )
+    approval: Approval | None = Field(
+        default=None,
+        description="A person approves or rejects before the run goes on; no model is called.",
+    )
+    uses: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        max_length=NAME_LENGTH,
+        description=(
+            "Another workflow of the project (workflows_dir/NAME.yaml), run inside this run;"
+            " the step's output is that workflow's outputs."
+        ),
+    )
+    with_: dict[str, Any] = Field(
+        default={},
+        alias="with",
+        description=(
+            "The inputs of the uses workflow: strings are templates, a lone {{ expression }}"
+            " keeps its value's type, other values are given as written."
+        ),
+    )
+    tier: str | None = Field(
+        default=None,
+        description=(
+            "The tier the step starts on: a tier name, or auto (the router chooses). None: the"
+            " agent's tier, else auto."
+        ),
+    )
+    prompt: str | None = Field(
+        default=None, description="Template of the user message; none: the agent's prompt."
+    )
+    output: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "JSON Schema (2020-12) the answer must be JSON valid against; none: the output is"
+            " the answer's text."
+        ),
+    )
+    checks: list[str] = Field(
+        default=[],
+        description=(
+            "Expressions that must each be true of the answer (read as output); a false one"
+            " makes it invalid_output."
+        ),
+    )
+    needs: list[str] = Field(
+        default=[],
+        description=(
+            "Ids of steps that must finish first. Templates and expressions read steps.ID"
+            " only of a step needed, directly or through the steps it needs."
+        ),
+    )
+    when: str | None = Field(
+        default=None,
+        description="Expression; when false, the step is skipped and its output is null.",
+    )
+    for_each: str | None = Field(
+        default=None,
+        description=(
+            "Expression giving a list: the step runs once per item (read as item), and its"
+            " output is the list of answers."
+        ),
+    )
+    sensitive: bool = Field(
+        default=False, description="The step runs only on tiers marked local: true."
+    )
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=200_000,
+        description="Most tokens the model may write per call; none: the agent's max_tokens.",
+    )
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        allow_inf_nan=False,
+        description=(
+            "Seconds one model call may take before it counts as a timeout; none: each"
+            " model's timeout_s."
+        ),
+    )
+    confidence: Confidence | None = Field(
+        default=None, description="How sure an answer must be; none: the agent's confidence."
+    )
+    cache: Cache | Literal[False] | None = Field(
+        default=None,
+        description=(
+            "Keep accepted answers and give them again (true is {}); false turns the agent's"
+            " cache off; none: the agent's."
+        ),
+    )
+    max_turns: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_TURNS,
+        description=(
+            "Model turns the step's tool loop has to reach an answer; none: the agent's max_turns."
+        ),
+    )
 
     _cache_setting = field_validator("cache", mode="before")(_cache_setting)
 
@@ -240,10 +468,30 @@ class WorkflowBudget(Budget):
     """The workflow's limits, and a tier cap once any of them is ``downgrade_at`` used."""
 
     per_run_usd: Decimal | None = Field(
-        default=None, ge=MIN_BUDGET_USD, le=MAX_BUDGET_USD, allow_inf_nan=False
+        default=None,
+        ge=MIN_BUDGET_USD,
+        le=MAX_BUDGET_USD,
+        allow_inf_nan=False,
+        description=(
+            "Most USD one run may spend; a call that would pass it is refused. None: no limit."
+        ),
     )
-    downgrade_at: float | None = Field(default=None, gt=0, le=1)
-    downgrade_to: str | None = None
+    downgrade_at: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description=(
+            "Share of any of this workflow's limits which, once spent or reserved, caps its"
+            " steps at downgrade_to. Goes with downgrade_to."
+        ),
+    )
+    downgrade_to: str | None = Field(
+        default=None,
+        description=(
+            "The highest tier steps may use once downgrade_at of a limit is used: a step above"
+            " starts there, and none climbs past it."
+        ),
+    )
 
     @model_validator(mode="after")
     def _downgrade_needs_both(self) -> WorkflowBudget:
@@ -261,8 +509,13 @@ CRON_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
 class Schedule(_Strict):
     """``tierflow beat`` enqueues the workflow with ``inputs`` when ``cron`` (UTC) is due."""
 
-    cron: str
-    inputs: dict[str, Any] = {}
+    cron: str = Field(
+        description="Five fields, in UTC: minute, hour, day of month, month, day of week."
+    )
+    inputs: dict[str, Any] = Field(
+        default={},
+        description="The inputs of each run it enqueues, checked against the workflow's inputs.",
+    )
 
     @field_validator("cron")
     @classmethod
@@ -287,14 +540,46 @@ def crontab_of(cron: str) -> Any:
 
 
 class Workflow(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=NAME_LENGTH)
-    version: int | str | None = None
-    description: str = ""
-    inputs: dict[str, InputSpec] = {}
-    steps: list[Step] = Field(min_length=1)
-    max_steps: int | None = Field(default=None, ge=1, le=MAX_CALLS)
-    schedule: list[Schedule] = []
-    budget: WorkflowBudget = WorkflowBudget()
+    """A workflow file (workflows_dir/NAME.yaml): its inputs and a graph of steps, with
+    its limits and schedules."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        max_length=NAME_LENGTH,
+        description=(
+            "The name recorded with each run and in the ledger; keep it equal to the file"
+            " name, by which commands find the workflow."
+        ),
+    )
+    version: int | str | None = Field(
+        default=None,
+        description="Recorded with each run; tierflow spend --by version groups by it.",
+    )
+    description: str = Field(default="", description="Free text for people reading the file.")
+    inputs: dict[str, InputSpec] = Field(default={}, description="What a run is given, by name.")
+    steps: list[Step] = Field(
+        min_length=1,
+        description=(
+            "The steps, 1 to 1,000; needs orders them, and steps whose needs are met run in"
+            " parallel."
+        ),
+    )
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_CALLS,
+        description=(
+            "Most model-calling units one run may use: each step that calls a model, and each"
+            " for_each item. None: tierflow.yaml's max_steps."
+        ),
+    )
+    schedule: list[Schedule] = Field(
+        default=[], description="Runs that tierflow beat enqueues when they are due."
+    )
+    budget: WorkflowBudget = Field(
+        default=WorkflowBudget(),
+        description="Spend limits of this workflow, and the tier cap as they run out.",
+    )
 
 
 @dataclass(frozen=True)
