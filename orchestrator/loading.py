@@ -70,6 +70,14 @@ class YamlDoc:
     path: Path
     data: dict[str, Any]
     lines: dict[Loc, int] = field(default_factory=dict)
+    # Where the text of a literal block (``prompt: |``) starts: the line after its key.
+    # (A folded block, ``>``, joins its lines: its errors name its key's line.)
+    text_starts: dict[Loc, int] = field(default_factory=dict)
+
+    def text_line(self, loc: Iterable[str | int], line: int = 1) -> int:
+        """The file's line of ``line`` (1-based) of the text at ``loc``."""
+        loc = tuple(loc)
+        return self.text_starts.get(loc, self.line_of(loc)) + max(line - 1, 0)
 
     def line_of(self, loc: Iterable[str | int]) -> int:
         """Line of the deepest known prefix of ``loc``; 1 when nothing matches."""
@@ -146,8 +154,9 @@ def parse_yaml(text: str, *, path: Path) -> YamlDoc:
             if node is None:
                 raise SpecError(f"{path}:1: (file): the file is empty; expected a mapping")
             lines: dict[Loc, int] = {}
+            starts: dict[Loc, int] = {}
             problems: list[str] = []
-            _record_lines(node, (), lines, set(), path, problems)
+            _record_lines(node, (), lines, starts, set(), path, problems)
             if problems:
                 raise SpecError(*problems)
             data = loader.construct_document(node)
@@ -164,7 +173,7 @@ def parse_yaml(text: str, *, path: Path) -> YamlDoc:
     if not isinstance(data, dict):
         kind = type(data).__name__
         raise SpecError(f"{path}:1: (file): expected a mapping at the top, found {kind}")
-    return YamlDoc(path=path, data=data, lines=lines)
+    return YamlDoc(path=path, data=data, lines=lines, text_starts=starts)
 
 
 def _check_shape(text: str, path: Path) -> None:
@@ -203,6 +212,7 @@ def _record_lines(
     node: yaml.Node,
     loc: Loc,
     lines: dict[Loc, int],
+    starts: dict[Loc, int],
     seen: set[int],
     path: Path,
     problems: list[str],
@@ -232,10 +242,12 @@ def _record_lines(
                     continue
                 first_at[same] = line
             lines[(*loc, key)] = line
-            _record_lines(value_node, (*loc, key), lines, seen, path, problems)
+            if isinstance(value_node, yaml.ScalarNode) and value_node.style == "|":
+                starts[(*loc, key)] = value_node.start_mark.line + 2
+            _record_lines(value_node, (*loc, key), lines, starts, seen, path, problems)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _record_lines(item, (*loc, index), lines, seen, path, problems)
+            _record_lines(item, (*loc, index), lines, starts, seen, path, problems)
 
 
 def validate(model: type[M], doc: YamlDoc, *, data: Any = None) -> M:

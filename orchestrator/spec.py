@@ -1443,7 +1443,7 @@ def _compile_template(
     try:
         return Template(source, label=label)
     except TemplateProblem as exc:
-        line = doc.line_of(loc) + max(exc.line - 1, 0)
+        line = doc.text_line(loc, exc.line)
         message = f"{doc.path}:{line}: {format_loc(loc)}: bad template: {exc}"
         if problems is None:
             raise SpecError(message) from None

@@ -154,3 +154,14 @@ def test_each_problem_is_one_line_whatever_the_file_holds(tmp_path: Path) -> Non
     [problem], _ = validate_paths([path], config=str(path))
     assert problem.startswith(f"{path}:2: reference_model: no known price for openai/gpt-4.1 - x")
     assert len(problem.splitlines()) == 1, problem
+
+
+def test_a_bad_template_in_a_literal_block_names_its_own_line(tmp_path: Path) -> None:
+    path = tmp_path / "w.yaml"
+    path.write_text(
+        "name: w\nsteps:\n  - id: s\n    agent: writer\n    tier: light\n"
+        "    prompt: |\n      line one\n\n      line three {{ inputs.x | upcase }}\n"
+    )
+    problems, _ = validate_paths([path], config=CONFIG)
+    said = f"{path}:9: steps[0].prompt: bad template: No filter named 'upcase'"
+    assert any(problem.startswith(said) for problem in problems), problems
