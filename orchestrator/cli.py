@@ -995,6 +995,12 @@ def show(
             "--follow", "-f", help="Print each step as it ends, until the run ends or waits."
         ),
     ] = False,
+    trace: Annotated[
+        bool,
+        typer.Option(
+            "--trace", help="Also what each call was sent and got back (steps with trace: on)."
+        ),
+    ] = False,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -1014,6 +1020,8 @@ def show(
         return
     _print_run_title(console, found)
     _print_run_header(console, found, settings)
+    if not trace:
+        found = {**found, "traces": []}
     for step in found["steps"]:
         _print_step(console, step, found)
 
@@ -1031,7 +1039,7 @@ def _follow(console: Console, store: Store, found: dict[str, Any], settings: Set
         for step in found["steps"]:
             if (step["step_id"], step["status"]) not in shown:
                 shown.add((step["step_id"], step["status"]))
-                _print_step(console, step, found)
+                _print_step(console, step, {**found, "traces": []})
         if found["status"] not in UNENDED or found["status"] == WAITING:
             break
         time.sleep(FOLLOW_EVERY_S)
@@ -1064,6 +1072,21 @@ def _print_step(console: Console, step: dict[str, Any], found: dict[str, Any]) -
         console.print(f"  [red]{escape(step['error'])}[/]")
     for call in (c for c in found["calls"] if c["step_id"] == step["step_id"]):
         _print_call(console, call, found["tools"])
+        for kept in found["traces"]:
+            if (kept["step_id"], kept["attempt"]) == (call["step_id"], call["attempt"]):
+                _print_trace(console, kept)
+
+
+def _print_trace(console: Console, kept: dict[str, Any]) -> None:
+    """A traced call: each message sent, then the answer, indented under the call."""
+    for message in kept["messages"]:
+        console.print(f"      > {message.get('role')}:", markup=False)
+        for line in str(message.get("content") or "").splitlines() or [""]:
+            console.print(f"        {line}", markup=False, soft_wrap=True)
+    answer = kept["answer"]
+    console.print("      < answer:" + ("" if answer is not None else " (none came)"), markup=False)
+    for line in (answer or "").splitlines():
+        console.print(f"        {line}", markup=False, soft_wrap=True)
 
 
 def _print_call(console: Console, call: dict[str, Any], tools: list[dict[str, Any]]) -> None:
@@ -1129,9 +1152,12 @@ def _print_run_header(console: Console, found: dict[str, Any], settings: Setting
     if found.get("tags"):
         told = " ".join(f"{key}={value}" for key, value in found["tags"].items())
         console.print(f"tags  {told}", markup=False)
+    from orchestrator.errors import redact
+
     for label, value in (("inputs", found["inputs"]), ("outputs", found["outputs"])):
         if value:
-            console.print(f"{label}  {json.dumps(value, ensure_ascii=False)[:2000]}", markup=False)
+            text = redact(json.dumps(value, ensure_ascii=False), settings.key_names)
+            console.print(f"{label}  {text[:2000]}", markup=False)
 
 
 def _no_run(run_id: str) -> NoReturn:

@@ -78,6 +78,17 @@ class ToolRun:
     id: int | None = None  # its row, once written before the tool ran
 
 
+@dataclass(frozen=True)
+class Trace:
+    """What one call was sent and what came back (``trace:``), secrets masked."""
+
+    attempt: int
+    item_index: int | None
+    messages: list[dict[str, Any]]
+    answer: str | None  # None: no answer came (an error, a timeout)
+    created_at: datetime
+
+
 @dataclass
 class StepRecord:
     """A finished step (succeeded, failed or skipped) and every call it made."""
@@ -92,6 +103,7 @@ class StepRecord:
     finished_at: datetime
     calls: list[Call] = field(default_factory=list)
     tools: list[ToolRun] = field(default_factory=list)  # the tool calls its model asked for
+    traces: list[Trace] = field(default_factory=list)  # with trace: on, each call's messages
     # A handed_off step's tier, attempts used and escalation reason, for the next worker.
     handoff: dict[str, Any] | None = None
 

@@ -50,11 +50,11 @@ from orchestrator.errors import (
     redact,
 )
 from orchestrator.hooks import CallRefused, Hooks
-from orchestrator.ledger import Call, Pricer, StepRecord, ToolRun
+from orchestrator.ledger import Call, Pricer, StepRecord, ToolRun, Trace
 from orchestrator.models import Clients, ModelRequest
-from orchestrator.models.base import prompt_tokens_upper_bound
+from orchestrator.models.base import ModelReply, prompt_tokens_upper_bound
 from orchestrator.settings import ModelEntry, Settings, Tier
-from orchestrator.spec import AUTO_TIER, Confidence, StepPlan
+from orchestrator.spec import AUTO_TIER, Confidence, StepPlan, TraceSetting
 from orchestrator.store import Checkpoint
 from orchestrator.templates import TemplateProblem
 from orchestrator.toolloop import ToolRequest, converse
@@ -79,8 +79,9 @@ class _CheckRaised(Exception):
     then fails without asking another model.
     """
 
-    def __init__(self, call: Call, problem: TemplateProblem) -> None:
+    def __init__(self, call: Call, problem: TemplateProblem, answer: str | None = None) -> None:
         super().__init__(str(problem))
+        self.answer = answer
         self.call, self.problem = call, problem
 
 
@@ -707,7 +708,7 @@ class StepRunner:
         asked, waited = 0, 0.0
         while True:
             try:
-                call, value, busy = await self._try(
+                call, value, busy, answer = await self._try(
                     plan,
                     entry,
                     messages,
@@ -720,14 +721,48 @@ class StepRunner:
                     tags=tags,
                 )
             except _CheckRaised as raised:
+                self._trace(plan, record, raised.call, messages, raised.answer, tags)
                 await self._ended(plan, record, raised.call)
                 raise raised.problem from None
+            self._trace(plan, record, call, messages, answer, tags)
             await self._ended(plan, record, call)
             wait = retries.pause(busy, retries=asked, waited_s=waited)
             if wait is None:
                 return call, value
             await asyncio.sleep(wait)
             asked, waited = asked + 1, waited + wait
+
+    def _trace(
+        self,
+        plan: StepPlan,
+        record: StepRecord,
+        call: Call,
+        messages: list[dict[str, Any]],
+        answer: str | None,
+        tags: Mapping[str, Any] | None,
+    ) -> None:
+        """With ``trace:`` on for the step, keep what ``call`` sent and got, secrets
+        masked; a sensitive or tainted step, or a prompt holding personal data, only
+        when its trace says ``sensitive: true``."""
+        chosen = plan.step.trace
+        if chosen is None:
+            chosen = TraceSetting() if self._settings.config.trace else False
+        if chosen is False or call.outcome == "unavailable":
+            return
+        if (plan.local_only or (tags or {}).get("personal")) and not chosen.sensitive:
+            return
+        names = self._settings.key_names
+        record.traces.append(
+            Trace(
+                attempt=call.attempt,
+                item_index=call.item_index,
+                messages=[
+                    {**m, "content": redact(str(m.get("content") or ""), names)} for m in messages
+                ],
+                answer=None if answer is None else redact(answer, names),
+                created_at=call.created_at,
+            )
+        )
 
     async def _admit_tool(self, plan: StepPlan, run: ToolRun) -> ToolRun:
         for hook in self._hooks:
@@ -752,9 +787,9 @@ class StepRunner:
         escalation_reason: str | None,
         judged: int | None = None,
         tags: Mapping[str, Any] | None = None,
-    ) -> tuple[Call, Any, ModelBusy | None]:
-        """One request: its ledger row, its value if it succeeded, and the
-        provider's answer if it is worth asking again."""
+    ) -> tuple[Call, Any, ModelBusy | None, str | None]:
+        """One request: its ledger row, its value if it succeeded, the provider's
+        answer if it is worth asking again, and the model's answer as it came."""
         timeout = plan.step.timeout_s or entry.timeout_s
         confidence = plan.confidence
         signal = confidence.signal if confidence is not None else None
@@ -829,7 +864,7 @@ class StepRunner:
                     # What an earlier hook reserved is released when this row settles.
                     reserved_usd=admitted.reserved_usd,
                 )
-                return blocked, None, None
+                return blocked, None, None, None
             make_call = functools.partial(make_call, reserved_usd=admitted.reserved_usd)
         clock = time.perf_counter()
         # Until an answer or the provider says otherwise, the call may have been billed.
@@ -840,12 +875,14 @@ class StepRunner:
         check_raised: TemplateProblem | None = None
         busy: ModelBusy | None = None
         score: float | None = None
+        answer: str | None = None
         try:
             client = self._clients.for_entry(entry)
             # Each client enforces the timeout itself and ends its request cleanly;
             # this outer limit is only a backstop for a client that does not.
             async with asyncio.timeout(timeout + BACKSTOP_S):
                 reply = await client.complete(request)
+            answer = _as_text(reply)
             prompt_tokens, completion_tokens = reply.prompt_tokens, reply.completion_tokens
             source = "counted" if reply.counted else "reported"
             if reply.tool_calls and plan.tools:
@@ -900,8 +937,8 @@ class StepRunner:
             raw_confidence=raw,
         )
         if check_raised is not None:
-            raise _CheckRaised(call, check_raised)
-        return call, value, busy
+            raise _CheckRaised(call, check_raised, answer)
+        return call, value, busy, answer
 
     def _call(
         self,
@@ -962,6 +999,14 @@ class StepRunner:
             expected_pass=expected_pass,
             route_key=route_key,
         )
+
+
+def _as_text(reply: ModelReply) -> str:
+    """A reply as a trace keeps it: its text, and the tools it asked for."""
+    if not reply.tool_calls:
+        return reply.text
+    asked = [{"name": c.name, "arguments": c.arguments} for c in reply.tool_calls]
+    return f"{reply.text}\n[tool calls] {json.dumps(asked, default=str)}".lstrip()
 
 
 def verify(plan: StepPlan, text: str, context: dict[str, Any]) -> Any:

@@ -470,6 +470,14 @@ class Config(_Strict):
     router: Router = Field(
         default=Router(), description="How tier: auto chooses where a step starts."
     )
+    trace: bool = Field(
+        default=False,
+        description=(
+            "Store every step's rendered messages and answers, secrets masked, for tierflow"
+            " show --trace; never for sensitive or tainted steps unless the step says"
+            " trace: {sensitive: true}. A step's trace: overrides it."
+        ),
+    )
     tools: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)], ToolEntry] = (
         Field(
             default={},

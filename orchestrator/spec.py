@@ -178,8 +178,21 @@ class Cache(_Strict):
 
 
 def _cache_setting(value: object) -> object:
-    """``cache: true`` is ``cache: {}``; ``false`` stays, to turn an agent's cache off."""
+    """``cache: true`` is ``cache: {}``; ``false`` stays, to turn an agent's cache off
+    (likewise ``trace:``, where false turns tierflow.yaml's trace off)."""
     return {} if value is True else value
+
+
+class TraceSetting(_Strict):
+    """Keep what the step sends each model and what comes back (``tierflow show --trace``)."""
+
+    sensitive: bool = Field(
+        default=False,
+        description=(
+            "Trace a sensitive or tainted step, or a prompt holding personal data, too: its"
+            " messages and answers are then stored in the database."
+        ),
+    )
 
 
 # The judge's answer, and the prompt of a judge agent that gives none of its own.
@@ -428,8 +441,15 @@ class Step(_Strict):
             "Model turns the step's tool loop has to reach an answer; none: the agent's max_turns."
         ),
     )
+    trace: TraceSetting | Literal[False] | None = Field(
+        default=None,
+        description=(
+            "Store the rendered messages and each answer, secrets masked (true is {}); false"
+            " turns tierflow.yaml's trace off for this step; none: tierflow.yaml's trace."
+        ),
+    )
 
-    _cache_setting = field_validator("cache", mode="before")(_cache_setting)
+    _cache_setting = field_validator("cache", "trace", mode="before")(_cache_setting)
 
     @field_validator("output")
     @classmethod

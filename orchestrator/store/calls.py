@@ -33,6 +33,7 @@ from orchestrator.store.tables import (
     runs,
     step_runs,
     tool_calls,
+    traces,
 )
 
 CALL_FIELDS = tuple(field.name for field in fields(Call))
@@ -191,6 +192,14 @@ class CallStore:
                     prepared.execute(connection, _INSERT_CALL, columns)
                 elif call.reserved_usd is not None:
                     counters.move(connection, row, released=call.reserved_usd, spent=call.cost_usd)
+            if record.traces:
+                connection.execute(
+                    insert(traces),
+                    [
+                        {"run_id": run_id, "step_id": record.step_id, **asdict(trace)}
+                        for trace in record.traces
+                    ],
+                )
             for run in record.tools:
                 # A tool's row was written ``running`` before it ran (refused calls have none).
                 row = {"run_id": run_id, "step_id": record.step_id, **asdict(run)}

@@ -25,7 +25,7 @@ from orchestrator.store import prepared
 from orchestrator.store.calls import abandon
 from orchestrator.store.clock import db_now_s
 from orchestrator.store.leases import Lease, fence
-from orchestrator.store.tables import model_calls, runs, step_runs, tool_calls
+from orchestrator.store.tables import model_calls, runs, step_runs, tool_calls, traces
 
 ACTIVE = ("queued", "running")
 WAITING = "waiting"  # for a person's decision on an approval step: no lease held
@@ -409,6 +409,7 @@ class RunStore:
                     ("steps", step_runs, (step_runs.c.started_at, step_runs.c.id)),
                     ("calls", model_calls, (model_calls.c.id,)),
                     ("tools", tool_calls, (tool_calls.c.id,)),
+                    ("traces", traces, (traces.c.id,)),
                 )
             }
         return {**row, **parts}

@@ -261,6 +261,21 @@ tool_calls = Table(
     Index(None, "run_id", "step_id"),
 )
 
+# What a traced step's calls were sent and got back (trace:), secrets masked.
+traces = Table(
+    "traces",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(32), ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("step_id", String(100), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("item_index", Integer),
+    Column("messages", JSON, nullable=False),
+    Column("answer", Text),  # NULL: no answer came
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index(None, "run_id", "step_id"),
+)
+
 # A person's decision on an approval step, once per step of a run.
 approvals = Table(
     "approvals",
