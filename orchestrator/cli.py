@@ -734,11 +734,19 @@ def worker(
         str | None,
         typer.Option(help="Comma-separated queues (default: those of the tiers it runs)."),
     ] = None,
+    events: Annotated[
+        bool,
+        typer.Option(
+            "--events/--no-events",
+            "-E",
+            help="Send task events, which Flower and `celery events` show (Celery's -E).",
+        ),
+    ] = True,
     config: ConfigOption = None,
 ) -> None:
     """Execute queued runs until stopped (Celery worker, with the stale-lease sweeper)."""
     from orchestrator.loading import suggest
-    from orchestrator.queue import check_tier_queues, run_worker
+    from orchestrator.queue import check_tier_queues, embedded_broker_warning, run_worker
 
     settings = _settings(config)
     served = tiers.split(",") if tiers else None
@@ -748,11 +756,15 @@ def worker(
                 hint = suggest(tier, settings.tier_names)
                 raise UserError(f"--tiers: no tier '{tier}' in the configuration{hint}")
         check_tier_queues(settings, served)
+    warning = embedded_broker_warning(settings)
+    if warning is not None:
+        typer.echo(f"warning: {warning}", err=True)
     run_worker(
         settings,
         concurrency=concurrency,
         queues=queues.split(",") if queues else None,
         tiers=served,
+        events=events,
     )
 
 
@@ -1325,8 +1337,20 @@ def serve(
             " export TIERFLOW_API_TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
     from orchestrator.api import serve as run_server
+    from orchestrator.queue import broker_folder, embedded_broker_warning
+    from orchestrator.store.database import safe_url
 
-    run_server(_settings(config), token=token, host=host, port=port)
+    settings = _settings(config)
+    where = (
+        safe_url(settings.broker_url)
+        if settings.broker_url
+        else f"the embedded broker in {broker_folder(settings)} (workers must share this folder)"
+    )
+    typer.echo(f"tierflow: POST /runs queues to {where}", err=True)
+    warning = embedded_broker_warning(settings)
+    if warning is not None:
+        typer.echo(f"warning: {warning}", err=True)
+    run_server(settings, token=token, host=host, port=port)
 
 
 @db_app.command("upgrade")

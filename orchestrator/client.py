@@ -185,7 +185,11 @@ class Client:
             log.info("run %s: handed to queue %s", run_id, result.queue)
             # If this publish is lost, the sweeper publishes the queued run again.
             publish(
-                app or self._celery(), run_id, queue=result.queue, time_limit_s=row["time_limit_s"]
+                app or self._celery(),
+                run_id,
+                queue=result.queue,
+                time_limit_s=row["time_limit_s"],
+                workflow=row["workflow"],
             )
         return result.status
 
@@ -225,7 +229,9 @@ class Client:
             workflow, inputs, queue=queue, time_limit_s=limit, tags=tags
         )
         try:
-            enqueue_run(self._celery(), run_id, queue=queue, time_limit_s=limit)
+            enqueue_run(
+                self._celery(), run_id, queue=queue, time_limit_s=limit, workflow=workflow.name
+            )
         except RunError as exc:
             self.store.finish_run(run_id, status="failed", error=str(exc))
             raise
@@ -246,7 +252,9 @@ class Client:
             workflow, found, from_step=from_step, queue=queue, time_limit_s=limit
         )
         try:
-            enqueue_run(self._celery(), new_id, queue=queue, time_limit_s=limit)
+            enqueue_run(
+                self._celery(), new_id, queue=queue, time_limit_s=limit, workflow=workflow.name
+            )
         except RunError as exc:
             self.store.finish_run(new_id, status="failed", error=str(exc))
             raise
@@ -278,7 +286,9 @@ class Client:
             assert row is not None
             queue = row["queue"] or self.settings.config.queue
             limit = row["time_limit_s"]
-            enqueue_run(self._celery(), found, queue=queue, time_limit_s=limit)
+            enqueue_run(
+                self._celery(), found, queue=queue, time_limit_s=limit, workflow=row["workflow"]
+            )
         return found, status
 
     def workflow_of_run(self, run_id: str) -> tuple[LoadedWorkflow, str]:

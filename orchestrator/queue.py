@@ -17,6 +17,36 @@ to tierflow.yaml, so one machine needs no server. We chose it over kombu's
 SQLAlchemy transport because it adds no writer to the SQLite file that holds
 the ledger, and neither of the two redelivers a message whose worker died: the
 sweeper does that for every broker, within the lease TTL.
+
+What a monitor such as Flower sees. The task's name stays
+``tierflow.execute_run`` and its arguments stay ``[run_id]``, so workers and
+publishers of any version accept each other's messages. A publisher that knows
+the run's workflow also sends Celery's ``shadow`` name,
+``tierflow.execute_run:WORKFLOW``, which workers log and put in their events in
+place of the task's name: the name says the workflow, the argument the run.
+A run that ends failed or cancelled makes the task raise ``RunFailed`` (run,
+workflow, error), so the task's state is FAILURE. It is an expected exception
+(``throws``): logged without a traceback, never retried, and its message acked
+like any finished task's (``acks_late`` acks failures too), so nothing
+redelivers it; the run's lease and records were settled before it is raised.
+Every other outcome is a SUCCESS whose result says what became of the run:
+``succeeded``, ``queued`` (handed to another tier's queue), ``waiting`` (for an
+approval), ``skipped``, ``lease-lost`` or ``unknown``. A message for a run that
+had already ended reports that end again.
+
+Events are what monitors read; there is no result backend. Workers send task
+events unless started with ``--no-events``, and publishers send ``task-sent``,
+so a run shows from its publishing to its end. On the embedded broker the
+transport drops events that no listener's queue is bound to.
+
+The broker is tierflow's choice: ``$TIERFLOW_BROKER_URL``, else ``broker:`` in
+tierflow.yaml, else the embedded one. Celery would let ``$CELERY_BROKER_URL``
+override the URL it is given; the app pins its read and write URLs so that it
+cannot, and a worker and a publisher of one configuration always meet. On the
+embedded broker, ``embedded_broker_warning`` gives one line to print at start
+when a non-empty environment variable whose name ends in ``BROKER_URL``,
+``REDIS_URL`` or ``AMQP_URL`` is set: whoever set it probably meant tierflow to
+use it.
 """
 
 from __future__ import annotations
@@ -28,6 +58,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.errors import RunError, clip
 from orchestrator.settings import Settings
 
 if TYPE_CHECKING:
@@ -37,6 +68,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("tierflow.queue")
 TASK = "tierflow.execute_run"
 SCHEDULED = "tierflow.enqueue_scheduled"
+FAILED = ("failed", "cancelled")  # run statuses that make the task fail
+
+
+class RunFailed(RunError):
+    """The run a task executed ended failed or cancelled: the task's FAILURE state.
+
+    ``str(err)`` names the run, its workflow and the run's error.
+    """
+
+
+def task_name(workflow: str | None) -> str:
+    """The name workers log and report for a task that executes a run of ``workflow``."""
+    return TASK if workflow is None else f"{TASK}:{workflow}"
 
 
 def broker_folder(settings: Settings) -> Path:
@@ -66,6 +110,9 @@ def make_app(settings: Settings, tiers: list[str] | None = None) -> Any:
         transport = {"visibility_timeout": max(3600.0, settings.config.lease_ttl_s * 10)}
     app.conf.update(
         broker_url=url,
+        # Celery reads $CELERY_BROKER_URL before broker_url, but not before these.
+        broker_read_url=url,
+        broker_write_url=url,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         task_serializer="json",
@@ -77,12 +124,16 @@ def make_app(settings: Settings, tiers: list[str] | None = None) -> Any:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=settings.config.queue,
+        task_send_sent_event=True,
         worker_hijack_root_logger=False,
     )
 
-    @app.task(name=TASK)  # type: ignore[untyped-decorator]
+    @app.task(name=TASK, throws=(RunFailed,))  # type: ignore[untyped-decorator]
     def execute_run(run_id: str) -> str:
-        return execute_by_id(settings, run_id, tiers=tiers, app=app)
+        status = execute_by_id(settings, run_id, tiers=tiers, app=app)
+        if status in FAILED:
+            raise failure(settings, run_id, status, tiers=tiers)
+        return status
 
     @app.task(name=SCHEDULED)  # type: ignore[untyped-decorator]
     def enqueue_scheduled(path: str, inputs: dict[str, Any]) -> str:
@@ -125,6 +176,15 @@ def execute_by_id(
     return _client(settings, tiers).execute(run_id, app=app)
 
 
+def failure(
+    settings: Settings, run_id: str, status: str, *, tiers: list[str] | None = None
+) -> RunFailed:
+    """The exception that fails the task whose run ended with ``status``."""
+    row = _client(settings, tiers).store.run_row(run_id) or {}
+    why = f": {clip(row['error'])}" if row.get("error") else ""
+    return RunFailed(f"run {run_id} of workflow '{row.get('workflow')}' {status}{why}")
+
+
 HARD_LIMIT_GRACE_S = 60.0
 
 
@@ -142,8 +202,16 @@ def drain(loop: asyncio.AbstractEventLoop) -> None:
         loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
 
 
-def publish(app: Any, run_id: str, *, queue: str, time_limit_s: float | None) -> None:
-    """Send the task that executes ``run_id`` to ``queue``'s workers."""
+def publish(
+    app: Any,
+    run_id: str,
+    *,
+    queue: str,
+    time_limit_s: float | None,
+    workflow: str | None = None,
+) -> None:
+    """Send the task that executes ``run_id`` to ``queue``'s workers; named after
+    ``workflow`` in their logs and events when it is given."""
     # The runner enforces the limit itself and ends the run cleanly; Celery's hard
     # limit, later, is the last resort (it replaces the process). No soft limit:
     # its exception would land inside whatever coroutine runs on the loop.
@@ -151,6 +219,7 @@ def publish(app: Any, run_id: str, *, queue: str, time_limit_s: float | None) ->
     app.send_task(
         TASK,
         args=[run_id],
+        shadow=task_name(workflow),
         queue=queue,
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
@@ -158,12 +227,17 @@ def publish(app: Any, run_id: str, *, queue: str, time_limit_s: float | None) ->
     )
 
 
-def enqueue_run(app: Any, run_id: str, *, queue: str, time_limit_s: float | None) -> None:
+def enqueue_run(
+    app: Any,
+    run_id: str,
+    *,
+    queue: str,
+    time_limit_s: float | None,
+    workflow: str | None = None,
+) -> None:
     """Publish a new run's message; raises ``RunError`` if the broker cannot take it."""
-    from orchestrator.errors import RunError
-
     try:
-        publish(app, run_id, queue=queue, time_limit_s=time_limit_s)
+        publish(app, run_id, queue=queue, time_limit_s=time_limit_s, workflow=workflow)
     except Exception as exc:  # kombu's connection errors vary by transport
         raise RunError(f"could not enqueue run {run_id}: {type(exc).__name__}: {exc}") from None
 
@@ -197,7 +271,13 @@ def start_sweeper(settings: Settings) -> threading.Thread:
                     why = "its lease went stale" if row["status"] == "running" else "still queued"
                     log.warning("run %s: %s; published again", row["id"], why)
                     queue = row["queue"] or settings.config.queue
-                    publish(app, row["id"], queue=queue, time_limit_s=row["time_limit_s"])
+                    publish(
+                        app,
+                        row["id"],
+                        queue=queue,
+                        time_limit_s=row["time_limit_s"],
+                        workflow=row["workflow"],
+                    )
             except Exception:  # a broker or database blip: try again next round
                 log.exception("sweeper round failed")
 
@@ -207,12 +287,17 @@ def start_sweeper(settings: Settings) -> threading.Thread:
 
 
 def run_worker(
-    settings: Settings, *, concurrency: int, queues: list[str] | None, tiers: list[str] | None
+    settings: Settings,
+    *,
+    concurrency: int,
+    queues: list[str] | None,
+    tiers: list[str] | None,
+    events: bool = True,
 ) -> None:
     """Run a Celery worker in this process until it is stopped.
 
-    It executes steps on ``tiers`` (None: all) and consumes ``queues``
-    (default: the queues of those tiers).
+    It executes steps on ``tiers`` (None: all), consumes ``queues`` (default:
+    the queues of those tiers) and, with ``events``, sends task events.
     """
     from celery import signals
 
@@ -226,8 +311,29 @@ def run_worker(
         "--without-mingle",
         f"--hostname=tierflow-{os.getpid()}@%h",
         f"--queues={','.join(queues or settings.queues_of(tiers))}",
+        *(["--task-events"] if events else []),
     ]
     app.worker_main(argv=argv)
+
+
+BROKER_VARIABLES = ("BROKER_URL", "REDIS_URL", "AMQP_URL")  # how their names end
+
+
+def embedded_broker_warning(settings: Settings) -> str | None:
+    """One line for a worker or server to print at start when it uses the embedded
+    broker while the environment names another (see the module's docstring); else None."""
+    if settings.broker_url is not None:
+        return None
+    named = sorted(
+        name for name, value in os.environ.items() if value and name.endswith(BROKER_VARIABLES)
+    )
+    if not named:
+        return None
+    return (
+        f"using the embedded broker in {broker_folder(settings)}, though the environment"
+        f" sets {', '.join('$' + name for name in named)}: tierflow reads only"
+        " $TIERFLOW_BROKER_URL or broker: in tierflow.yaml"
+    )
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:

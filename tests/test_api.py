@@ -559,3 +559,15 @@ def test_metrics_are_the_ledger_as_prometheus_counters(served: Project, client: 
         assert cost == pytest.approx(float(group["cost_usd"]), rel=1e-12)
         reference = samples[("tierflow_reference_cost_usd_total", labels)]
         assert reference == pytest.approx(float(group["reference_cost_usd"]), rel=1e-12)
+
+
+def test_serve_says_where_runs_queue_and_warns_of_an_ignored_broker(tmp_path: Path) -> None:
+    env = {**os.environ, "TIERFLOW_API_TOKEN": TOKEN, "REDIS_URL": "redis://:pw@127.0.0.1:1/0"}
+    env.pop("TIERFLOW_BROKER_URL", None)
+    with socket.socket() as taken:  # it says so at start, before it listens
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = tierflow("serve", "--port", str(taken.getsockname()[1]), cwd=tmp_path, env=env)
+    assert "POST /runs queues to the embedded broker in" in proc.stderr
+    assert "warning: using the embedded broker" in proc.stderr and "$REDIS_URL" in proc.stderr
+    assert "pw" not in proc.stderr

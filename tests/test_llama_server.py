@@ -101,6 +101,7 @@ def test_a_schema_step_and_a_streamed_step_through_litellm(
                     "tier": "streamed",
                     "needs": ["number"],  # the server answers one request at a time
                     "prompt": "Write one sentence about the sea.",
+                    "max_tokens": 200,  # room to finish: an answer cut at max_tokens fails
                 },
             ],
         }

@@ -316,7 +316,12 @@ class RunStore:
         moment = now()
         published = func.coalesce(runs.c.enqueued_at, runs.c.created_at)
         query = select(
-            runs.c.id, runs.c.status, runs.c.enqueued_at, runs.c.queue, runs.c.time_limit_s
+            runs.c.id,
+            runs.c.workflow,
+            runs.c.status,
+            runs.c.enqueued_at,
+            runs.c.queue,
+            runs.c.time_limit_s,
         ).where(
             or_(
                 and_(
