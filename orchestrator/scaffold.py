@@ -2,7 +2,8 @@
 
 It writes a commented tierflow.yaml (the embedded model on the light tier;
 Ollama and a hosted model shown, commented out), one workflow, its agent and a
-.gitignore. It never overwrites a file: if one exists, it writes nothing.
+.gitignore. It never overwrites a file: if one exists, it writes nothing. An
+existing .gitignore (a git repository's) is kept, and gets the lines it lacks.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ FILES = {
 def init(folder: Path) -> list[Path]:
     """Write a new project into ``folder`` (made if missing); the files written.
     ``UserError`` naming the files that exist already, and nothing written."""
-    there = [folder / name for name in FILES if (folder / name).exists()]
+    there = [folder / name for name in FILES if name != ".gitignore" and (folder / name).exists()]
     if there:
         names = ", ".join(str(path) for path in there)
         raise UserError(f"{names} already exist: tierflow init writes nothing over a file")
@@ -92,6 +93,11 @@ def init(folder: Path) -> list[Path]:
     for name, text in FILES.items():
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # only .gitignore: add what it lacks
+            kept = path.read_text()
+            lacking = [line for line in text.splitlines() if line not in kept.splitlines()]
+            text = kept + ("" if kept.endswith("\n") or not kept else "\n") + "\n".join(lacking)
+            text += "\n"
         path.write_text(text)
         written.append(path)
     return written

@@ -82,3 +82,14 @@ def test_version_is_the_installed_one() -> None:
 
     proc = tierflow("--version", cwd=Path.cwd())
     assert (proc.returncode, proc.stdout) == (0, f"tierflow {version('tierflow')}\n")
+
+
+def test_init_in_a_git_repository_keeps_its_gitignore_and_adds_what_it_lacks(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / ".gitignore").write_text("node_modules/\n*.db\n")
+    made = tierflow("init", cwd=tmp_path, env=clean_env())
+    assert made.returncode == 0, made.stderr
+    lines = (tmp_path / ".gitignore").read_text().splitlines()
+    assert lines[:2] == ["node_modules/", "*.db"]  # kept as it was
+    assert lines.count("*.db") == 1 and ".tierflow/" in lines and "*.db-wal" in lines
