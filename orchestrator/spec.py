@@ -697,9 +697,10 @@ def _resolve_inputs(
 ) -> tuple[dict[str, Any], list[str]]:
     """``given`` with defaults applied, and what is wrong with it."""
     problems = []
+    takes = f"inputs are {', '.join(declared)}" if declared else "the workflow takes no inputs"
     for name in given:
         if name not in declared:
-            problems.append(f"input '{name}': not declared{suggest(name, declared)}")
+            problems.append(f"input '{name}': not declared{suggest(name, declared)}; {takes}")
     values = {}
     for name, spec in declared.items():
         if name in given:
@@ -734,13 +735,17 @@ def find_workflow(name_or_path: str, settings: Settings) -> Path:
     )
 
 
-def load_agent(path: Path) -> Agent:
+def load_agent(path: Path, settings: Settings | None = None) -> Agent:
+    """Load and check an agent file; with ``settings``, its tier must be one of theirs."""
     doc = read_yaml(path)
     agent = validate(Agent, doc)
     if agent.name != path.stem:
         raise SpecError(
             doc.problem(("name",), f"'{agent.name}' must match the file name '{path.stem}'")
         )
+    tier, tiers = agent.tier or AUTO_TIER, settings.tier_names if settings is not None else []
+    if settings is not None and tier not in (AUTO_TIER, *tiers):
+        raise SpecError(doc.problem(("tier",), _unknown_tier(tier, tiers)))
     for key in ("system", "prompt"):
         text = getattr(agent, key)
         if text is not None:
@@ -780,6 +785,10 @@ def load_workflow(
     return LoadedWorkflow(
         spec=spec, path=path, content_hash=_identity(doc, plans, settings), steps=tuple(plans)
     )
+
+
+def _unknown_tier(tier: str, tiers: list[str]) -> str:
+    return f"unknown tier '{tier}'{suggest(tier, tiers)}; tiers are {', '.join(tiers)}"
 
 
 def _identity(doc: YamlDoc, plans: list[StepPlan], settings: Settings) -> str:
@@ -1071,11 +1080,8 @@ class _Checker:
             return None
         tier = step.tier or agent.tier or AUTO_TIER
         tiers = self.settings.tier_names
-        if tier != AUTO_TIER and tier not in tiers:
-            where = (*loc, "tier") if step.tier else (*loc, "agent")
-            self.report(
-                where, f"unknown tier '{tier}'{suggest(tier, tiers)}; tiers are {', '.join(tiers)}"
-            )
+        if tier != AUTO_TIER and tier not in tiers:  # an agent's own tier was checked with it
+            self.report((*loc, "tier"), _unknown_tier(tier, tiers))
             return None
         if step.sensitive and not self._local_tier_from(tier):
             self.report(
@@ -1349,7 +1355,7 @@ class _Checker:
             )
             return None
         try:
-            return load_agent(path)
+            return load_agent(path, self.settings)
         except SpecError as exc:
             self.problems.extend(exc.problems)
             return None
@@ -1380,7 +1386,7 @@ class _Checker:
                 self._compiled[key] = template
                 self._tokens += template.tokens
         if template is not None:
-            self._check_references(loc, template.names, template.references, allowed, ancestors)
+            self._check_references(loc, template, allowed, ancestors)
         return template
 
     def _expression(
@@ -1411,7 +1417,7 @@ class _Checker:
         if cached is None:
             self._tokens += expression.tokens
         self._compiled[key] = expression
-        self._check_references(loc, expression.names, expression.references, allowed, ancestors)
+        self._check_references(loc, expression, allowed, ancestors)
         return expression
 
     def _over_budget(self, loc: tuple[str | int, ...]) -> bool:
@@ -1430,18 +1436,17 @@ class _Checker:
     def _check_references(
         self,
         loc: tuple[str | int, ...],
-        names: Iterable[str],
-        references: Iterable[tuple[str, str, int]],
+        compiled: Template | Expression,
         allowed: set[str],
         ancestors: set[str],
     ) -> None:
-        for name in sorted(names):
+        for name in sorted(compiled.names):
             if name not in allowed:
                 self.report(
                     loc,
                     f"unknown name '{name}'{suggest(name, allowed)}; templates see {', '.join(sorted(allowed))}",
                 )
-        for name, key, _line in references:
+        for name, key, _line in compiled.references:
             if name == "inputs" and key not in self.spec.inputs:
                 self.report(loc, f"unknown input '{key}'{suggest(key, self.spec.inputs)}")
             elif name == "steps" and key not in ancestors:
@@ -1450,6 +1455,30 @@ class _Checker:
                     self.report(loc, f"reads steps.{key} but does not need it (add it to needs)")
                 else:
                     self.report(loc, f"unknown step '{key}'{suggest(key, ids)}")
+        for step_id, field in compiled.output_fields:
+            fields = self._output_fields(step_id)
+            if step_id in ancestors and fields is not None and field not in fields:
+                self.report(
+                    loc,
+                    f"steps.{step_id}.output has no field '{field}'{suggest(field, fields)};"
+                    f" its output schema gives {', '.join(fields) or 'none'}",
+                )
+
+    def _output_fields(self, step_id: str) -> list[str] | None:
+        """The fields a step's output can have, when its schema says so: an object
+        schema with ``properties`` and no ``additionalProperties``. None when any
+        field may come (no schema, extra properties allowed, a for_each or uses step)."""
+        step = next((step for step in self.spec.steps if step.id == step_id), None)
+        if step is None or step.for_each is not None or step.uses is not None:
+            return None
+        schema = step.output
+        if not isinstance(schema, dict) or not isinstance(schema.get("properties"), dict):
+            return None
+        if schema.get("additionalProperties", False) is not False:
+            return None
+        if any(key in schema for key in ("$ref", "allOf", "anyOf", "oneOf", "patternProperties")):
+            return None
+        return list(schema["properties"])
 
 
 def _compile_template(

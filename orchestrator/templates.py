@@ -121,6 +121,7 @@ class Template:
         ast, self.tokens = _parse(source, expression=False)
         self.names = _names(ast)
         self.references = list(_references(ast))
+        self.output_fields = list(_output_fields(ast))
         self.reads = frozenset(_reads(ast))
         self._template = _compile(ast)  # rewrites the tree: read it first
 
@@ -150,6 +151,7 @@ class Expression:
         ast, self.tokens = _parse(source, expression=True)
         self.names = _names(ast)
         self.references = list(_references(ast))
+        self.output_fields = list(_output_fields(ast))
         self.reads = frozenset(_reads(ast))
         self._compiled = TemplateExpression(_compile(ast), undefined_to_none=False)
 
@@ -202,6 +204,30 @@ def _references(ast: nodes.Template) -> Iterator[tuple[str, str, int]]:
                 key = _const(node.arg) if isinstance(node, nodes.Getitem) else None
             if key is not None:
                 yield target.name, key, node.lineno
+
+
+def _output_fields(ast: nodes.Template) -> Iterator[tuple[str, str]]:
+    """Each ``(step, field)`` read as ``steps.STEP.output.FIELD`` (or with constant
+    subscripts); a dict method such as ``output.items`` is not a field."""
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
+        if not isinstance(node, nodes.Getattr | nodes.Getitem):
+            continue
+        output, field = node.node, _key(node)
+        if field is None or (isinstance(node, nodes.Getattr) and hasattr(dict, field)):
+            continue
+        if not isinstance(output, nodes.Getattr | nodes.Getitem) or _key(output) != "output":
+            continue
+        step = output.node
+        if not isinstance(step, nodes.Getattr | nodes.Getitem):
+            continue
+        name, step_id = step.node, _key(step)
+        if isinstance(name, nodes.Name) and name.name == "steps" and step_id is not None:
+            yield step_id, field
+
+
+def _key(node: nodes.Getattr | nodes.Getitem) -> str | None:
+    """The constant key of ``x.key`` or ``x["key"]``; None for a computed one."""
+    return node.attr if isinstance(node, nodes.Getattr) else _const(node.arg)
 
 
 def _reads(ast: nodes.Template) -> Iterator[Read]:

@@ -44,7 +44,8 @@ def validate_paths(paths: list[Path], *, config: str | None) -> tuple[list[str],
             if kind == "config":
                 load_settings(path)
             elif kind == "agent":
-                load_agent(path)
+                settings = settings or load_settings(config)
+                load_agent(path, settings)
             elif kind == "workflow":
                 settings = settings or load_settings(config)
                 load_workflow(path, settings)

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import REPO, Project
@@ -118,13 +119,51 @@ def test_inputs_are_checked_before_a_run_is_recorded(
     with pytest.raises(UserError, match="'three' is not of type 'integer'"):
         project.run("typed", {"count": "three"})
     with pytest.raises(
-        UserError, match="input 'cuont': not declared \\(did you mean 'count'\\?\\)"
+        UserError,
+        match=r"input 'cuont': not declared \(did you mean 'count'\?\); inputs are count$",
     ):
         project.run("typed", {"count": 1, "cuont": 2})
     store = project.store()
     assert store.runs() == []
     store.engine.dispose()
     assert ollama.requests == []
+
+
+def test_output_fields_are_checked_only_where_the_schema_closes_them(tmp_path: Path) -> None:
+    """A field missing from an object schema's properties is a problem; an open
+    schema (additionalProperties), a for_each step or a dict method is not."""
+    project = Project(tmp_path / "p", {"tiers": {"light": {"models": ["ollama/m"], "local": True}}})
+
+    def schema(**more: Any) -> dict[str, Any]:  # new dicts each: the YAML has no aliases
+        return {"type": "object", "properties": {"label": {"type": "string"}}, **more}
+
+    steps: list[dict[str, Any]] = [
+        {"id": "closed", "agent": "helper", "output": schema()},
+        {"id": "opened", "agent": "helper", "output": schema(additionalProperties=True)},
+        {"id": "each", "agent": "helper", "output": schema(), "for_each": "[1, 2]"},
+        {
+            "id": "reader",
+            "agent": "helper",
+            "needs": ["closed", "opened", "each"],
+            "prompt": "{{ steps.closed.output.label }} {{ steps.opened.output.extra }}"
+            " {{ steps.each.output }} {{ steps.closed.output.items() | list }}",
+        },
+    ]
+    settings = load_settings(project.config)
+    load_workflow(project.workflow({"name": "fine", "steps": steps}), settings)
+    steps[-1]["when"] = "steps.closed.output.lable"
+    with pytest.raises(SpecError, match=r"steps\.closed\.output has no field 'lable'") as raised:
+        load_workflow(project.workflow({"name": "typo", "steps": steps}), settings)
+    assert len(raised.value.problems) == 1
+
+
+def test_an_agents_unknown_tier_is_said_at_the_agent_file(tmp_path: Path) -> None:
+    project = Project(tmp_path / "p", {"tiers": {"light": {"models": ["ollama/m"], "local": True}}})
+    agent = project.agent("heavy", tier="hevy", prompt="hi")
+    path = project.workflow({"name": "w", "steps": [{"id": "a", "agent": "heavy"}]})
+    with pytest.raises(SpecError) as raised:
+        load_workflow(path, load_settings(project.config))
+    assert raised.value.problems == [f"{agent}:2: tier: unknown tier 'hevy'; tiers are light"]
 
 
 def test_too_many_steps_for_max_steps(tmp_path: Path) -> None:
