@@ -16,8 +16,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from orchestrator.encoding import money
-from orchestrator.settings import Settings
-from orchestrator.spec import LoadedWorkflow
+from orchestrator.settings import Settings, WorkflowBudget
 from orchestrator.store.counters import Limit, scope_keys
 
 if TYPE_CHECKING:
@@ -25,16 +24,15 @@ if TYPE_CHECKING:
 
 
 def limits(
-    settings: Settings, workflow: LoadedWorkflow, run_id: str | None, day: date
+    settings: Settings, name: str, own: WorkflowBudget, run_id: str | None, day: date
 ) -> list[Limit]:
-    """The limits on a call of ``run_id`` made on ``day``, sorted by key; with no
-    run, the limits of the day and month alone.
+    """The limits on a call of ``run_id`` of workflow ``name``, whose budget is
+    ``own``, made on ``day``, sorted by key; with no run, the limits of the day
+    and month alone.
 
     Sorted, so concurrent transactions lock counter rows in the same order.
     """
-    own = workflow.spec.budget
     common = settings.config.budget
-    name = workflow.name
     first = day.replace(day=1)
     last = day.replace(day=calendar.monthrange(day.year, day.month)[1])
     run_key, day_key, month_key, all_day_key, all_month_key = scope_keys(run_id or "", name, day)
@@ -97,19 +95,26 @@ class BudgetStatus:
 
 def status(settings: Settings, store: Store, day: date | None = None) -> list[BudgetStatus]:
     """Every daily and monthly limit in force on ``day`` (default today, UTC): those
-    of the workflows in ``workflows_dir`` and the global ones. A workflow file that
-    does not load is left out; ``tierflow validate`` says what is wrong with it."""
-    from orchestrator.errors import TierflowError
-    from orchestrator.spec import load_workflow
+    of the workflows in ``workflows_dir`` and the global ones.
+
+    Only each file's ``name`` and ``budget`` are read, so ``tierflow spend`` stays
+    quick: a file whose budget does not load is left out, and ``tierflow
+    validate`` says what is wrong with it."""
+    from pydantic import ValidationError
+
+    from orchestrator.errors import SpecError
+    from orchestrator.loading import read_yaml
 
     day = day or datetime.now(UTC).date()
     found: dict[str, Limit] = {}
     for path in sorted((settings.root / settings.config.workflows_dir).glob("*.yaml")):
         try:
-            workflow = load_workflow(path, settings)
-        except TierflowError:
+            data = read_yaml(path).data
+            name, budget = data.get("name"), WorkflowBudget.model_validate(data.get("budget", {}))
+        except (SpecError, ValidationError):
             continue
-        found.update((limit.key, limit) for limit in limits(settings, workflow, None, day))
+        if isinstance(name, str):
+            found.update((limit.key, limit) for limit in limits(settings, name, budget, None, day))
     return [
         BudgetStatus(limit, *store.budget_used(limit))
         for limit in sorted(found.values(), key=lambda limit: limit.key)

@@ -341,7 +341,9 @@ def _dry_run(
 
     steps = dryrun.estimate(settings, loaded, loaded.resolve_inputs(values))
     total = sum((step.worst_usd for step in steps), Decimal(0))
-    limits = budgets.limits(settings, loaded, None, datetime.now(UTC).date())
+    limits = budgets.limits(
+        settings, loaded.name, loaded.spec.budget, None, datetime.now(UTC).date()
+    )
     applying = [(limit.label, limit.usd) for limit in limits]
     per_run = loaded.spec.budget.per_run_usd
     if per_run is not None:

@@ -168,4 +168,6 @@ class LedgerHooks(Hooks):
         return calibration.fit(labelled)
 
     def _limits(self, day: date) -> list[Limit]:
-        return budgets.limits(self._settings, self._workflow, self._lease.run_id, day)
+        return budgets.limits(
+            self._settings, self._workflow.name, self._workflow.spec.budget, self._lease.run_id, day
+        )

@@ -13,7 +13,6 @@ import re
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,13 +22,11 @@ from orchestrator import schemas
 from orchestrator.errors import SpecError, UserError
 from orchestrator.loading import YamlDoc, format_loc, read_yaml, suggest, validate
 from orchestrator.settings import (
-    MAX_BUDGET_USD,
     MAX_CALLS,
     MAX_TIMEOUT_S,
-    MIN_BUDGET_USD,
     NAME_PATTERN,
-    Budget,
     Settings,
+    WorkflowBudget,
 )
 from orchestrator.taint import Taint, taints
 from orchestrator.templates import Expression, Read, Template, TemplateProblem
@@ -481,45 +478,6 @@ class Step(_Strict):
             )
             who = " a person answers it" if kinds[-1] == "approval" else " that workflow's steps do"
             raise ValueError(f"{what}{', '.join(given)}:{who}")
-        return self
-
-
-class WorkflowBudget(Budget):
-    """The workflow's limits, and a tier cap once any of them is ``downgrade_at`` used."""
-
-    per_run_usd: Decimal | None = Field(
-        default=None,
-        ge=MIN_BUDGET_USD,
-        le=MAX_BUDGET_USD,
-        allow_inf_nan=False,
-        description=(
-            "Most USD one run may spend; a call that would pass it is refused. None: no limit."
-        ),
-    )
-    downgrade_at: float | None = Field(
-        default=None,
-        gt=0,
-        le=1,
-        description=(
-            "Share of any of this workflow's limits which, once spent or reserved, caps its"
-            " steps at downgrade_to. Goes with downgrade_to."
-        ),
-    )
-    downgrade_to: str | None = Field(
-        default=None,
-        description=(
-            "The highest tier steps may use once downgrade_at of a limit is used: a step above"
-            " starts there, and none climbs past it."
-        ),
-    )
-
-    @model_validator(mode="after")
-    def _downgrade_needs_both(self) -> WorkflowBudget:
-        if (self.downgrade_at is None) != (self.downgrade_to is None):
-            raise ValueError("downgrade_at and downgrade_to go together")
-        limited = (self.per_run_usd, self.daily_usd, self.monthly_usd)
-        if self.downgrade_at is not None and all(usd is None for usd in limited):
-            raise ValueError("downgrade_at needs per_run_usd, daily_usd or monthly_usd")
         return self
 
 

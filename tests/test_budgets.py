@@ -229,6 +229,9 @@ def test_spend_reports_budgets_and_local_cost_apart_from_provider_spend(
     project.workflow({"name": "local", "steps": [{"id": "a", "agent": "helper", "tier": "light"}]})
     assert project.run("ask").status == "succeeded"
     assert project.run("local").status == "succeeded"
+    # Files whose budget does not load are left out of the report, not fatal to it.
+    project.write("workflows/negative.yaml", "name: negative\nbudget: {daily_usd: -1}\n")
+    project.write("workflows/torn.yaml", "name: [torn\n")
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator", "spend", "--json", "--config", str(project.config)],
         capture_output=True,
