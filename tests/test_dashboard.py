@@ -8,20 +8,25 @@ screenshot in test-artifacts/.
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
+import websockets.sync.client
 from conftest import REPO, Project, missing_service, seed_ledger, wait_for
 
 from orchestrator import reports
@@ -166,6 +171,70 @@ def chromium(tmp_path: Path, *args: str) -> str:
     return proc.stdout
 
 
+# How far right the page reaches: the document's scroll width, or the right edge
+# of the widest element, whichever is more. A page that fits reaches no further
+# than the window's inner width.
+REACH = (
+    "Math.max(document.documentElement.scrollWidth, ...Array.from("
+    "document.querySelectorAll('body *'), e => Math.ceil(e.getBoundingClientRect().right)))"
+)
+
+
+@contextmanager
+def devtools(tmp_path: Path, url: str, width: int) -> Iterator[Callable[[str], Any]]:
+    """Chromium showing ``url`` in a window ``width`` px wide, and a function that
+    evaluates JavaScript in the loaded page through the DevTools protocol."""
+    profile = tmp_path / "chromium"  # the cookie the token set is in this profile
+    (profile / "DevToolsActivePort").unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            "--remote-debugging-port=0",
+            f"--window-size={width},900",
+            url,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        active = profile / "DevToolsActivePort"
+        wait_for(lambda: active.exists() and len(active.read_text().splitlines()) >= 2)
+        port = int(active.read_text().splitlines()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as answer:
+            targets = json.loads(answer.read())
+        [target] = [t for t in targets if t["type"] == "page"]
+        with websockets.sync.client.connect(target["webSocketDebuggerUrl"]) as socket_:
+            ids = itertools.count(1)
+
+            def evaluate(expression: str) -> Any:
+                ident = next(ids)
+                params = {"expression": expression, "returnByValue": True}
+                socket_.send(
+                    json.dumps({"id": ident, "method": "Runtime.evaluate", "params": params})
+                )
+                while (message := json.loads(socket_.recv(timeout=30))).get("id") != ident:
+                    pass  # an event, not our answer
+                # While the page navigates there may be no context to evaluate in.
+                return message.get("result", {}).get("result", {}).get("value")
+
+            # /?token= redirects to /: wait for the page the browser lands on.
+            wait_for(
+                lambda: (
+                    "token=" not in (evaluate("location.href") or "token=")
+                    and evaluate("document.readyState") == "complete"
+                )
+            )
+            yield evaluate
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_dashboard_in_chromium(tmp_path: Path, server: str, project: Project) -> None:
     url = f"{server}/?token={TOKEN}"
     page = Elements()
@@ -269,6 +338,17 @@ def test_dashboard_in_chromium(tmp_path: Path, server: str, project: Project) ->
     assert [a["data-outcome"] for a in attempts] == ["invalid_output", "ok"]
     assert sum(Decimal(a["data-usd"]) for a in attempts) == spent
     assert "openai/gpt-4o-mini" in run_page.texts["attempts"]
+
+    # Both pages fit a 1400-px window, and the measure sees an element that does not.
+    for shown in (url, f"{server}{link}"):
+        with devtools(tmp_path, shown, 1400) as evaluate:
+            assert evaluate("window.innerWidth") == 1400
+            assert evaluate(REACH) <= 1400, shown
+            evaluate(
+                "document.body.appendChild(Object.assign("
+                "document.createElement('div'), {style: 'width: 1600px'})) && 0"
+            )
+            assert evaluate(REACH) >= 1600
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "dashboard.png"
