@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from decimal import Decimal
@@ -196,7 +197,7 @@ def validate(
     problems, checked = validate_paths(paths or [], config=config)
     if problems:
         for problem in problems:
-            typer.echo(problem, err=True)
+            typer.echo(_from_here(problem), err=True)
         raise typer.Exit(2)
     if not paths:
         from orchestrator.doctor import readiness, tiers_that_cannot_serve
@@ -1401,5 +1402,17 @@ def main() -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    sys.stderr.write(message.rstrip() + "\n")
+    sys.stderr.write(_from_here(message).rstrip() + "\n")
     sys.exit(code)
+
+
+def _from_here(message: str) -> str:
+    """``message`` with the paths under the current folder shown from it, as ruff and
+    mypy show them (``workflows/a.yaml:3: ...``); paths elsewhere stay absolute."""
+    try:
+        here = os.getcwd()
+    except OSError:  # the folder was removed under us
+        return message
+    if here == os.sep:
+        return message
+    return re.sub(rf"(?<![\w/:.~-]){re.escape(here + os.sep)}", "", message)

@@ -55,7 +55,16 @@ def test_commands_find_the_project_from_a_subfolder(tmp_path: Path) -> None:
     inside = tmp_path / "workflows"
     found = tierflow("run", "hello", "-i", "nope=1", cwd=inside, env=clean_env())
     assert found.returncode == 2
-    assert f"{inside / 'hello.yaml'}: input 'nope': not declared" in found.stderr
+    # Paths under the current folder are shown from it, others in full.
+    assert found.stderr.startswith("hello.yaml:"), found.stderr
+    assert "hello.yaml: input 'nope': not declared" in found.stderr
+    (tmp_path / "agents" / "greeter.yaml").write_text("role: [\n")
+    for where, shown in (
+        (tmp_path, "agents/greeter.yaml:"),
+        (inside, f"{tmp_path / 'agents' / 'greeter.yaml'}:"),
+    ):
+        checked = tierflow("validate", cwd=where, env=clean_env())
+        assert checked.returncode == 2 and checked.stderr.startswith(shown), checked.stderr
     listed = tierflow("runs", "--json", cwd=inside, env=clean_env())
     assert listed.returncode == 0, listed.stderr
     assert [(run["workflow"], run["status"]) for run in json.loads(listed.stdout)] == [
