@@ -398,9 +398,10 @@ def get_spend(
 ) -> JSONText:
     """Spend grouped as ``tierflow spend --json`` prints it."""
     service = service_of(request)
-    pairs = [text.partition("=") for text in tag or []]
-    if any(not sep or not key for key, sep, _ in pairs):
-        raise HTTPException(status_code=400, detail="tag: expected key=value, like team=growth")
+    try:
+        pairs = reports.tag_pairs(tag)
+    except UserError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
     found = reports.report(
         service.store.engine,
         by=by,
@@ -409,7 +410,7 @@ def get_spend(
         top=top,
         budgets=budgets.status(service.settings, service.store),
         include_eval=include_eval,
-        only=reports.Only(workflow, step, model, tuple((k, v) for k, _, v in pairs)),
+        only=reports.Only(workflow, step, model, pairs),
     )
     return JSONText(dumps(found.as_dict()))
 

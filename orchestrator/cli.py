@@ -281,6 +281,7 @@ def run(
     ] = False,
 ) -> None:
     """Run a workflow here and now, then print its outputs and what it spent."""
+    from orchestrator import reports
     from orchestrator.runner import Runner
 
     settings, loaded, values = _load_with_inputs(config, workflow, inputs, inputs_file)
@@ -298,7 +299,7 @@ def run(
         if not as_json
         else contextlib.nullcontext()
     ):
-        result = asyncio.run(runner.run(loaded, values, tags=_tags(tags)))
+        result = asyncio.run(runner.run(loaded, values, tags=dict(reports.tag_pairs(tags))))
     if as_json:
         _print_json(_run_json(result))
     else:
@@ -408,22 +409,12 @@ def enqueue(
     config: ConfigOption = None,
 ) -> None:
     """Queue a run for a worker; prints the run id as the last line."""
+    from orchestrator import reports
     from orchestrator.client import Client
 
     settings, loaded, values = _load_with_inputs(config, workflow, inputs, inputs_file)
     with Client(settings=settings) as client:
-        typer.echo(client.enqueue_loaded(loaded, values, tags=_tags(tags)))
-
-
-def _tags(pairs: list[str] | None) -> dict[str, str]:
-    """``-t key=value`` options as a mapping (checked when the run is made)."""
-    found = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"-t {pair!r}: expected key=value, like team=growth")
-        found[key] = value
-    return found
+        typer.echo(client.enqueue_loaded(loaded, values, tags=dict(reports.tag_pairs(tags))))
 
 
 @app.command("eval")
@@ -1244,7 +1235,7 @@ def spend(
         top=top,
         budgets=budgets.status(settings, store),
         include_eval=include_eval,
-        only=reports.Only(workflow, step, model, tuple(_tags(tags).items())),
+        only=reports.Only(workflow, step, model, reports.tag_pairs(tags)),
     )
     if output_format == "json":
         _print_json(found.as_dict())

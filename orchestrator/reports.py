@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -184,6 +185,17 @@ class Only:
     step: str | None = None
     model: str | None = None
     tags: tuple[tuple[str, str], ...] = ()
+
+
+def tag_pairs(texts: Iterable[str] | None) -> tuple[tuple[str, str], ...]:
+    """``key=value`` texts (``-t team=growth``, ``?tag=team=growth``) as pairs."""
+    pairs = []
+    for text in texts or ():
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise UserError(f"tag {text!r}: expected key=value, like team=growth")
+        pairs.append((key, value))
+    return tuple(pairs)
 
 
 def group_fields(by: str) -> tuple[str, ...]:

@@ -150,6 +150,7 @@ def test_spend_is_what_the_cli_prints(served: Project, client: TestClient) -> No
         ({"by": "version"}, ["--by", "version"]),
         ({"by": "day,tier", "since": "30d"}, ["--by", "day,tier", "--since", "30d"]),
         ({"top": "2"}, ["--top", "2"]),
+        ({"tag": "team=growth", "by": "tag:team"}, ["--tag", "team=growth", "--by", "tag:team"]),
     ):
         answer = client.get("/spend", params=params, headers=AUTH)
         assert answer.status_code == 200, answer.text
@@ -158,6 +159,9 @@ def test_spend_is_what_the_cli_prints(served: Project, client: TestClient) -> No
     assert bad.status_code == 400
     assert "choose one of workflow, step, tier, model, day, version" in bad.json()["detail"]
     assert client.get("/spend", params={"since": "yesterday"}, headers=AUTH).status_code == 400
+    bad = client.get("/spend", params={"tag": "team"}, headers=AUTH)
+    assert bad.status_code == 400
+    assert bad.json()["detail"] == "tag 'team': expected key=value, like team=growth"
     assert client.get("/spend", params={"top": "0"}, headers=AUTH).status_code == 422
 
 

@@ -82,7 +82,7 @@ def test_tags_are_checked_and_shown(
     project = tagged_project(tmp_path / "p", f"sqlite:///{tmp_path / 'l.db'}", ollama, frontier)
     for bad, said in (
         (["-t", "Team=x"], "tag 'Team': a tag's name is lower case"),
-        (["-t", "team"], "-t 'team': expected key=value"),
+        (["-t", "team"], "tag 'team': expected key=value"),
         (["-t", f"team={'x' * 101}"], "its value must be text of at most 100 characters"),
     ):
         proc = tierflow("run", "ask", *bad, cwd=project.root)
