@@ -17,6 +17,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 
 from orchestrator.encoding import usd
-from orchestrator.errors import TierflowError, UserError
+from orchestrator.errors import TierflowError, UserError, redact
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -337,7 +338,6 @@ def _dry_run(
     settings: Settings, loaded: LoadedWorkflow, values: dict[str, Any], as_json: bool
 ) -> None:
     from dataclasses import asdict
-    from datetime import UTC, datetime
 
     from orchestrator import budgets, dryrun
 
@@ -1134,8 +1134,6 @@ QUEUED_TOO_LONG_LEASES = 3  # lease periods a queued run waits before show asks 
 def _print_run_header(console: Console, found: dict[str, Any], settings: Settings) -> None:
     """When and how long, what it spent and saved, its inputs and outputs; for a
     run queued for longer than a few lease periods, that no worker has taken it."""
-    from datetime import UTC, datetime
-
     from orchestrator.store.database import safe_url
 
     if found["status"] == "queued":
@@ -1158,8 +1156,6 @@ def _print_run_header(console: Console, found: dict[str, Any], settings: Setting
     if found.get("tags"):
         told = " ".join(f"{key}={value}" for key, value in found["tags"].items())
         console.print(f"tags  {told}", markup=False)
-    from orchestrator.errors import redact
-
     for label, value in (("inputs", found["inputs"]), ("outputs", found["outputs"])):
         if value:
             text = redact(json.dumps(value, ensure_ascii=False), settings.key_names)

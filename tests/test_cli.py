@@ -166,7 +166,7 @@ def test_broken_yaml_in_a_run_names_file_and_line(project: Project) -> None:
     assert proc.returncode == 2
     assert (
         proc.stderr.strip()
-        == f"{project.root / 'workflows' / 'broken.yaml'}:4: (file): invalid YAML: did not find expected ',' or ']'"
+        == "workflows/broken.yaml:4: (file): invalid YAML: did not find expected ',' or ']'"
     )
     assert "Traceback" not in proc.stderr
 

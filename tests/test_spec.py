@@ -53,7 +53,7 @@ def test_validate_command_exits_2_with_one_line_per_problem_and_no_traceback() -
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     for path in BAD_FILES:
-        assert f"{path}:{expectation(path)[0]}: " in proc.stderr
+        assert f"{path.relative_to(REPO)}:{expectation(path)[0]}: " in proc.stderr
 
 
 def test_oversized_file_is_refused(tmp_path: Path) -> None:
