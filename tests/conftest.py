@@ -363,8 +363,13 @@ def seed_ledger(store: Store) -> None:
             inputs={"text": "hi"},
             status="succeeded",
         )
-        cheap = make_call(
-            1, "0", created_at=when, model="ollama/llama3.2:1b", prompt_tokens=100 + number
+        cheap = make_call(  # answered, but not JSON: the step went on up the ladder
+            1,
+            "0",
+            created_at=when,
+            model="ollama/llama3.2:1b",
+            prompt_tokens=100 + number,
+            outcome="invalid_output",
         )
         skipped = make_call(
             2,

@@ -205,9 +205,13 @@ def devtools(tmp_path: Path, url: str, width: int) -> Iterator[Callable[[str], A
         active = profile / "DevToolsActivePort"
         wait_for(lambda: active.exists() and len(active.read_text().splitlines()) >= 2)
         port = int(active.read_text().splitlines()[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as answer:
-            targets = json.loads(answer.read())
-        [target] = [t for t in targets if t["type"] == "page"]
+
+        def pages() -> list[dict[str, Any]]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as got:
+                return [target for target in json.loads(got.read()) if target["type"] == "page"]
+
+        wait_for(lambda: len(pages()) == 1)  # the window may open after the port does
+        [target] = pages()
         with websockets.sync.client.connect(target["webSocketDebuggerUrl"]) as socket_:
             ids = itertools.count(1)
 
@@ -222,10 +226,12 @@ def devtools(tmp_path: Path, url: str, width: int) -> Iterator[Callable[[str], A
                 # While the page navigates there may be no context to evaluate in.
                 return message.get("result", {}).get("result", {}).get("value")
 
-            # /?token= redirects to /: wait for the page the browser lands on.
+            # The window opens on about:blank, and /?token= redirects to /: wait for
+            # the page the browser lands on, loaded.
+            landing = url.partition("?")[0]
             wait_for(
                 lambda: (
-                    "token=" not in (evaluate("location.href") or "token=")
+                    evaluate("location.href") == landing
                     and evaluate("document.readyState") == "complete"
                 )
             )
