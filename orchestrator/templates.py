@@ -122,6 +122,7 @@ class Template:
         self.names = _names(ast)
         self.references = list(_references(ast))
         self.output_fields = list(_output_fields(ast))
+        self.step_misreads = list(_step_misreads(ast))
         self.reads = frozenset(_reads(ast))
         self._template = _compile(ast)  # rewrites the tree: read it first
 
@@ -152,6 +153,7 @@ class Expression:
         self.names = _names(ast)
         self.references = list(_references(ast))
         self.output_fields = list(_output_fields(ast))
+        self.step_misreads = list(_step_misreads(ast))
         self.reads = frozenset(_reads(ast))
         self._compiled = TemplateExpression(_compile(ast), undefined_to_none=False)
 
@@ -223,6 +225,25 @@ def _output_fields(ast: nodes.Template) -> Iterator[tuple[str, str]]:
         name, step_id = step.node, _key(step)
         if isinstance(name, nodes.Name) and name.name == "steps" and step_id is not None:
             yield step_id, field
+
+
+def _step_misreads(ast: nodes.Template) -> Iterator[tuple[str, str | None]]:
+    """Each ``(step, key)`` where ``steps.STEP`` is read other than as its ``output``:
+    ``steps.x`` whole gives ("x", None), ``steps.x.text`` gives ("x", "text")."""
+    stack: list[nodes.Node] = [ast]
+    while stack:  # a loop, not recursion: deep nesting must not exhaust the stack
+        parent = stack.pop()
+        for child in parent.iter_child_nodes():
+            stack.append(child)
+            if not isinstance(child, nodes.Getattr | nodes.Getitem):
+                continue
+            name, step_id = child.node, _key(child)
+            if not (isinstance(name, nodes.Name) and name.name == "steps" and step_id):
+                continue
+            read = parent if isinstance(parent, nodes.Getattr | nodes.Getitem) else None
+            key = _key(read) if read is not None and read.node is child else None
+            if key != "output":
+                yield step_id, key
 
 
 def _key(node: nodes.Getattr | nodes.Getitem) -> str | None:

@@ -157,6 +157,31 @@ def test_output_fields_are_checked_only_where_the_schema_closes_them(tmp_path: P
     assert len(raised.value.problems) == 1
 
 
+def test_a_step_is_read_through_its_output(tmp_path: Path) -> None:
+    """``steps.a`` holds only ``output``: reading it whole, or another key, is refused."""
+    project = Project(tmp_path / "p", {"tiers": {"light": {"models": ["ollama/m"], "local": True}}})
+    settings = load_settings(project.config)
+
+    def workflow(prompt: str) -> Path:
+        steps = [
+            {"id": "a", "agent": "helper"},
+            {"id": "b", "agent": "helper", "needs": ["a"], "prompt": prompt},
+        ]
+        return project.workflow({"name": "w", "steps": steps})
+
+    load_workflow(workflow("{{ steps.a.output }} {{ steps['a']['output'] | upper }}"), settings)
+    for prompt, read in (
+        ("{{ steps.a }}", "steps.a"),
+        ("{{ steps.a | tojson }}", "steps.a"),
+        ("{{ steps.a.text }}", "steps.a.text"),
+    ):
+        with pytest.raises(SpecError) as raised:
+            load_workflow(workflow(prompt), settings)
+        assert [problem.split(": ", 2)[2] for problem in raised.value.problems] == [
+            f"{read}: a step's answer is steps.a.output"
+        ], prompt
+
+
 def test_an_agents_unknown_tier_is_said_at_the_agent_file(tmp_path: Path) -> None:
     project = Project(tmp_path / "p", {"tiers": {"light": {"models": ["ollama/m"], "local": True}}})
     agent = project.agent("heavy", tier="hevy", prompt="hi")
