@@ -1413,10 +1413,10 @@ class _Checker:
                     self.report(loc, f"reads steps.{key} but does not need it (add it to needs)")
                 else:
                     self.report(loc, f"unknown step '{key}'{suggest(key, ids)}")
-        for step_id, key in compiled.step_misreads:
+        for step_id, attr in compiled.step_misreads:
             if step_id in ancestors:
-                read = f"steps.{step_id}" + (f".{key}" if key else "")
-                self.report(loc, f"{read}: a step's answer is steps.{step_id}.output")
+                misread = f"steps.{step_id}" + (f".{attr}" if attr else "")
+                self.report(loc, f"{misread}: a step's answer is steps.{step_id}.output")
         for step_id, field in compiled.output_fields:
             fields = self._output_fields(step_id)
             if step_id in ancestors and fields is not None and field not in fields:

@@ -128,6 +128,20 @@ def test_run_inputs_outputs_and_status_round_trip(store: Store) -> None:
     assert store.runs(workflow="other") == []
 
 
+def test_a_run_is_named_by_a_unique_prefix_of_four_or_more(store: Store) -> None:
+    new_run(store, "abcdef123456")
+    new_run(store, "abcdff654321")
+    assert store.named_run_id("abcde") == "abcdef123456"
+    for given, said in (
+        ("abcd", "run id prefix 'abcd' names several runs: give more of it"),
+        ("abc", "no run 'abc' (a run id prefix takes at least 4 characters)"),
+        ("zzzz", "no run 'zzzz'"),
+    ):
+        with pytest.raises(UserError) as raised:
+            store.named_run_id(given)
+        assert str(raised.value) == said
+
+
 def queued_run(store: Store, run_id: str) -> None:
     store.create_run(
         run_id=run_id, workflow="wf", version=None, content_hash="h", inputs={}, status="queued"

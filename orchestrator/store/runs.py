@@ -381,7 +381,8 @@ class RunStore:
                 ).all()
             if len(several) > 1:
                 raise UserError(f"run id prefix {run_id!r} names several runs: give more of it")
-        raise UserError(f"no run {run_id!r}")
+            raise UserError(f"no run {run_id!r}")
+        raise UserError(f"no run {run_id!r} (a run id prefix takes at least 4 characters)")
 
     def named_run(self, run_id: str) -> dict[str, Any]:
         """The run's row (``run_row``), named whole or by a unique prefix; else ``UserError``."""
