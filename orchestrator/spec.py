@@ -1370,7 +1370,8 @@ class _Checker:
             )
         except TemplateProblem as exc:
             self._compiled[key] = exc
-            self.report(loc, f"bad expression: {exc}")
+            braces = "; write it without {{ }}: it is an expression already" if "{{" in source else ""
+            self.report(loc, f"bad expression: {exc}{braces}")
             return None
         if cached is None:
             self._tokens += expression.tokens
