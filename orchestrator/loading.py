@@ -268,10 +268,21 @@ def _problem(model: type[BaseModel], doc: YamlDoc, err: Any, data: Any) -> str:
     message = err["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
+    if err["type"] == "string_pattern_mismatch" and err["ctx"]["pattern"] in _PATTERN_WORDS:
+        message = f"{err['input']!r}: write {_PATTERN_WORDS[err['ctx']['pattern']]}"
     if err["type"] == "literal_error" and isinstance(err.get("input"), str):
         choices = re.findall(r"'((?:[^'\\]|\\.)*)'", err["ctx"]["expected"])
         message += suggest(err["input"], choices)
     return doc.problem(loc, message)
+
+
+# The patterns of names, in words: what a file's author reads instead of a regex.
+_PATTERN_WORDS = {
+    r"^[a-z0-9][a-z0-9_-]*$": "lower-case letters, digits, '_' and '-', starting with a"
+    " letter or digit",
+    r"^[a-z0-9][a-z0-9-]*$": "lower-case letters, digits and '-', starting with a letter or digit",
+    r"^[a-z0-9_-]+/.+$": "provider/model, like ollama/llama3.2:1b or openai/gpt-4o-mini",
+}
 
 
 def _clean_loc(loc: Iterable[Any], data: Any) -> Loc:

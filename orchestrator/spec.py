@@ -1370,7 +1370,9 @@ class _Checker:
             )
         except TemplateProblem as exc:
             self._compiled[key] = exc
-            braces = "; write it without {{ }}: it is an expression already" if "{{" in source else ""
+            braces = (
+                "; write it without {{ }}: it is an expression already" if "{{" in source else ""
+            )
             self.report(loc, f"bad expression: {exc}{braces}")
             return None
         if cached is None:
@@ -1399,30 +1401,34 @@ class _Checker:
         allowed: set[str],
         ancestors: set[str],
     ) -> None:
+        # A template of the agent's file is said as such: "steps[0].agent: system: ...".
+        of_agent = f"{compiled.label}: " if loc[-1] == "agent" else ""
+
+        def report(message: str) -> None:
+            self.report(loc, of_agent + message)
+
         for name in sorted(compiled.names):
             if name not in allowed:
-                self.report(
-                    loc,
+                report(
                     f"unknown name '{name}'{suggest(name, allowed)}; templates see {', '.join(sorted(allowed))}",
                 )
         for name, key, _line in compiled.references:
             if name == "inputs" and key not in self.spec.inputs:
-                self.report(loc, f"unknown input '{key}'{suggest(key, self.spec.inputs)}")
+                report(f"unknown input '{key}'{suggest(key, self.spec.inputs)}")
             elif name == "steps" and key not in ancestors:
                 ids = [step.id for step in self.spec.steps]
                 if key in ids:
-                    self.report(loc, f"reads steps.{key} but does not need it (add it to needs)")
+                    report(f"reads steps.{key} but does not need it (add it to needs)")
                 else:
-                    self.report(loc, f"unknown step '{key}'{suggest(key, ids)}")
+                    report(f"unknown step '{key}'{suggest(key, ids)}")
         for step_id, attr in compiled.step_misreads:
             if step_id in ancestors:
                 misread = f"steps.{step_id}" + (f".{attr}" if attr else "")
-                self.report(loc, f"{misread}: a step's answer is steps.{step_id}.output")
+                report(f"{misread}: a step's answer is steps.{step_id}.output")
         for step_id, field in compiled.output_fields:
             fields = self._output_fields(step_id)
             if step_id in ancestors and fields is not None and field not in fields:
-                self.report(
-                    loc,
+                report(
                     f"steps.{step_id}.output has no field '{field}'{suggest(field, fields)};"
                     f" its output schema gives {', '.join(fields) or 'none'}",
                 )

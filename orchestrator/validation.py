@@ -51,7 +51,8 @@ def validate_paths(paths: list[Path], *, config: str | None) -> tuple[list[str],
                 load_workflow(path, settings)
         except (SpecError, UserError) as exc:
             problems.extend(_problems(exc))
-    return problems, checked
+    # An agent is checked alone and with each workflow that uses it: say each problem once.
+    return list(dict.fromkeys(problems)), checked
 
 
 def _problems(exc: UserError) -> list[str]:

@@ -27,7 +27,7 @@ def test_validate_with_no_argument_checks_the_whole_project(
     (hidden / "junk.yaml").write_text("steps: 3\n")
     proc = tierflow("validate", cwd=project.root)
     assert proc.returncode == 2
-    assert f"{nested / 'broken.yaml'}:4: steps[0].agent" in proc.stderr
+    assert "workflows/team/broken.yaml:4: steps[0].agent" in proc.stderr
     assert "did you mean 'helper'" in proc.stderr
     assert "junk.yaml" not in proc.stderr and "Traceback" not in proc.stderr
     # A folder argument recurses too; the same problem, found from the project's folder.
@@ -35,6 +35,14 @@ def test_validate_with_no_argument_checks_the_whole_project(
     assert folder.returncode == 2 and "broken.yaml:4" in folder.stderr
 
     (nested / "broken.yaml").unlink()
+    # An agent's problem is said once, though a workflow that uses it loads it again.
+    project.write("agents/shouty.yaml", {"name": "Shouty", "prompt": "hi"})
+    project.workflow({"name": "loud", "steps": [{"id": "a", "agent": "shouty"}]})
+    once = tierflow("validate", cwd=project.root)
+    assert once.returncode == 2
+    assert once.stderr.count("agents/shouty.yaml:") == 1, once.stderr
+    (project.root / "agents" / "shouty.yaml").unlink()
+    (project.root / "workflows" / "loud.yaml").unlink()
     fine = tierflow("validate", cwd=project.root)
     assert (fine.returncode, fine.stdout) == (
         0,

@@ -81,7 +81,7 @@ CASES: dict[str, tuple[Callable[[], bytes], int, str]] = {
     "agent_outside_agents": (
         lambda: (HEAD + step(id="a", agent="../files/cycle")).encode(),
         4,
-        "steps[0].agent: String should match pattern",
+        "steps[0].agent: '../files/cycle': write lower-case letters, digits, '_' and",
     ),
     "huge_template": (
         lambda: (HEAD + step(id="a", prompt='"' + "{{ inputs.ticket }}" * 40000 + '"')).encode(),

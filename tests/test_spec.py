@@ -182,6 +182,17 @@ def test_a_step_is_read_through_its_output(tmp_path: Path) -> None:
         ], prompt
 
 
+def test_an_agents_template_is_named_in_the_problems_it_has(tmp_path: Path) -> None:
+    project = Project(tmp_path / "p", {"tiers": {"light": {"models": ["ollama/m"], "local": True}}})
+    project.agent("writer", system="About {{ inputs.topic }}.", prompt="Write.")
+    path = project.workflow({"name": "w", "steps": [{"id": "a", "agent": "writer"}]})
+    with pytest.raises(SpecError) as raised:
+        load_workflow(path, load_settings(project.config))
+    assert [problem.split(": ", 1)[1] for problem in raised.value.problems] == [
+        "steps[0].agent: system: unknown input 'topic'"
+    ]
+
+
 def test_an_agents_unknown_tier_is_said_at_the_agent_file(tmp_path: Path) -> None:
     project = Project(tmp_path / "p", {"tiers": {"light": {"models": ["ollama/m"], "local": True}}})
     agent = project.agent("heavy", tier="hevy", prompt="hi")
