@@ -1030,6 +1030,12 @@ def show(
         found = {**found, "traces": []}
     for step in found["steps"]:
         _print_step(console, step, found)
+    if trace and not found["traces"]:
+        console.print(
+            "no traces: this run's calls were not traced (set trace: true in tierflow.yaml"
+            " or on a step, then run again)",
+            markup=False,
+        )
 
 
 def _follow(console: Console, store: Store, found: dict[str, Any], settings: Settings) -> None:

@@ -89,3 +89,5 @@ def test_who_is_traced(
     result = project.run("short")
     assert result.status == "succeeded", result.error
     assert len(traces_of(project, result.run_id)) == kept
+    shown = tierflow("show", result.run_id, "--trace", cwd=project.root)
+    assert ("no traces: this run's calls were not traced" in shown.stdout) == (kept == 0)
