@@ -970,6 +970,9 @@ def runs(
     """List recent runs, newest first."""
     from rich.table import Table
 
+    from orchestrator.store.runs import checked_status
+
+    checked_status(status)  # before a missing database could hide the mistake
     settings = _settings(config)
     store = _store_to_read(settings, lambda: _print_json([]) if as_json else _nothing_ran(settings))
     rows = store.runs(workflow=workflow, status=status, limit=limit)

@@ -170,9 +170,10 @@ def test_filters_are_bound_parameters(served: Project, client: TestClient) -> No
     all_runs = client.get("/runs", headers=AUTH).json()
     spend = client.get("/spend", headers=AUTH).json()
     for text in INJECTIONS:
-        for field in ("workflow", "status"):
-            answer = client.get("/runs", params={field: text}, headers=AUTH)
-            assert answer.status_code == 200 and answer.json() == [], (field, text)
+        answer = client.get("/runs", params={"workflow": text}, headers=AUTH)
+        assert answer.status_code == 200 and answer.json() == [], text
+        answer = client.get("/runs", params={"status": text}, headers=AUTH)
+        assert answer.status_code == 400 and "choose one of queued" in answer.text, text
         assert client.get(f"/runs/{quote(text, safe='')}", headers=AUTH).status_code == 404
         for field in ("by", "since", "until"):
             answer = client.get("/spend", params={field: text}, headers=AUTH)

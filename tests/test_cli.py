@@ -148,6 +148,7 @@ def test_bad_input_exits_2_with_one_message(project: Project, ollama: OllamaServ
         (["spend", "--since", "999999999d"], "within the years 1 to 9999"),
         (["spend", "--nope"], "No such option: --nope"),
         (["runs", "--limit", "many"], "Invalid value for '--limit'"),
+        (["runs", "--status", "done"], "status 'done': choose one of queued, running, waiting"),
         (["run", "pair", "--config", "missing.yaml"], "missing.yaml:0: (file): cannot read"),
     ]
     for args, message in cases:

@@ -30,6 +30,7 @@ from orchestrator.store.tables import model_calls, runs, step_runs, tool_calls, 
 ACTIVE = ("queued", "running")
 WAITING = "waiting"  # for a person's decision on an approval step: no lease held
 UNENDED = (*ACTIVE, WAITING)
+STATUSES = (*UNENDED, "succeeded", "failed", "cancelled")
 # Bound values, not an expanding IN: a statement built once holds them (store.prepared).
 _IS_ACTIVE = runs.c.status.in_([literal(status) for status in ACTIVE])
 # The end of a run, built once (see leases._FENCE): a run that already ended
@@ -427,10 +428,17 @@ class RunStore:
         query = _with_stale(select(runs)).order_by(runs.c.created_at.desc()).limit(limit)
         if workflow:
             query = query.where(runs.c.workflow == workflow)
-        if status:
+        if checked_status(status):
             query = query.where(runs.c.status == status)
         with self.engine.connect() as connection:
             return [dict(row) for row in connection.execute(query).mappings()]
+
+
+def checked_status(status: str | None) -> str | None:
+    """``status`` if it is one a run can have (or None); else ``UserError``."""
+    if status is not None and status not in STATUSES:
+        raise UserError(f"status {status!r}: choose one of {', '.join(STATUSES)}")
+    return status
 
 
 def claim_no_savings(connection: Any, run_id: str) -> None:
