@@ -166,7 +166,8 @@ def parse_yaml(text: str, *, path: Path) -> YamlDoc:
         mark = exc.problem_mark or exc.context_mark
         # An error "at the end of the stream" points past the last line.
         line = min(mark.line + 1, text.count("\n") or 1) if mark else 1
-        raise SpecError(f"{path}:{line}: (file): invalid YAML: {exc.problem}") from None
+        hint = _yaml_hint(exc.problem or "", text, mark)
+        raise SpecError(f"{path}:{line}: (file): invalid YAML: {exc.problem}{hint}") from None
     except yaml.YAMLError as exc:
         problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SpecError(f"{path}:1: (file): invalid YAML: {problem}") from None
@@ -174,6 +175,26 @@ def parse_yaml(text: str, *, path: Path) -> YamlDoc:
         kind = type(data).__name__
         raise SpecError(f"{path}:1: (file): expected a mapping at the top, found {kind}")
     return YamlDoc(path=path, data=data, lines=lines, text_starts=starts)
+
+
+# What the YAML parser's words usually mean, for someone who never read its source.
+_YAML_HINTS = (
+    ("expected '-' indicator", " (check the indentation: items of one list line up)"),
+    ("expected key", " (check the indentation: keys of one mapping line up)"),
+    ("expected <block end>", " (check the indentation: keys of one mapping line up)"),
+    (
+        "mapping values are not allowed",
+        " (quote a value that holds ': ', or check the indentation)",
+    ),
+    ("end of stream", " (a quote left open?)"),
+)
+
+
+def _yaml_hint(problem: str, text: str, mark: yaml.Mark | None) -> str:
+    lines = text.splitlines()
+    if mark is not None and mark.line < len(lines) and lines[mark.line][mark.column :][:1] == "\t":
+        return " (a tab: indent YAML with spaces)"
+    return next((hint for said, hint in _YAML_HINTS if said in problem), "")
 
 
 def _check_shape(text: str, path: Path) -> None:

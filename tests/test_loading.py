@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+from orchestrator.errors import SpecError
 from orchestrator.loading import read_yaml
 from orchestrator.validation import validate_paths
 
@@ -165,3 +166,25 @@ def test_a_bad_template_in_a_literal_block_names_its_own_line(tmp_path: Path) ->
     problems, _ = validate_paths([path], config=CONFIG)
     said = f"{path}:9: steps[0].prompt: bad template: No filter named 'upcase'"
     assert any(problem.startswith(said) for problem in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("name: x\nsteps:\n\t- id: a\n", "3: (file): invalid YAML: found character that cannot"),
+        ("name: x\nsteps:\n\t- id: a\n", "(a tab: indent YAML with spaces)"),
+        ("steps:\n  - id: a\n   agent: x\n", "3: (file): invalid YAML: did not find expected '-'"),
+        ("steps:\n  - id: a\n   agent: x\n", "(check the indentation: items of one list line up)"),
+        ("steps:\n  - prompt: Say: hi\n", "(quote a value that holds ': ', or check the"),
+        ('steps:\n  - prompt: "Say\n', "(a quote left open?)"),
+    ],
+)
+def test_the_yaml_parsers_words_come_with_what_they_usually_mean(
+    tmp_path: Path, text: str, said: str
+) -> None:
+    path = tmp_path / "w.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as raised:
+        read_yaml(path)
+    [problem] = raised.value.problems
+    assert problem.startswith(f"{path}:") and said in problem, problem
