@@ -514,7 +514,11 @@ class StepRunner:
         limit = (
             f" (max_attempts {escalation.max_attempts})" if used >= escalation.max_attempts else ""
         )
-        raise StepFailed(f"no tier gave a valid answer{limit}: " + "; ".join(failures))
+        top = climb[-1][0] if len(climb) == 1 and not (limit or personal) else None
+        alone = (
+            f" ({top} is this step's only tier: add one above it in tierflow.yaml)" if top else ""
+        )
+        raise StepFailed(f"no tier gave a valid answer{limit}{alone}: " + "; ".join(failures))
 
     async def _cached(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 from conftest import Project, tiers_for
 
@@ -291,3 +292,18 @@ def test_garbled_response_is_a_failed_call_that_escalates(
         ("frontier", "error"),
         ("backup", "ok"),
     ]
+
+
+def test_a_step_with_one_tier_says_there_is_nowhere_to_escalate(
+    tmp_path: Path, ollama: OllamaServer, frontier: OpenAIServer
+) -> None:
+    project = Project(tmp_path / "p", {"tiers": {"light": tiers_for(ollama, frontier)["light"]}})
+    project.agent("helper", prompt="hi")
+    one_step(project, checks=["output | length < 3"])
+    ollama.reply("far too long an answer")
+    result = project.run("one")
+    assert result.status == "failed"
+    assert result.error is not None and result.error.startswith(
+        "step 'only' failed: no tier gave a valid answer (light is this step's only tier: add one above it in"
+        " tierflow.yaml): light/ollama/llama3.2:1b: invalid_output: check"
+    )
