@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 
 from orchestrator.encoding import usd
-from orchestrator.errors import TierflowError, UserError, redact
+from orchestrator.errors import TierflowError, UserError, clip, redact
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from orchestrator import reports
     from orchestrator.budgets import BudgetStatus
-    from orchestrator.ledger import StepRecord
+    from orchestrator.ledger import Call, StepRecord
     from orchestrator.runner import RunResult
     from orchestrator.settings import Settings
     from orchestrator.spec import LoadedWorkflow
@@ -869,9 +869,17 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
                     f"    [yellow]{call.outcome}[/] {escape(f'{tier} · {call.model}: {call.error}')}"
                 )
         if record.error:
-            console.print(f"    [red]{escape(record.error)}[/]")
+            console.print(f"    [red]{escape(_beyond_attempts(record.error, record.calls))}[/]")
 
     return show
+
+
+def _beyond_attempts(error: str, calls: list[Call]) -> str:
+    """A failed step's ``error`` up to where it repeats its attempts' own errors,
+    which the lines above it said already."""
+    details = [d for c in calls if c.error for d in (f"{c.tier_used}/{c.model}: ", c.error)]
+    cut = min((error.find(detail) for detail in details if detail in error), default=-1)
+    return error[:cut].rstrip(": ;") if cut > 0 else error
 
 
 def _tier(name: str, simulated: bool | None) -> str:
@@ -990,7 +998,7 @@ def runs(
             if row["stale"]
             else row["status"],
             f"{row['created_at']:%Y-%m-%d %H:%M:%S}",
-            escape((row["error"] or "")[:60]),
+            escape(clip(row["error"] or "", 60)),
         )
     _console().print(table)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import socket
 import subprocess
@@ -114,6 +115,9 @@ def test_failed_run_exits_1_and_keeps_its_ledger(
     [run] = json.loads(tierflow("runs", "--json", "--status", "failed", cwd=project.root).stdout)
     detail = json.loads(tierflow("show", run["id"], "--json", cwd=project.root).stdout)
     assert [c["outcome"] for c in detail["calls"]] == ["error", "error"]
+    # The table cuts the long error at 60 characters and says it did.
+    table = tierflow("runs", cwd=project.root, env={**os.environ, "COLUMNS": "200"}).stdout
+    assert f"{run['error'][:59].split()[-1]}…" in table, table  # its cell may wrap
 
 
 def test_answers_and_errors_print_as_they_are_never_as_markup(

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Project, tiers_for
+from conftest import Project, tierflow, tiers_for
 
 from orchestrator.testing import OllamaServer, OpenAIServer, Reply
 
@@ -53,6 +53,13 @@ def test_a_cut_answer_fails_the_step_and_names_max_tokens(
     assert call["outcome"] == "truncated" and "raise max_tokens" in call["error"]
     assert call["completion_tokens"] == 7  # its tokens are still counted
     assert frontier.requests == []  # by default, a config problem does not buy a frontier call
+
+    ollama.reply(CUT)
+    ran = tierflow("run", "say", cwd=project.root)
+    assert ran.returncode == 1
+    # The attempt's line says why; the step's line adds only what it does not.
+    assert ran.stdout.count("cut at max_tokens 7") == 1, ran.stdout
+    assert "    truncated and escalation.on excludes it\n" in ran.stdout
 
 
 @pytest.mark.parametrize("stream", [False, True])
