@@ -779,7 +779,14 @@ def _load_with_inputs(
     settings = _settings(config)
     loaded = load_workflow(find_workflow(workflow, settings), settings)
     values = _gather_inputs(loaded.spec.inputs, pairs or [], inputs_file)
-    loaded.resolve_inputs(values)
+    try:
+        loaded.resolve_inputs(values)
+    except UserError as exc:
+        declared = loaded.spec.inputs.items()
+        missing = [
+            f"-i {name}=..." for name, spec in declared if spec.required and name not in values
+        ]
+        raise UserError(f"{exc}; pass {' '.join(missing)}" if missing else str(exc)) from None
     return settings, loaded, values
 
 

@@ -139,7 +139,7 @@ def test_answers_and_errors_print_as_they_are_never_as_markup(
 def test_bad_input_exits_2_with_one_message(project: Project, ollama: OllamaServer) -> None:
     typed_project(project)
     cases = [
-        (["run", "pair"], "input 'text': required"),
+        (["run", "pair"], "input 'text': required (string); pass -i text=..."),
         (
             ["run", "pair", "-i", "text=a", "-i", "count=many"],
             "not a valid integer; integer inputs take JSON, e.g. -i 'count=3'",
