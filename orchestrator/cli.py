@@ -854,6 +854,8 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
         )
         if record.agent == CHILD_RUNNER.name and record.status == "succeeded":
             where = f"ran its workflow: the {record.step_id}.* steps"
+        if record.status == "skipped":
+            where = "skipped: its when was false"
         tokens = sum(c.prompt_tokens + c.completion_tokens for c in record.calls)
         seconds = (record.finished_at - record.started_at).total_seconds()
         console.print(

@@ -318,3 +318,16 @@ def test_show_says_when_a_queued_run_waits_with_no_worker(project: Project) -> N
     stale = tierflow("show", run_id, cwd=project.root)
     assert re.search(r"queued for 2[45]\ds and no worker has taken it", stale.stdout)
     assert "consuming queue tierflow on the embedded broker" in stale.stdout
+
+
+def test_a_skipped_step_says_its_when_was_false(project: Project, ollama: OllamaServer) -> None:
+    steps = [
+        {"id": "asked", "agent": "helper", "tier": "light"},
+        {"id": "left", "agent": "helper", "tier": "light", "when": "inputs.text == 'never'"},
+    ]
+    project.workflow({"name": "maybe", "steps": steps})
+    ollama.reply("yes")
+    proc = tierflow("run", "maybe", cwd=project.root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "– left  skipped: its when was false" in proc.stdout
+    assert len(ollama.chat_requests()) == 1
