@@ -372,6 +372,10 @@ def _dry_run(
         )
         if step.note:
             console.print(f"  {escape(step.note)}")
+        if step.when:
+            console.print(f"  runs only when: {step.when}", markup=False)
+        for check in step.checks:
+            console.print(f"  its answer must pass: {check}", markup=False)
         if step.prompt:
             for line in step.prompt.splitlines():
                 console.print(f"  | {line}", markup=False, soft_wrap=True)

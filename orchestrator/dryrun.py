@@ -14,7 +14,7 @@ figures are the floor of the worst case, not a bill.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
@@ -63,6 +63,8 @@ class StepCost:
     per_item: bool  # its list is known only when it runs: the figures are per item
     prompt: str | None  # rendered, with stand-ins for what earlier steps give
     note: str | None = None  # why the prompt did not render, or what the step is
+    when: str | None = None  # the condition it runs on, as written
+    checks: tuple[str, ...] = ()  # what its answer must pass, as written
 
 
 def estimate(
@@ -73,18 +75,7 @@ def estimate(
     for plan in workflow.steps:
         if plan.child is not None:
             child = estimate(settings, plan.child, {})
-            found.extend(
-                StepCost(
-                    f"{plan.id}.{c.step_id}",
-                    c.tiers,
-                    c.calls,
-                    c.worst_usd,
-                    c.per_item,
-                    c.prompt,
-                    c.note,
-                )
-                for c in child
-            )
+            found.extend(replace(c, step_id=f"{plan.id}.{c.step_id}") for c in child)
             continue
         found.append(_step(settings, plan, inputs))
     return found
@@ -140,6 +131,8 @@ def _step(settings: Settings, plan: StepPlan, inputs: dict[str, Any]) -> StepCos
         items is None,
         "\n".join(f"[{m['role']}] {m['content']}" for m in messages) if messages else None,
         note,
+        plan.when.source if plan.when else None,
+        tuple(check.source for check in plan.checks),
     )
 
 

@@ -41,6 +41,8 @@ def priced_project(root: Path, ollama: OllamaServer, frontier: OpenAIServer) -> 
                     "needs": ["draft"],
                     "for_each": "inputs.words",
                     "prompt": "{{ item }} after {{ steps.draft.output }}",
+                    "when": "inputs.words | length > 0",
+                    "checks": ["output | length > 0"],
                 },
             ],
         }
@@ -72,8 +74,14 @@ def test_dry_run_renders_prompts_and_bounds_the_cost_without_a_call(
     assert ollama.chat_requests() == [] and frontier.requests == []
     assert not (project.root / "tierflow.db").exists()
 
+    assert (each["when"], each["checks"]) == (
+        "inputs.words | length > 0",
+        ["output | length > 0"],
+    )
     shown = tierflow("run", "pair", "--dry-run", cwd=project.root)
     assert "worst case for the run" in shown.stdout and "no model was called" in shown.stdout
+    assert "  runs only when: inputs.words | length > 0\n" in shown.stdout
+    assert "  its answer must pass: output | length > 0\n" in shown.stdout
 
 
 def test_the_worst_case_holds_a_real_run_that_climbs_and_spends_its_tokens(
