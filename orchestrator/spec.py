@@ -1038,8 +1038,14 @@ class _Checker:
             return None
         tier = step.tier or agent.tier or AUTO_TIER
         tiers = self.settings.tier_names
-        if tier != AUTO_TIER and tier not in tiers:  # an agent's own tier was checked with it
-            self.report((*loc, "tier"), _unknown_tier(tier, tiers))
+        if tier != AUTO_TIER and tier not in tiers:
+            if step.tier:
+                self.report((*loc, "tier"), _unknown_tier(tier, tiers))
+            else:  # the agent's own tier: said at the agent file's line, once
+                try:
+                    load_agent(self.agents_dir / f"{step.agent}.yaml", self.settings)
+                except SpecError as exc:
+                    self.problems.extend(p for p in exc.problems if p not in self.problems)
             return None
         if step.sensitive and not self._local_tier_from(tier):
             self.report(
@@ -1313,7 +1319,7 @@ class _Checker:
             )
             return None
         try:
-            return load_agent(path, self.settings)
+            return load_agent(path)  # its tier matters only where a step takes it
         except SpecError as exc:
             self.problems.extend(exc.problems)
             return None

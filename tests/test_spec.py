@@ -196,10 +196,16 @@ def test_an_agents_template_is_named_in_the_problems_it_has(tmp_path: Path) -> N
 def test_an_agents_unknown_tier_is_said_at_the_agent_file(tmp_path: Path) -> None:
     project = Project(tmp_path / "p", {"tiers": {"light": {"models": ["ollama/m"], "local": True}}})
     agent = project.agent("heavy", tier="hevy", prompt="hi")
-    path = project.workflow({"name": "w", "steps": [{"id": "a", "agent": "heavy"}]})
+    steps: list[dict[str, Any]] = [{"id": "a", "agent": "heavy"}, {"id": "b", "agent": "heavy"}]
+    path = project.workflow({"name": "w", "steps": steps})
+    settings = load_settings(project.config)
     with pytest.raises(SpecError) as raised:
-        load_workflow(path, load_settings(project.config))
+        load_workflow(path, settings)
     assert raised.value.problems == [f"{agent}:2: tier: unknown tier 'hevy'; tiers are light"]
+    # Where every step names its own tier, the agent's is never used: nothing to refuse.
+    for step in steps:
+        step["tier"] = "light"
+    load_workflow(project.workflow({"name": "w", "steps": steps}), settings)
 
 
 def test_too_many_steps_for_max_steps(tmp_path: Path) -> None:
