@@ -36,6 +36,20 @@ MAX_WORKFLOW_STEPS = 1000  # steps in one file; for_each items are counted by ma
 NAME_LENGTH = 64
 MAX_STEP_ID_LENGTH = 100  # the ledger's column: a sub-workflow's steps are STEP.CHILD_STEP
 MAX_FILE_TOKENS = 40_000  # template and expression tokens of one workflow, all steps together
+# Keywords by which an output schema may allow fields its ``properties`` do not list.
+_SCHEMA_OPENERS = (
+    "$ref",
+    "allOf",
+    "anyOf",
+    "oneOf",
+    "not",
+    "if",
+    "then",
+    "else",
+    "patternProperties",
+    "dependentSchemas",
+    "unevaluatedProperties",
+)
 
 
 class _Strict(BaseModel):
@@ -1451,7 +1465,7 @@ class _Checker:
             return None
         if schema.get("additionalProperties", False) is not False:
             return None
-        if any(key in schema for key in ("$ref", "allOf", "anyOf", "oneOf", "patternProperties")):
+        if any(key in schema for key in _SCHEMA_OPENERS):
             return None
         return list(schema["properties"])
 

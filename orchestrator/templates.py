@@ -210,21 +210,36 @@ def _references(ast: nodes.Template) -> Iterator[tuple[str, str, int]]:
 
 def _output_fields(ast: nodes.Template) -> Iterator[tuple[str, str]]:
     """Each ``(step, field)`` read as ``steps.STEP.output.FIELD`` (or with constant
-    subscripts); a dict method such as ``output.items`` is not a field."""
-    for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
-        if not isinstance(node, nodes.Getattr | nodes.Getitem):
-            continue
-        output, field = node.node, _key(node)
-        if field is None or (isinstance(node, nodes.Getattr) and hasattr(dict, field)):
-            continue
-        if not isinstance(output, nodes.Getattr | nodes.Getitem) or _key(output) != "output":
-            continue
-        step = output.node
-        if not isinstance(step, nodes.Getattr | nodes.Getitem):
-            continue
-        name, step_id = step.node, _key(step)
-        if isinstance(name, nodes.Name) and name.name == "steps" and step_id is not None:
-            yield step_id, field
+    subscripts); a dict method such as ``output.items`` is not a field, and a read
+    that allows for a missing field (``is defined``, ``| default(...)``) is left out."""
+    stack: list[nodes.Node] = [ast]
+    while stack:  # a loop, not recursion: deep nesting must not exhaust the stack
+        parent = stack.pop()
+        for node in parent.iter_child_nodes():
+            stack.append(node)
+            if not isinstance(node, nodes.Getattr | nodes.Getitem) or _guards(parent, node):
+                continue
+            output, field = node.node, _key(node)
+            if field is None or (isinstance(node, nodes.Getattr) and hasattr(dict, field)):
+                continue
+            if not isinstance(output, nodes.Getattr | nodes.Getitem) or _key(output) != "output":
+                continue
+            step = output.node
+            if not isinstance(step, nodes.Getattr | nodes.Getitem):
+                continue
+            name, step_id = step.node, _key(step)
+            if isinstance(name, nodes.Name) and name.name == "steps" and step_id is not None:
+                yield step_id, field
+
+
+def _guards(parent: nodes.Node, node: nodes.Node) -> bool:
+    """Whether ``parent`` allows ``node`` to be missing: ``node is defined``,
+    ``node is undefined``, ``node | default(...)`` (or ``| d``)."""
+    if isinstance(parent, nodes.Test) and parent.node is node:
+        return parent.name in ("defined", "undefined")
+    return (
+        isinstance(parent, nodes.Filter) and parent.node is node and parent.name in ("default", "d")
+    )
 
 
 def _step_misreads(ast: nodes.Template) -> Iterator[tuple[str, str | None]]:

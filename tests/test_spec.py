@@ -146,10 +146,16 @@ def test_output_fields_are_checked_only_where_the_schema_closes_them(tmp_path: P
             "agent": "helper",
             "needs": ["closed", "opened", "each"],
             "prompt": "{{ steps.closed.output.label }} {{ steps.opened.output.extra }}"
-            " {{ steps.each.output }} {{ steps.closed.output.items() | list }}",
+            " {{ steps.each.output }} {{ steps.closed.output.items() | list }}"
+            " {{ steps.closed.output.note | default('') }} {{ steps.closed.output.n | d(0) }}",
+            "when": "steps.closed.output.extra is defined",
         },
     ]
     settings = load_settings(project.config)
+    load_workflow(project.workflow({"name": "fine", "steps": steps}), settings)
+    steps.insert(0, {"id": "iffy", "agent": "helper", "output": schema(then={"required": []})})
+    steps[-1]["needs"].append("iffy")
+    steps[-1]["prompt"] += " {{ steps.iffy.output.other }}"
     load_workflow(project.workflow({"name": "fine", "steps": steps}), settings)
     steps[-1]["when"] = "steps.closed.output.lable"
     with pytest.raises(SpecError, match=r"steps\.closed\.output has no field 'lable'") as raised:
