@@ -514,9 +514,12 @@ class StepRunner:
         limit = (
             f" (max_attempts {escalation.max_attempts})" if used >= escalation.max_attempts else ""
         )
-        top = climb[-1][0] if len(climb) == 1 and not (limit or personal) else None
+        # A project with one tier (as tierflow init makes it) has nowhere to escalate to.
+        names = self._settings.tier_names
         alone = (
-            f" ({top} is this step's only tier: add one above it in tierflow.yaml)" if top else ""
+            f" ({names[0]} is the only tier: add one above it in tierflow.yaml)"
+            if len(names) == 1
+            else ""
         )
         raise StepFailed(f"no tier gave a valid answer{limit}{alone}: " + "; ".join(failures))
 

@@ -304,6 +304,6 @@ def test_a_step_with_one_tier_says_there_is_nowhere_to_escalate(
     result = project.run("one")
     assert result.status == "failed"
     assert result.error is not None and result.error.startswith(
-        "step 'only' failed: no tier gave a valid answer (light is this step's only tier: add one above it in"
+        "step 'only' failed: no tier gave a valid answer (light is the only tier: add one above it in"
         " tierflow.yaml): light/ollama/llama3.2:1b: invalid_output: check"
     )
