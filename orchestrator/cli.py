@@ -866,6 +866,7 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
             f"{mark} [bold]{record.step_id}[/]  {escape(where)}  {tokens} tok"
             f"  {usd(record.cost_usd)}  {seconds:.1f}s"
         )
+        told_all = True  # every failed attempt of this step has its line below
         for call in record.calls:
             for tool in (t for t in record.tools if t.attempt == call.attempt):
                 what = f"tool {tool.name} {tool.outcome} {tool.duration_ms:.0f} ms"
@@ -876,13 +877,16 @@ def _step_printer(console: Console) -> Callable[[StepRecord], None]:
                 if (call.model, call.error) not in said:
                     said.add((call.model, call.error))
                     console.print(f"    [dim]skipped {escape(f'{call.model}: {call.error}')}[/]")
+                else:
+                    told_all = False  # said under an earlier step
             elif call.outcome not in ("ok", "cache_hit", "tool_calls"):
                 tier = _tier(call.tier_used, call.simulated)
                 console.print(
                     f"    [yellow]{call.outcome}[/] {escape(f'{tier} · {call.model}: {call.error}')}"
                 )
         if record.error:
-            console.print(f"    [red]{escape(_beyond_attempts(record.error, record.calls))}[/]")
+            error = _beyond_attempts(record.error, record.calls) if told_all else record.error
+            console.print(f"    [red]{escape(error)}[/]")
 
     return show
 

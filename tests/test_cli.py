@@ -331,3 +331,24 @@ def test_a_skipped_step_says_its_when_was_false(project: Project, ollama: Ollama
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "– left  skipped: its when was false" in proc.stdout
     assert len(ollama.chat_requests()) == 1
+
+
+def test_a_failed_steps_reasons_are_shown_under_it(tmp_path: Path, ollama: OllamaServer) -> None:
+    """Each failed step shows why: its attempts' lines, and its own error in full
+    where an attempt was said under an earlier step (an unreachable model)."""
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        light = [{"model": "ollama/llama3.2:1b", "api_base": down, "timeout_s": 5}]
+        project = Project(tmp_path / "p", {"tiers": {"light": {"local": True, "models": light}}})
+        steps = [{"id": i, "agent": "helper", "tier": "light"} for i in ("one", "two")]
+        project.workflow({"name": "both", "steps": steps})
+        proc = tierflow("run", "both", cwd=project.root)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    # The unreachable model is said once, under the step that failed first.
+    first, second = (" ".join(block.split()) for block in proc.stdout.split("✗ ")[1:3])
+    assert "skipped ollama/llama3.2:1b: Ollama unreachable" in first
+    assert "skipped" not in second
+    # The step that failed second says why in its own error, in full.
+    assert "no tier gave a valid answer" in second
+    assert "unavailable: Ollama unreachable" in second, proc.stdout
