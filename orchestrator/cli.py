@@ -1436,4 +1436,6 @@ def _from_here(message: str) -> str:
         return message
     if here == os.sep:
         return message
-    return re.sub(rf"(?<![\w/:.~-]){re.escape(here + os.sep)}", "", message)
+    # A path starts the message or follows a space, quote or bracket: never inside
+    # a URL, an option (--x=/path) or another path; and something follows it.
+    return re.sub(rf"(?<![\w/:.~=@-]){re.escape(here + os.sep)}(?=[^\s'\"])", "", message)

@@ -193,7 +193,7 @@ _YAML_HINTS = (
 def _yaml_hint(problem: str, text: str, mark: yaml.Mark | None) -> str:
     lines = text.splitlines()
     if mark is not None and mark.line < len(lines) and lines[mark.line][mark.column :][:1] == "\t":
-        return " (a tab: indent YAML with spaces)"
+        return " (a tab: YAML takes spaces, not tabs)"
     return next((hint for said, hint in _YAML_HINTS if said in problem), "")
 
 

@@ -172,7 +172,7 @@ def test_a_bad_template_in_a_literal_block_names_its_own_line(tmp_path: Path) ->
     ("text", "said"),
     [
         ("name: x\nsteps:\n\t- id: a\n", "3: (file): invalid YAML: found character that cannot"),
-        ("name: x\nsteps:\n\t- id: a\n", "(a tab: indent YAML with spaces)"),
+        ("name: x\nsteps:\n\t- id: a\n", "(a tab: YAML takes spaces, not tabs)"),
         ("steps:\n  - id: a\n   agent: x\n", "3: (file): invalid YAML: did not find expected '-'"),
         ("steps:\n  - id: a\n   agent: x\n", "(check the indentation: items of one list line up)"),
         ("steps:\n  - prompt: Say: hi\n", "(quote a value that holds ': ', or check the"),
