@@ -120,7 +120,7 @@ def test_runs_and_a_run_are_what_the_cli_prints(served: Project, client: TestCli
     assert [r["workflow"] for r in filtered] == ["triage", "triage"]
     assert filtered == cli_json(served, "runs", "--workflow", "triage", "--limit", "2")
     seeded = client.get("/runs/run002", headers=AUTH).json()  # a unique prefix, as in show
-    assert [c["outcome"] for c in seeded["calls"]] == ["ok", "ok", "unavailable", "ok"]
+    assert [c["outcome"] for c in seeded["calls"]] == ["ok", "invalid_output", "unavailable", "ok"]
 
 
 @pytest.mark.parametrize(
