@@ -212,24 +212,20 @@ def _output_fields(ast: nodes.Template) -> Iterator[tuple[str, str]]:
     """Each ``(step, field)`` read as ``steps.STEP.output.FIELD`` (or with constant
     subscripts); a dict method such as ``output.items`` is not a field, and a read
     that allows for a missing field (``is defined``, ``| default(...)``) is left out."""
-    stack: list[nodes.Node] = [ast]
-    while stack:  # a loop, not recursion: deep nesting must not exhaust the stack
-        parent = stack.pop()
-        for node in parent.iter_child_nodes():
-            stack.append(node)
-            if not isinstance(node, nodes.Getattr | nodes.Getitem) or _guards(parent, node):
-                continue
-            output, field = node.node, _key(node)
-            if field is None or (isinstance(node, nodes.Getattr) and hasattr(dict, field)):
-                continue
-            if not isinstance(output, nodes.Getattr | nodes.Getitem) or _key(output) != "output":
-                continue
-            step = output.node
-            if not isinstance(step, nodes.Getattr | nodes.Getitem):
-                continue
-            name, step_id = step.node, _key(step)
-            if isinstance(name, nodes.Name) and name.name == "steps" and step_id is not None:
-                yield step_id, field
+    for parent, node in _with_parents(ast):
+        if not isinstance(node, nodes.Getattr | nodes.Getitem) or _guards(parent, node):
+            continue
+        output, field = node.node, _key(node)
+        if field is None or (isinstance(node, nodes.Getattr) and hasattr(dict, field)):
+            continue
+        if not isinstance(output, nodes.Getattr | nodes.Getitem) or _key(output) != "output":
+            continue
+        step = output.node
+        if not isinstance(step, nodes.Getattr | nodes.Getitem):
+            continue
+        name, step_id = step.node, _key(step)
+        if isinstance(name, nodes.Name) and name.name == "steps" and step_id is not None:
+            yield step_id, field
 
 
 def _guards(parent: nodes.Node, node: nodes.Node) -> bool:
@@ -245,20 +241,16 @@ def _guards(parent: nodes.Node, node: nodes.Node) -> bool:
 def _step_misreads(ast: nodes.Template) -> Iterator[tuple[str, str | None]]:
     """Each ``(step, key)`` where ``steps.STEP`` is read other than as its ``output``:
     ``steps.x`` whole gives ("x", None), ``steps.x.text`` gives ("x", "text")."""
-    stack: list[nodes.Node] = [ast]
-    while stack:  # a loop, not recursion: deep nesting must not exhaust the stack
-        parent = stack.pop()
-        for child in parent.iter_child_nodes():
-            stack.append(child)
-            if not isinstance(child, nodes.Getattr | nodes.Getitem):
-                continue
-            name, step_id = child.node, _key(child)
-            if not (isinstance(name, nodes.Name) and name.name == "steps" and step_id):
-                continue
-            read = parent if isinstance(parent, nodes.Getattr | nodes.Getitem) else None
-            key = _key(read) if read is not None and read.node is child else None
-            if key != "output":
-                yield step_id, key
+    for parent, child in _with_parents(ast):
+        if not isinstance(child, nodes.Getattr | nodes.Getitem):
+            continue
+        name, step_id = child.node, _key(child)
+        if not (isinstance(name, nodes.Name) and name.name == "steps" and step_id):
+            continue
+        read = parent if isinstance(parent, nodes.Getattr | nodes.Getitem) else None
+        key = _key(read) if read is not None and read.node is child else None
+        if key != "output":
+            yield step_id, key
 
 
 def _key(node: nodes.Getattr | nodes.Getitem) -> str | None:
@@ -270,23 +262,27 @@ def _reads(ast: nodes.Template) -> Iterator[Read]:
     """Every read of ``inputs`` and ``steps``, failing closed: anything but a constant
     key (``inputs`` passed on whole, looped over, indexed by a variable, filtered,
     or a dict method such as ``inputs.items()``) reads the whole object."""
+    for parent, child in _with_parents(ast):
+        if not (isinstance(child, nodes.Name) and child.ctx == "load" and child.name in DATA_NAMES):
+            continue
+        key: str | None = None
+        if isinstance(parent, nodes.Getattr) and parent.node is child:
+            # A name such as `items` is the key when there is one and the
+            # method when there is not: read the whole object.
+            key = None if hasattr(dict, parent.attr) else parent.attr
+        elif isinstance(parent, nodes.Getitem) and parent.node is child:
+            key = _const(parent.arg)
+        yield child.name, key
+
+
+def _with_parents(ast: nodes.Template) -> Iterator[tuple[nodes.Node, nodes.Node]]:
+    """Every ``(parent, node)`` of the tree below ``ast``."""
     stack: list[nodes.Node] = [ast]
     while stack:  # a loop, not recursion: deep nesting must not exhaust the stack
         parent = stack.pop()
-        for child in parent.iter_child_nodes():
-            stack.append(child)
-            if not (
-                isinstance(child, nodes.Name) and child.ctx == "load" and child.name in DATA_NAMES
-            ):
-                continue
-            key: str | None = None
-            if isinstance(parent, nodes.Getattr) and parent.node is child:
-                # A name such as `items` is the key when there is one and the
-                # method when there is not: read the whole object.
-                key = None if hasattr(dict, parent.attr) else parent.attr
-            elif isinstance(parent, nodes.Getitem) and parent.node is child:
-                key = _const(parent.arg)
-            yield child.name, key
+        for node in parent.iter_child_nodes():
+            stack.append(node)
+            yield parent, node
 
 
 def _const(node: nodes.Node) -> str | None:
